@@ -1,0 +1,810 @@
+"""SAM-Med2D: the Segment Anything Model with adapters for 2D medical images, in one file.
+
+The structure follows the paper's figure and Meta's `segment_anything`, whose parameter names every
+SAM and SAM-Med2D checkpoint uses (so they are kept here and loaded strictly):
+
+    image (B,3,S,S) --ImageEncoder (ViT, an Adapter beside every MLP)--> embedding (B,D,h,w)
+    points / boxes / previous mask --PromptEncoder--> tokens (P,T,D) + dense map (P,D,h,w)
+    embedding + tokens --MaskDecoder (two-way transformer)--> 3 masks (P,3,4h,4w) + IoU (P,3)
+
+Shape legend: B images, P prompts (a multiple of B: each image serves P/B prompts), N points per
+prompt, T prompt tokens, S image size, h/w token grid (S/16), C encoder channels, D prompt/decoder
+channels, nh heads, hs head size, L tokens in an attention call.
+
+Sections: config, image encoder, prompt encoder, mask decoder, Sam, checkpoints, command line.
+"""
+
+import argparse
+import json
+import math
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+
+# Encoder presets as data. Decoder dims are SAM's for every real preset; `tiny` shrinks everything
+# so tests run in seconds on a CPU, keeping the structure (windows with padding, global blocks).
+PRESETS = {
+    "vit_b": dict(encoder_dim=768, encoder_depth=12, encoder_heads=12, global_attn=(2, 5, 8, 11)),
+    "vit_l": dict(encoder_dim=1024, encoder_depth=24, encoder_heads=16,
+                  global_attn=(5, 11, 17, 23)),
+    "vit_h": dict(encoder_dim=1280, encoder_depth=32, encoder_heads=16,
+                  global_attn=(7, 15, 23, 31)),
+    "tiny": dict(
+        encoder_dim=64, encoder_depth=4, encoder_heads=2, global_attn=(1, 3),
+        prompt_dim=32, decoder_heads=2, decoder_mlp_dim=64,
+    ),
+}  # fmt: skip
+
+
+@dataclass
+class SamConfig:
+    name: str = "vit_b"  # preset name, kept so a checkpoint names its architecture
+    image_size: int = 256  # S: SAM-Med2D works at 256, the original SAM at 1024
+    patch_size: int = 16  # ViT patch: the token grid is S/16 x S/16
+    encoder_dim: int = 768  # C
+    encoder_depth: int = 12  # transformer blocks
+    encoder_heads: int = 12
+    global_attn: tuple = (2, 5, 8, 11)  # blocks with global attention; all others use windows
+    window_size: int = 14  # windowed blocks attend within 14x14 token windows (grid padded to fit)
+    mlp_ratio: float = 4.0
+    adapter: bool = True  # SAM-Med2D's adapter in every block
+    adapter_ratio: float = 0.25  # the adapter's channel gate squeezes C -> C/4
+    prompt_dim: int = 256  # D: prompt tokens, image embedding and decoder width
+    decoder_depth: int = 2  # two-way transformer blocks
+    decoder_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    num_multimask: int = 3  # masks predicted besides the single-mask output
+    pixel_mean: tuple = (123.675, 116.28, 103.53)  # SAM's RGB statistics on 0-255 pixels
+    pixel_std: tuple = (58.395, 57.12, 57.375)
+    channel_order: str = "RGB"  # order the weights expect; SAM-Med2D's were trained on BGR (OpenCV)
+    resize_mode: str = "stretch"  # "stretch" (SAM-Med2D) or "longest" side + pad (SAM): see data.py
+    mask_threshold: float = 0.0  # on logits
+    kernels: str = "auto"  # "auto": fastest exact path per call; "reference": the official math
+    embed_size: int = field(init=False)  # h = w = S/16
+    low_res_size: int = field(init=False)  # decoder output: 4 x the embedding grid = S/4
+
+    def __post_init__(self):
+        self.global_attn = tuple(self.global_attn)
+        self.pixel_mean, self.pixel_std = tuple(self.pixel_mean), tuple(self.pixel_std)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of {self.patch_size}")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be RGB or BGR, not {self.channel_order!r}")
+        if self.resize_mode not in ("stretch", "longest"):
+            raise ValueError(f"resize_mode must be stretch or longest, not {self.resize_mode!r}")
+        if self.kernels not in ("auto", "reference"):
+            raise ValueError(f"kernels must be auto or reference, not {self.kernels!r}")
+        if any(not 0 <= i < self.encoder_depth for i in self.global_attn):
+            raise ValueError(f"global_attn {self.global_attn} outside 0..{self.encoder_depth - 1}")
+        self.embed_size = self.image_size // self.patch_size
+        self.low_res_size = 4 * self.embed_size
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "SamConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(name=name, **{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+
+# ------------------------------------------------------------------------------------------------
+# Image encoder: SAM's ViT (windowed attention with decomposed relative positions) + adapters
+# ------------------------------------------------------------------------------------------------
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a (B, C, H, W) map."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)  # (B, 1, H, W)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, dim: int, hidden: int, act=nn.GELU):
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden)
+        self.lin2 = nn.Linear(hidden, dim)
+        self.act = act()
+
+    def forward(self, x):
+        return self.lin2(self.act(self.lin1(x)))
+
+
+def window_partition(x, window: int):
+    """(B, H, W, C) -> (B * nw, window, window, C), zero-padding H and W to multiples of window."""
+    _, H, W, _ = x.shape
+    pad_h, pad_w = (window - H % window) % window, (window - W % window) % window
+    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
+    return rearrange(x, "b (nh wh) (nw ww) c -> (b nh nw) wh ww c", wh=window, ww=window)
+
+
+def window_unpartition(x, window: int, hw: tuple):
+    """Inverse of window_partition: (B * nw, window, window, C) -> (B, H, W, C), padding dropped."""
+    H, W = hw
+    Hp, Wp = H + (window - H % window) % window, W + (window - W % window) % window
+    x = rearrange(x, "(b nh nw) wh ww c -> b (nh wh) (nw ww) c", nh=Hp // window, nw=Wp // window)
+    return x[:, :H, :W, :]  # (B, H, W, C)
+
+
+def rel_pos_table(size: int, table):
+    """Relative-position embeddings for every (query, key) pair along one axis of a size-long grid.
+
+    table (2*size-1, hs) holds one vector per offset; entry [i, j] of the result is table[i - j +
+    size - 1]. Returns (size, size, hs).
+    """
+    if table.shape[0] != 2 * size - 1:
+        raise ValueError(
+            f"rel-pos table has {table.shape[0]} rows, a {size}-grid needs {2 * size - 1}"
+        )
+    idx = torch.arange(size, device=table.device)
+    return table[idx[:, None] - idx[None, :] + size - 1]  # (size, size, hs)
+
+
+def rel_pos_bias(q, rel_pos_h, rel_pos_w, hw: tuple):
+    """SAM's decomposed relative-position bias, materialised: (B, L, L) with L = h*w.
+
+    bias[(qy,qx), (ky,kx)] = q[qy,qx] . Rh[qy-ky] + q[qy,qx] . Rw[qx-kx]  (q unscaled).
+    """
+    h, w = hw
+    Rh, Rw = rel_pos_table(h, rel_pos_h), rel_pos_table(w, rel_pos_w)  # (h, h, hs), (w, w, hs)
+    r_q = q.reshape(q.shape[0], h, w, q.shape[-1])  # (B, h, w, hs)
+    rel_h = torch.einsum("byxc,ykc->byxk", r_q, Rh)  # (B, h, w, h): one term per key row
+    rel_w = torch.einsum("byxc,xkc->byxk", r_q, Rw)  # (B, h, w, w): one term per key column
+    bias = rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]  # (B, h, w, h, w)
+    return bias.reshape(q.shape[0], h * w, h * w)  # (B, L, L)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over a (B, h, w, C) grid with decomposed relative positions."""
+
+    def __init__(self, dim: int, heads: int, grid: int):
+        super().__init__()
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        # Zero at initialisation, as in SAM; checkpoints fill them.
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid - 1, dim // heads))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid - 1, dim // heads))
+
+    def forward(self, x):
+        B, h, w, C = x.shape
+        qkv = rearrange(self.qkv(x), "b y x (k nh hs) -> k (b nh) (y x) hs", k=3, nh=self.heads)
+        q, k, v = qkv.unbind(0)  # each (B*nh, L, hs)
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B*nh, L, L)
+        attn = attn + rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))
+        out = attn.softmax(dim=-1) @ v  # (B*nh, L, hs)
+        out = rearrange(out, "(b nh) (y x) hs -> b y x (nh hs)", nh=self.heads, y=h)
+        return self.proj(out)  # (B, h, w, C)
+
+
+class Adapter(nn.Module):
+    """SAM-Med2D's adapter: a channel gate, then a spatial 3x3 conv (stride 2) / 4x4 deconv branch.
+
+    adapter(x) = LayerNorm(x + relu(deconv(relu(conv(g * x))))),
+    g = sigmoid(W2 relu(W1 mean_hw(x))). Its LayerNorm keeps PyTorch's default eps (1e-5), unlike
+    the block norms (1e-6), as the official code does.
+    """
+
+    def __init__(self, dim: int, ratio: float = 0.25):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.channel = nn.Sequential(
+            nn.Linear(dim, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, dim, bias=False),
+            nn.Sigmoid(),
+        )  # fmt: skip
+        self.spatial = nn.Sequential(
+            nn.Conv2d(dim, dim, 3, stride=2, padding=1, bias=False), nn.ReLU(),
+            nn.ConvTranspose2d(dim, dim, 4, stride=2, padding=1, bias=False), nn.ReLU(),
+        )  # fmt: skip
+        self.norm = nn.LayerNorm(dim)
+        for m in self.spatial:
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        gate = self.channel(x.mean(dim=(1, 2)))  # (B, C)
+        xc = (x * gate[:, None, None, :]).permute(0, 3, 1, 2)  # (B, C, h, w)
+        xs = self.spatial(xc).permute(0, 2, 3, 1)  # (B, h, w, C); the deconv restores h and w
+        return self.norm(x + xs)
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block: x += attn(norm1(x)); x += mlp(norm2(x)) [+ adapter(norm2(x))]."""
+
+    def __init__(self, cfg: SamConfig, index: int):
+        super().__init__()
+        dim, is_global = cfg.encoder_dim, index in cfg.global_attn
+        self.window = 0 if is_global else cfg.window_size
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, cfg.encoder_heads, cfg.embed_size if is_global else self.window)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio))
+        self.Adapter = Adapter(dim, cfg.adapter_ratio) if cfg.adapter else None
+
+    def forward(self, x):  # x: (B, h, w, C)
+        y = self.norm1(x)
+        if self.window:
+            y = window_partition(y, self.window)  # (B*nw, window, window, C)
+        y = self.attn(y)
+        if self.window:
+            y = window_unpartition(y, self.window, x.shape[1:3])  # (B, h, w, C)
+        x = x + y
+        y = self.norm2(x)
+        if self.Adapter is None:
+            return x + self.mlp(y)
+        return x + self.mlp(y) + self.Adapter(y)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x):
+        return self.proj(x).permute(0, 2, 3, 1)  # (B, h, w, C)
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, cfg: SamConfig):
+        super().__init__()
+        C, g, D = cfg.encoder_dim, cfg.embed_size, cfg.prompt_dim
+        self.patch_embed = PatchEmbed(cfg.patch_size, C)
+        self.pos_embed = nn.Parameter(torch.zeros(1, g, g, C))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.encoder_depth))
+        self.neck = nn.Sequential(
+            nn.Conv2d(C, D, 1, bias=False), LayerNorm2d(D),
+            nn.Conv2d(D, D, 3, padding=1, bias=False), LayerNorm2d(D),
+        )  # fmt: skip
+
+    def forward(self, x):  # x: (B, 3, S, S) normalised
+        x = self.patch_embed(x) + self.pos_embed  # (B, h, w, C)
+        for block in self.blocks:
+            x = block(x)
+        return self.neck(x.permute(0, 3, 1, 2))  # (B, D, h, w)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompt encoder: points and box corners as random-Fourier positions + learned type embeddings;
+# a previous mask as a dense map through a small conv downscaler
+# ------------------------------------------------------------------------------------------------
+
+
+class PositionEmbeddingRandom(nn.Module):
+    """Positions in [0, 1]^2 -> [sin, cos](2 pi (2p - 1) G), with a fixed random Gaussian G."""
+
+    def __init__(self, num_feats: int):
+        super().__init__()
+        self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_feats))
+
+    def encode(self, coords):  # coords (..., 2) in [0, 1], x then y
+        coords = 2 * math.pi * ((2 * coords - 1) @ self.positional_encoding_gaussian_matrix)
+        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)  # (..., D)
+
+    def grid(self, h: int, w: int):
+        """The dense encoding of every token centre of an h x w grid: (D, h, w)."""
+        m = self.positional_encoding_gaussian_matrix
+        y = (torch.arange(h, device=m.device, dtype=m.dtype) + 0.5) / h
+        x = (torch.arange(w, device=m.device, dtype=m.dtype) + 0.5) / w
+        xy = torch.stack(torch.meshgrid(x, y, indexing="xy"), dim=-1)  # (h, w, 2)
+        return self.encode(xy).permute(2, 0, 1)  # (D, h, w)
+
+    def points(self, coords, image_size: int):
+        """Pixel coordinates (..., 2) in the S x S model space -> (..., D)."""
+        return self.encode(coords / image_size)
+
+
+class PromptEncoder(nn.Module):
+    def __init__(self, cfg: SamConfig):
+        super().__init__()
+        D, self.image_size, self.grid_size = cfg.prompt_dim, cfg.image_size, cfg.embed_size
+        self.pe_layer = PositionEmbeddingRandom(D // 2)
+        # Type embeddings: 0 negative point, 1 positive point, 2 box top-left, 3 box bottom-right.
+        self.point_embeddings = nn.ModuleList(nn.Embedding(1, D) for _ in range(4))
+        self.not_a_point_embed = nn.Embedding(1, D)  # padding points (label -1)
+        self.mask_downscaling = nn.Sequential(  # (P, 1, 4h, 4w) -> (P, D, h, w); 4 and 16 as SAM
+            nn.Conv2d(1, 4, 2, stride=2), LayerNorm2d(4), nn.GELU(),
+            nn.Conv2d(4, 16, 2, stride=2), LayerNorm2d(16), nn.GELU(),
+            nn.Conv2d(16, D, 1),
+        )  # fmt: skip
+        self.no_mask_embed = nn.Embedding(1, D)
+
+    def dense_pe(self):
+        return self.pe_layer.grid(self.grid_size, self.grid_size)[None]  # (1, D, h, w)
+
+    def embed_points(self, coords, labels, pad: bool):
+        if pad:  # without a box, SAM appends one padding point
+            coords = F.pad(coords, (0, 0, 0, 1))  # (P, N+1, 2)
+            labels = F.pad(labels, (0, 1), value=-1)  # (P, N+1)
+        emb = self.pe_layer.points(coords + 0.5, self.image_size)  # (P, N, D); +0.5: pixel centres
+        labels = labels[..., None]
+        emb = torch.where(labels == -1, self.not_a_point_embed.weight, emb)
+        emb = emb + (labels == 0) * self.point_embeddings[0].weight
+        return emb + (labels == 1) * self.point_embeddings[1].weight
+
+    def embed_boxes(self, boxes):
+        corners = self.pe_layer.points(boxes.reshape(-1, 2, 2) + 0.5, self.image_size)  # (P, 2, D)
+        types = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])
+        return corners + types  # (P, 2, D)
+
+    def forward(self, points=None, boxes=None, masks=None):
+        """-> sparse (P, T, D) tokens and dense (P, D, h, w) map."""
+        given = [t for t in (points[0] if points else None, boxes, masks) if t is not None]
+        P = given[0].shape[0] if given else 1
+        W = self.no_mask_embed.weight
+        sparse = [W.new_zeros(P, 0, W.shape[1])]
+        if points is not None:
+            sparse.append(self.embed_points(points[0], points[1], pad=boxes is None))
+        if boxes is not None:
+            sparse.append(self.embed_boxes(boxes))
+        if masks is not None:
+            dense = self.mask_downscaling(masks)  # (P, D, h, w)
+        else:
+            dense = W.reshape(1, -1, 1, 1).expand(P, -1, self.grid_size, self.grid_size)
+        return torch.cat(sparse, dim=1), dense
+
+
+# ------------------------------------------------------------------------------------------------
+# Mask decoder: a two-way transformer between the prompt tokens and the image embedding, then
+# hypernetwork MLPs that turn each mask token into weights for a dot product with upscaled features
+# ------------------------------------------------------------------------------------------------
+
+
+class DecoderAttention(nn.Module):
+    """Attention with separate q/k/v projections, optionally to a narrower inner width."""
+
+    def __init__(self, dim: int, heads: int, downsample: int = 1):
+        super().__init__()
+        inner, self.heads = dim // downsample, heads
+        self.q_proj, self.k_proj = nn.Linear(dim, inner), nn.Linear(dim, inner)
+        self.v_proj, self.out_proj = nn.Linear(dim, inner), nn.Linear(inner, dim)
+
+    def forward(self, q, k, v):
+        split = lambda t: rearrange(t, "p l (nh hs) -> p nh l hs", nh=self.heads)
+        q, k, v = split(self.q_proj(q)), split(self.k_proj(k)), split(self.v_proj(v))
+        attn = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (P, nh, Lq, Lk)
+        out = rearrange(attn.softmax(dim=-1) @ v, "p nh l hs -> p l (nh hs)")
+        return self.out_proj(out)
+
+
+class TwoWayBlock(nn.Module):
+    """Tokens attend to themselves, tokens -> image, MLP on tokens, image -> tokens (post-norm)."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, skip_first_pe: bool):
+        super().__init__()
+        self.self_attn = DecoderAttention(dim, heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.cross_attn_token_to_image = DecoderAttention(dim, heads, downsample=2)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLPBlock(dim, mlp_dim, act=nn.ReLU)
+        self.norm3 = nn.LayerNorm(dim)
+        self.norm4 = nn.LayerNorm(dim)
+        self.cross_attn_image_to_token = DecoderAttention(dim, heads, downsample=2)
+        self.skip_first_pe = skip_first_pe
+
+    def forward(self, queries, keys, query_pe, key_pe):
+        if self.skip_first_pe:  # the first block replaces the tokens by their self-attention
+            queries = self.self_attn(queries, queries, queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q, q, queries)
+        queries = self.norm1(queries)
+        q, k = queries + query_pe, keys + key_pe
+        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        queries = self.norm3(queries + self.mlp(queries))
+        q = queries + query_pe
+        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        return queries, keys
+
+
+class TwoWayTransformer(nn.Module):
+    def __init__(self, dim: int, depth: int, heads: int, mlp_dim: int):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TwoWayBlock(dim, heads, mlp_dim, skip_first_pe=i == 0) for i in range(depth)
+        )
+        self.final_attn_token_to_image = DecoderAttention(dim, heads, downsample=2)
+        self.norm_final_attn = nn.LayerNorm(dim)
+
+    def forward(self, image, image_pe, tokens):
+        """image, image_pe (P, D, h, w); tokens (P, T, D) -> tokens (P, T, D), image (P, h*w, D)."""
+        keys, key_pe = image.flatten(2).transpose(1, 2), image_pe.flatten(2).transpose(1, 2)
+        queries = tokens
+        for layer in self.layers:
+            queries, keys = layer(queries, keys, query_pe=tokens, key_pe=key_pe)
+        attn = self.final_attn_token_to_image(queries + tokens, keys + key_pe, keys)
+        return self.norm_final_attn(queries + attn), keys
+
+
+class MLP(nn.Module):
+    def __init__(self, dim_in: int, hidden: int, dim_out: int, depth: int):
+        super().__init__()
+        dims = [dim_in] + [hidden] * (depth - 1) + [dim_out]
+        pairs = zip(dims[:-1], dims[1:], strict=True)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairs)
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class MaskDecoder(nn.Module):
+    def __init__(self, cfg: SamConfig):
+        super().__init__()
+        D, n = cfg.prompt_dim, cfg.num_multimask + 1
+        self.num_mask_tokens = n
+        self.transformer = TwoWayTransformer(
+            D, cfg.decoder_depth, cfg.decoder_heads, cfg.decoder_mlp_dim
+        )
+        self.iou_token = nn.Embedding(1, D)
+        self.mask_tokens = nn.Embedding(n, D)  # token 0: single-mask output; 1..3: multimask
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(D, D // 4, 2, stride=2), LayerNorm2d(D // 4), nn.GELU(),
+            nn.ConvTranspose2d(D // 4, D // 8, 2, stride=2), nn.GELU(),
+        )  # fmt: skip
+        self.output_hypernetworks_mlps = nn.ModuleList(MLP(D, D, D // 8, 3) for _ in range(n))
+        self.iou_prediction_head = MLP(D, D, n, 3)
+
+    def forward(self, image, image_pe, sparse, dense, multimask: bool):
+        """image (P, D, h, w) already one per prompt -> logits (P, K, 4h, 4w), iou (P, K)."""
+        P = sparse.shape[0]
+        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])  # (1+n, D)
+        tokens = torch.cat([out_tokens.expand(P, -1, -1), sparse], dim=1)  # (P, 1+n+T, D)
+        src = image + dense  # (P, D, h, w)
+        hs, src = self.transformer(src, image_pe.expand(P, -1, -1, -1), tokens)
+        iou_out, mask_out = hs[:, 0], hs[:, 1 : 1 + self.num_mask_tokens]  # (P, D), (P, n, D)
+        h = image.shape[2]
+        up = self.output_upscaling(rearrange(src, "p (y x) d -> p d y x", y=h))  # (P, D/8, 4h, 4w)
+        hyper = torch.stack(
+            [mlp(mask_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+        )  # (P, n, D/8)
+        masks = torch.einsum("pnc,pcyx->pnyx", hyper, up)  # (P, n, 4h, 4w)
+        iou = self.iou_prediction_head(iou_out)  # (P, n)
+        keep = slice(1, None) if multimask else slice(0, 1)
+        return masks[:, keep], iou[:, keep]
+
+
+# ------------------------------------------------------------------------------------------------
+# Sam: the three parts together
+# ------------------------------------------------------------------------------------------------
+
+
+class Sam(nn.Module):
+    def __init__(self, cfg: SamConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.image_encoder = ImageEncoder(cfg)
+        self.prompt_encoder = PromptEncoder(cfg)
+        self.mask_decoder = MaskDecoder(cfg)
+
+    def encode(self, x):
+        """x (B, 3, S, S), normalised as data.preprocess does -> embeddings (B, D, S/16, S/16)."""
+        S = self.cfg.image_size
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, S, S):
+            raise ValueError(f"encode expects (B, 3, {S}, {S}) images, got {tuple(x.shape)}")
+        return self.image_encoder(x)
+
+    def decode(self, emb, points=None, boxes=None, mask_input=None, multimask: bool = True):
+        """Prompts in S x S model pixels -> low-res logits (P, K, S/4, S/4), predicted IoU (P, K).
+
+        points: (coords (P, N, 2) x-then-y, labels (P, N): 1 fg, 0 bg, -1 pad); boxes (P, 4)
+        x0 y0 x1 y1; mask_input (P, 1, S/4, S/4) sigmoid probabilities of a previous prediction.
+        P is a multiple of emb's B; image b serves prompts b*M .. (b+1)*M - 1.
+        """
+        sparse, dense = self.prompt_encoder(points, boxes, mask_input)
+        P, B = sparse.shape[0], emb.shape[0]
+        if P % B:
+            raise ValueError(f"{P} prompts cannot be shared evenly by {B} images")
+        image = emb.repeat_interleave(P // B, dim=0) if P != B else emb  # (P, D, h, w)
+        pe = self.prompt_encoder.dense_pe()  # (1, D, h, w)
+        return self.mask_decoder(image, pe, sparse, dense, multimask)
+
+
+def select_best(logits, iou):
+    """The mask with the highest predicted IoU: (P, K, h, w), (P, K) -> (P, 1, h, w), (P,)."""
+    best = iou.argmax(dim=1)  # (P,)
+    rows = torch.arange(iou.shape[0], device=iou.device)
+    return logits[rows, best][:, None], iou[rows, best]
+
+
+def count_parameters(sam: Sam) -> dict:
+    """Parameter counts per part; the adapters are counted apart from the rest of the encoder."""
+    adapters = sum(p.numel() for n, p in sam.image_encoder.named_parameters() if ".Adapter." in n)
+    encoder = sum(p.numel() for p in sam.image_encoder.parameters()) - adapters
+    prompt = sum(p.numel() for p in sam.prompt_encoder.parameters())
+    decoder = sum(p.numel() for p in sam.mask_decoder.parameters())
+    return dict(encoder=encoder, adapters=adapters, prompt_encoder=prompt, mask_decoder=decoder,
+                total=encoder + adapters + prompt + decoder)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints. Three layouts come in: Meta's SAM (a bare state_dict at 1024 px), SAM-Med2D's
+# ({'model': state_dict, 'optimizer': <pickled Adam>, ...}) and ours (safetensors + config JSON).
+# Nothing pickled is ever executed: torch.load(weights_only=True) first, and for SAM-Med2D's pickled
+# optimizer a restricted unpickler that rebuilds tensors and turns every other object into a stub.
+# ------------------------------------------------------------------------------------------------
+
+
+class _Skipped:
+    """Stands in for any pickled object that is not a tensor or a plain container (never called)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _TensorsOnlyUnpickler(pickle.Unpickler):
+    # The only callables a pickle may name: tensor rebuilders and plain containers. torch.load
+    # resolves storages itself (persistent_load), before this is consulted.
+    ALLOWED = {
+        ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
+        ("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device"),
+    }  # fmt: skip
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        return _Skipped
+
+
+class _TensorsOnlyPickle:
+    """A pickle module for torch.load whose Unpickler rebuilds tensors and skips everything else."""
+
+    Unpickler = _TensorsOnlyUnpickler
+    load = staticmethod(pickle.load)
+    __name__ = "tensors_only_pickle"
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        pass  # holds pickled objects (SAM-Med2D's optimizer): read the tensors only
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read checkpoint (truncated or corrupt?): {e}") from None
+    try:
+        return torch.load(
+            path, map_location="cpu", weights_only=False, pickle_module=_TensorsOnlyPickle
+        )
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: cannot read checkpoint (truncated or corrupt?): {e}") from None
+
+
+def read_checkpoint(path) -> tuple:
+    """-> (state_dict, layout, config or None). layout: "ours", "sam" or "sam-med2d"."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: cannot read safetensors file: {e}") from None
+        if "config" not in meta:
+            raise ValueError(f"{path}: safetensors file without a 'config' entry in its metadata")
+        return sd, "ours", SamConfig(**json.loads(meta["config"]))
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        sd, layout = obj["model"], "sam-med2d"
+    elif isinstance(obj, dict) and any(str(k).startswith("image_encoder.") for k in obj):
+        sd, layout = obj, "sam"
+    else:
+        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path}: not a SAM or SAM-Med2D checkpoint (top level: {keys})")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}  # saved from a DDP wrapper
+    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: the state dict holds objects that are not tensors")
+    return sd, layout, None
+
+
+def config_from_state_dict(sd: dict, path, layout: str) -> SamConfig:
+    """Recognise the preset from tensor shapes (never from the file name)."""
+    try:
+        dim = sd["image_encoder.patch_embed.proj.weight"].shape[0]
+        grid = sd["image_encoder.pos_embed"].shape[1]
+        D = sd["prompt_encoder.no_mask_embed.weight"].shape[1]
+    except KeyError as e:
+        raise ValueError(f"{path}: not a SAM checkpoint: missing {e.args[0]}") from None
+    depth = len({k.split(".")[2] for k in sd if k.startswith("image_encoder.blocks.")})
+    names = [
+        n for n, p in PRESETS.items() if (p["encoder_dim"], p["encoder_depth"]) == (dim, depth)
+    ]
+    if not names or PRESETS[names[0]].get("prompt_dim", 256) != D:
+        raise ValueError(
+            f"{path}: encoder width {dim}, depth {depth}, prompt dim {D} match no preset"
+        )
+    bgr = layout == "sam-med2d"  # the official SAM-Med2D code feeds OpenCV's BGR images
+    return SamConfig.from_name(
+        names[0], image_size=grid * 16, adapter=any(".Adapter." in k for k in sd),
+        channel_order="BGR" if bgr else "RGB",
+        resize_mode="stretch" if bgr or grid != 64 else "longest",
+    )  # fmt: skip
+
+
+def resize_state_dict(sd: dict, cfg: SamConfig, image_size: int) -> list:
+    """Resample what depends on the token grid for another image size, in place; -> report lines.
+
+    pos_embed is resized bilinearly; the rel-pos tables of the *global* blocks (chosen by index from
+    the preset) linearly along their offset axis. Windowed blocks and the decoder keep theirs.
+    """
+    g = image_size // cfg.patch_size
+    pe = sd["image_encoder.pos_embed"].permute(0, 3, 1, 2).float()  # (1, C, h, w)
+    pe = F.interpolate(pe, size=(g, g), mode="bilinear", align_corners=False)
+    sd["image_encoder.pos_embed"] = pe.permute(0, 2, 3, 1).contiguous()  # (1, g, g, C)
+    report = [f"resized image_encoder.pos_embed to {g}x{g} tokens (bilinear)"]
+    for i in cfg.global_attn:
+        for axis in ("h", "w"):
+            key = f"image_encoder.blocks.{i}.attn.rel_pos_{axis}"
+            t = sd[key].float().t()[None]  # (1, hs, 2*g0-1)
+            t = F.interpolate(t, size=2 * g - 1, mode="linear", align_corners=False)
+            sd[key] = t[0].t().contiguous()  # (2*g-1, hs)
+            report.append(f"resized {key} to {2 * g - 1} offsets (linear)")
+    return report
+
+
+def check_state_dict(sd: dict, expected: dict, path, allow_missing=()) -> None:
+    """Raise one error that lists every missing, unexpected and wrongly shaped key."""
+    missing = [k for k in expected if k not in sd and k not in allow_missing]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in expected if k in sd and sd[k].shape != expected[k].shape]  # fmt: skip
+    if missing or unexpected or wrong:
+        parts = [f"{len(v)} {what}: {', '.join(v[:6])}{' ...' if len(v) > 6 else ''}"
+                 for what, v in (("missing", missing), ("unexpected", unexpected),
+                                 ("with wrong shapes", wrong)) if v]  # fmt: skip
+        raise ValueError(f"{path}: does not fit the model; " + "; ".join(parts))
+
+
+def load_checkpoint(path, image_size=None, adapter=None, device="cpu", name=None, verbose=True):
+    """Build the model a checkpoint describes and load it strictly.
+
+    image_size: resample to another input size (e.g. SAM's 1024 -> SAM-Med2D's 256). adapter: add
+    freshly initialised adapters (True) or drop the file's (False); None keeps what the file has.
+    name: the preset the caller expects; a file of another architecture is an error.
+    The returned model is in eval mode; `sam.load_report` lists what was resized or initialised.
+    """
+    sd, layout, cfg = read_checkpoint(path)
+    cfg = cfg or config_from_state_dict(sd, path, layout)
+    if name is not None and name != cfg.name:
+        raise ValueError(f"{path}: holds a {cfg.name} model, but {name} was requested")
+    report = [f"{path}: {layout} checkpoint, {cfg.name} at {cfg.image_size} px"]
+    if image_size is not None and image_size != cfg.image_size:
+        report += resize_state_dict(sd, cfg, image_size)
+        cfg = SamConfig(**{**cfg.to_dict(), "image_size": image_size})
+    new_keys = []
+    if adapter is not None and adapter != cfg.adapter:
+        cfg = SamConfig(**{**cfg.to_dict(), "adapter": adapter})
+        if not adapter:
+            dropped = [k for k in sd if ".Adapter." in k]
+            sd = {k: v for k, v in sd.items() if ".Adapter." not in k}
+            report.append(f"dropped the file's {len(dropped)} adapter tensors")
+    with torch.device("meta"):
+        expected = Sam(cfg).state_dict()
+    if adapter and not any(".Adapter." in k for k in sd):
+        new_keys = [k for k in expected if ".Adapter." in k]
+        report.append(f"initialised {len(new_keys)} new adapter tensors")
+    check_state_dict(sd, expected, path, allow_missing=new_keys)
+    if new_keys:  # real init for the new tensors, then the file's weights over the rest
+        sam = Sam(cfg)
+        sam.load_state_dict({**sam.state_dict(), **sd}, strict=True)
+    else:
+        with torch.device("meta"):
+            sam = Sam(cfg)
+        sam.load_state_dict(sd, strict=True, assign=True)
+    sam.load_report = report
+    if verbose:
+        print("\n".join(report), file=sys.stderr)
+    return sam.to(device).eval()
+
+
+def save_checkpoint(sam: Sam, path) -> None:
+    """Weights as safetensors with the config as JSON metadata; a temp file, then a rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    sd = {k: v.detach().contiguous().cpu() for k, v in sam.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(sd, str(tmp), metadata={"config": json.dumps(sam.cfg.to_dict())})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line: convert official .pth files, print parameter counts, time the encoder
+# ------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    if args.command == "convert":
+        sam = load_checkpoint(args.src, image_size=args.image_size, adapter=args.adapter)
+        save_checkpoint(sam, args.dst)
+        print(f"wrote {args.dst} ({sam.cfg.name} at {sam.cfg.image_size} px)")
+        return
+    cfg = SamConfig.from_name(
+        args.name, image_size=args.image_size, adapter=args.adapter is not False
+    )
+    sam = Sam(cfg).eval()
+    counts = count_parameters(sam)
+    print(" ".join(f"{k}={v / 1e6:.2f}M" for k, v in counts.items()))
+    if args.command == "bench":
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        x = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+        times = []
+        with torch.inference_mode():
+            for _ in range(args.warmup + args.runs):
+                t0 = time.perf_counter()
+                sam.encode(x)
+                times.append(time.perf_counter() - t0)
+        times = sorted(times[args.warmup :])
+        median = times[len(times) // 2] * 1e3
+        print(
+            f"{cfg.name}@{cfg.image_size} adapter={cfg.adapter} kernels={cfg.kernels} "
+            f"threads={torch.get_num_threads()}: encoder median {median:.0f} ms "
+            f"(min {times[0] * 1e3:.0f}, max {times[-1] * 1e3:.0f}, {args.runs} runs)"
+        )
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="official .pth (SAM or SAM-Med2D) -> our .safetensors")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--image-size", type=int, default=None, help="resample, e.g. SAM 1024 -> 256")
+    c.add_argument("--adapter", action=argparse.BooleanOptionalAction, default=None)
+    for cmd in ("info", "bench"):
+        s = sub.add_parser(
+            cmd, help="parameter counts" + (" and encoder latency" if cmd == "bench" else "")
+        )
+        s.add_argument("name", choices=list(PRESETS))
+        s.add_argument("--image-size", type=int, default=256)
+        s.add_argument("--adapter", action=argparse.BooleanOptionalAction, default=True)
+        if cmd == "bench":
+            s.add_argument("--runs", type=int, default=7)
+            s.add_argument("--warmup", type=int, default=2)
+            s.add_argument("--threads", type=int, default=None)
+    main(p.parse_args())

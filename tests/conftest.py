@@ -1,0 +1,48 @@
+"""Shared test setup.
+
+TRITON_INTERPRET must be set before `kernels` (imported by model.py) defines its Triton kernels, so
+that the kernels run on the CPU through Triton's interpreter: it is set here, at collection time.
+"""
+
+import importlib
+import os
+import sys
+import types
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+
+
+def _install_torchvision_stand_in():
+    """Meta's segment_anything imports four torchvision names at package import; the PyPI
+    torchvision does not load beside the CPU torch, and the parity tests use none of them."""
+
+    def unused(*args, **kwargs):
+        raise NotImplementedError("torchvision stand-in: not available in the tests")
+
+    names = {
+        "torchvision.ops.boxes": ["batched_nms", "box_area"],
+        "torchvision.transforms.functional": ["resize", "to_pil_image"],
+    }
+    for mod in ("torchvision", "torchvision.ops", "torchvision.transforms"):
+        sys.modules.setdefault(mod, types.ModuleType(mod))
+    for mod, attrs in names.items():
+        m = types.ModuleType(mod)
+        for a in attrs:
+            setattr(m, a, unused)
+        sys.modules[mod] = m
+
+
+@pytest.fixture(scope="session")
+def segment_anything():
+    """Meta's reference package (test-only; installed by .ci/run with --no-deps)."""
+    try:
+        importlib.import_module("torchvision")
+    except Exception:  # absent, or present but broken beside this torch
+        for mod in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
+            del sys.modules[mod]
+        _install_torchvision_stand_in()
+    return importlib.import_module("segment_anything")

@@ -1,0 +1,376 @@
+"""model.py against Meta's segment_anything (same random weights), the SAM-Med2D adapter formula
+written out by hand, and the checkpoint formats (official layouts written the way the official code
+writes them)."""
+
+import os
+import pickle
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+from model import Sam, SamConfig, load_checkpoint, save_checkpoint, select_best
+
+TOL = 1e-5
+
+
+def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter and buffer random, including the rel-pos tables (zero at init) and the norm
+    weights and biases (one and zero): defaults would hide a wrong rel-pos layout or norm order."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.state_dict().items():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name or "neck.1" in name or "neck.3" in name or "downscaling.1" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * noise)
+            else:
+                p.copy_(noise * (0.5 / max(1, p[0].numel()) ** 0.5 if p.ndim > 1 else 0.1))
+    return module
+
+
+def meta_sam(sa, cfg: SamConfig):
+    """Meta's Sam with the same hyper-parameters as cfg (adapters are not part of Meta's SAM)."""
+    m = sa.modeling
+    encoder = m.ImageEncoderViT(
+        img_size=cfg.image_size, patch_size=16, embed_dim=cfg.encoder_dim, depth=cfg.encoder_depth,
+        num_heads=cfg.encoder_heads, mlp_ratio=4, out_chans=cfg.prompt_dim, qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
+        global_attn_indexes=cfg.global_attn, window_size=cfg.window_size,
+    )  # fmt: skip
+    g = cfg.embed_size
+    prompt = m.PromptEncoder(cfg.prompt_dim, (g, g), (cfg.image_size, cfg.image_size), 16)
+    transformer = m.TwoWayTransformer(
+        depth=cfg.decoder_depth, embedding_dim=cfg.prompt_dim, mlp_dim=cfg.decoder_mlp_dim,
+        num_heads=cfg.decoder_heads,
+    )  # fmt: skip
+    decoder = m.MaskDecoder(
+        transformer_dim=cfg.prompt_dim, transformer=transformer, iou_head_hidden_dim=cfg.prompt_dim
+    )
+    return m.Sam(encoder, prompt, decoder).eval()
+
+
+def twin_models(sa, cfg, seed=0):
+    ours = randomise(Sam(cfg), seed).eval()
+    ref = meta_sam(sa, cfg)
+    ref.load_state_dict(ours.state_dict(), strict=True)  # same names, same shapes
+    return ours, ref
+
+
+def max_diff(a, b):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with Meta's segment_anything
+# ---------------------------------------------------------------------------------------------
+
+SMALL = dict(encoder_dim=96, encoder_depth=4, encoder_heads=3, global_attn=(1, 3), adapter=False)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SamConfig.from_name("vit_b", image_size=256, adapter=False),
+        SamConfig(name="vit_b", image_size=1024, **SMALL),  # 64x64 grid: windows padded 64 -> 70
+        SamConfig(name="vit_b", image_size=256, **SMALL),
+    ],
+    ids=["vit_b@256", "small@1024", "small@256"],
+)
+def test_image_encoder_matches_meta(segment_anything, cfg):
+    ours, ref = twin_models(segment_anything, cfg)
+    x = torch.randn(
+        1, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        a, b = ours.encode(x), ref.image_encoder(x)
+    assert a.shape == (1, cfg.prompt_dim, cfg.embed_size, cfg.embed_size)
+    assert b.abs().mean() > 0.1  # a real signal, not a degenerate all-zero output
+    assert max_diff(a, b) <= TOL
+
+
+def prompts(S, P=3, N=4, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.rand(P, N, 2, generator=g) * S
+    labels = torch.randint(-1, 2, (P, N), generator=g)
+    xy0 = torch.rand(P, 2, generator=g) * S / 2
+    boxes = torch.cat([xy0, xy0 + torch.rand(P, 2, generator=g) * S / 2], dim=1)
+    masks = torch.rand(P, 1, S // 4, S // 4, generator=g)  # probabilities, as fed back
+    return (coords, labels), boxes, masks
+
+
+COMBOS = ["points", "boxes", "masks", "points+boxes", "points+masks", "all"]
+
+
+@pytest.mark.parametrize("combo", COMBOS)
+def test_prompt_encoder_matches_meta(segment_anything, combo):
+    cfg = SamConfig.from_name("vit_b", adapter=False)
+    ours, ref = twin_models(segment_anything, cfg)
+    pts, boxes, masks = prompts(cfg.image_size)
+    kw = dict(
+        points=pts if "points" in combo or combo == "all" else None,
+        boxes=boxes if "boxes" in combo or combo == "all" else None,
+        masks=masks if "masks" in combo or combo == "all" else None,
+    )
+    with torch.no_grad():
+        s1, d1 = ours.prompt_encoder(**kw)
+        s2, d2 = ref.prompt_encoder(**kw)
+        pe1, pe2 = ours.prompt_encoder.dense_pe(), ref.prompt_encoder.get_dense_pe()
+    assert s1.shape == s2.shape and d1.shape == d2.shape
+    assert max(max_diff(s1, s2), max_diff(d1, d2), max_diff(pe1, pe2)) <= TOL
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+@pytest.mark.parametrize("combo", ["points", "boxes", "all"])
+def test_mask_decoder_matches_meta(segment_anything, multimask, combo):
+    cfg = SamConfig.from_name("vit_b", adapter=False)
+    ours, ref = twin_models(segment_anything, cfg)
+    pts, boxes, masks = prompts(cfg.image_size)
+    kw = dict(
+        points=pts if combo in ("points", "all") else None,
+        boxes=boxes if combo in ("boxes", "all") else None,
+        masks=masks if combo == "all" else None,
+    )
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(1, cfg.prompt_dim, cfg.embed_size, cfg.embed_size, generator=g)
+    with torch.no_grad():
+        logits, iou = ours.decode(emb, kw["points"], kw["boxes"], kw["masks"], multimask=multimask)
+        sparse, dense = ref.prompt_encoder(**kw)
+        ref_logits, ref_iou = ref.mask_decoder(
+            emb, ref.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=multimask
+        )
+    K = 3 if multimask else 1
+    assert logits.shape == (3, K, cfg.low_res_size, cfg.low_res_size) and iou.shape == (3, K)
+    assert max(max_diff(logits, ref_logits), max_diff(iou, ref_iou)) <= TOL
+
+
+def test_decode_shares_each_image_among_its_prompts():
+    cfg = SamConfig.from_name("tiny")
+    sam = randomise(Sam(cfg)).eval()
+    (coords, labels), boxes, _ = prompts(cfg.image_size, P=4)
+    emb = torch.randn(2, cfg.prompt_dim, cfg.embed_size, cfg.embed_size)
+    with torch.no_grad():
+        both, _ = sam.decode(emb, (coords, labels), boxes)  # image 0: prompts 0,1; image 1: 2,3
+        one, _ = sam.decode(emb[1:], (coords[2:], labels[2:]), boxes[2:])
+    assert max_diff(both[2:], one) <= TOL
+    with pytest.raises(ValueError, match="3 prompts"):
+        sam.decode(emb, (coords[:3], labels[:3]))
+
+
+def test_select_best_picks_highest_iou():
+    logits = torch.arange(2 * 3 * 4, dtype=torch.float).reshape(2, 3, 2, 2)
+    iou = torch.tensor([[0.1, 0.9, 0.3], [0.8, 0.2, 0.7]])
+    best, best_iou = select_best(logits, iou)
+    assert best.shape == (2, 1, 2, 2)
+    assert torch.equal(best[0, 0], logits[0, 1]) and torch.equal(best[1, 0], logits[1, 0])
+    assert torch.equal(best_iou, torch.tensor([0.9, 0.8]))
+
+
+def test_vit_b_parameter_counts():
+    with torch.device("meta"):
+        sam = Sam(SamConfig.from_name("vit_b", image_size=256, adapter=True))
+    counts = model.count_parameters(sam)
+    C = 768  # per block: channel gate 2*C*C/4, conv 9*C*C, deconv 16*C*C, LayerNorm 2*C
+    assert counts["adapters"] == 12 * (2 * C * C // 4 + 9 * C * C + 16 * C * C + 2 * C)
+    assert 270e6 < counts["total"] < 272e6  # the official vit_b@256 with adapters: ~271M
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def official_med2d_state_dict(cfg: SamConfig, seed=0) -> dict:
+    """Official key names and shapes, built independently: Meta's SAM keys plus the adapter keys
+    spelled out as in the SAM-Med2D checkpoints."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        base = Sam(SamConfig(**{**cfg.to_dict(), "adapter": False})).state_dict()
+    sd = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in base.items()}
+    C = cfg.encoder_dim
+    for i in range(cfg.encoder_depth):
+        pre = f"image_encoder.blocks.{i}.Adapter."
+        sd[pre + "norm.weight"] = 1 + 0.1 * torch.randn(C, generator=g)
+        sd[pre + "norm.bias"] = 0.1 * torch.randn(C, generator=g)
+        sd[pre + "channel.0.weight"] = torch.randn(C // 4, C, generator=g) * C**-0.5
+        sd[pre + "channel.2.weight"] = torch.randn(C, C // 4, generator=g) * (C // 4) ** -0.5
+        sd[pre + "spatial.0.weight"] = torch.randn(C, C, 3, 3, generator=g) * (9 * C) ** -0.5
+        sd[pre + "spatial.2.weight"] = torch.randn(C, C, 4, 4, generator=g) * (4 * C) ** -0.5
+    return sd
+
+
+def save_med2d(sd: dict, path):
+    """As the official training code saves: plain torch.save of a dict with a pickled Adam."""
+    params = [torch.nn.Parameter(v.clone()) for v in list(sd.values())[:3]]
+    opt = torch.optim.Adam(params, lr=1e-4)
+    sum(p.sum() for p in params).backward()
+    opt.step()  # so the optimizer carries state tensors, as a real one does
+    torch.save({"model": sd, "optimizer": opt, "epoch": 3}, path)
+
+
+def test_med2d_checkpoint_loads_strictly_and_adapter_matches_formula(tmp_path):
+    cfg = SamConfig.from_name("tiny", image_size=256)
+    sd = official_med2d_state_dict(cfg)
+    path = tmp_path / "sam-med2d_tiny.pth"
+    save_med2d(sd, path)
+    with pytest.raises(pickle.UnpicklingError):  # the file really holds a pickled object
+        torch.load(path, weights_only=True)
+    sam = load_checkpoint(path, verbose=False)
+    assert sam.cfg.adapter and sam.cfg.channel_order == "BGR" and sam.cfg.image_size == 256
+    for k, v in sam.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+    # adapter(x) = LN(x + relu(deconv(relu(conv(g*x))))), g = sigmoid(W2 relu(W1 mean(x)))
+    pre = "image_encoder.blocks.2.Adapter."
+    x = torch.randn(2, 16, 16, cfg.encoder_dim)
+    gate = torch.sigmoid(
+        F.relu(x.mean((1, 2)) @ sd[pre + "channel.0.weight"].T) @ sd[pre + "channel.2.weight"].T
+    )
+    xc = (x * gate[:, None, None]).permute(0, 3, 1, 2)
+    xs = F.relu(F.conv2d(xc, sd[pre + "spatial.0.weight"], stride=2, padding=1))
+    xs = F.relu(F.conv_transpose2d(xs, sd[pre + "spatial.2.weight"], stride=2, padding=1))
+    expected = F.layer_norm(
+        x + xs.permute(0, 2, 3, 1), (cfg.encoder_dim,), sd[pre + "norm.weight"],
+        sd[pre + "norm.bias"], eps=1e-5,
+    )  # fmt: skip
+    with torch.no_grad():
+        got = sam.image_encoder.blocks[2].Adapter(x)
+    assert max_diff(got, expected) <= TOL
+
+
+class _Payload:
+    """A pickle that would create a file if its reduce were executed."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_med2d_checkpoint_never_executes_pickled_code(tmp_path):
+    cfg = SamConfig.from_name("tiny")
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": official_med2d_state_dict(cfg), "optimizer": _Payload(marker)}, path)
+    sam = load_checkpoint(path, verbose=False)
+    assert not marker.exists()
+    assert sam.cfg.name == "tiny"
+
+
+def test_sam_1024_checkpoint_resized_to_256(tmp_path):
+    cfg = SamConfig.from_name("tiny", image_size=1024, adapter=False)
+    sd = randomise(Sam(cfg)).state_dict()
+    path = tmp_path / "sam_tiny_1024.pth"
+    torch.save(sd, path)  # Meta's layout: a bare state dict
+
+    native = load_checkpoint(path, verbose=False)
+    assert native.cfg.image_size == 1024 and native.cfg.channel_order == "RGB"
+
+    sam = load_checkpoint(path, image_size=256, adapter=True, verbose=False)
+    assert sam.cfg.image_size == 256 and sam.cfg.adapter
+    got = {k: v.detach() for k, v in sam.state_dict().items()}
+    # pos_embed 64x64 -> 16x16, bilinear without corner alignment: every output token sits exactly
+    # between source tokens 4i+1 and 4i+2 on each axis, so it is the mean of that 2x2 patch.
+    pe = sd["image_encoder.pos_embed"][0].numpy()
+    want = pe.reshape(16, 4, 16, 4, -1)[:, 1:3, :, 1:3].mean(axis=(1, 3))
+    assert np.abs(got["image_encoder.pos_embed"][0].numpy() - want).max() < 1e-6
+    # global blocks' tables 127 -> 31 offsets, linear interpolation at (i + 0.5) * 127 / 31 - 0.5
+    src = np.clip((np.arange(31) + 0.5) * 127 / 31 - 0.5, 0, 126)
+    for i in range(cfg.encoder_depth):
+        for axis in "hw":
+            key = f"image_encoder.blocks.{i}.attn.rel_pos_{axis}"
+            table = sd[key].numpy()
+            if i in cfg.global_attn:
+                want = np.stack([np.interp(src, np.arange(127), c) for c in table.T], axis=1)
+                assert got[key].shape == (31, table.shape[1])
+                assert np.abs(got[key].numpy() - want).max() < 1e-5  # float32 sample positions
+            else:  # windowed blocks keep their 27-offset tables untouched
+                assert torch.equal(got[key], sd[key])
+    for k in sd:
+        if not k.startswith("image_encoder.pos_embed") and "rel_pos" not in k:
+            assert torch.equal(got[k], sd[k]), k  # the decoder and all else kept, bit for bit
+    new = [k for k in got if ".Adapter." in k]
+    assert new and any("initialised" in line for line in sam.load_report)
+    assert all(got[k].abs().sum() > 0 for k in new if k.endswith("spatial.0.weight"))
+
+
+def test_safetensors_round_trip(tmp_path):
+    sam = randomise(Sam(SamConfig.from_name("tiny", channel_order="BGR"))).eval()
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(sam, path)
+    assert not list(tmp_path.glob(".*tmp*"))
+    back = load_checkpoint(path, verbose=False)
+    assert back.cfg == sam.cfg
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.equal(back.encode(x), sam.encode(x))
+
+
+def test_convert_command_sheds_optimizer(tmp_path):
+    cfg = SamConfig.from_name("tiny")
+    src, dst = tmp_path / "med.pth", tmp_path / "med.safetensors"
+    save_med2d(official_med2d_state_dict(cfg), src)
+    model.main(type("A", (), dict(command="convert", src=src, dst=dst, image_size=None,
+                                  adapter=None))())  # fmt: skip
+    sam = load_checkpoint(dst, verbose=False)
+    assert sam.cfg.channel_order == "BGR" and sam.cfg.adapter
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors name the file and what is wrong
+# ---------------------------------------------------------------------------------------------
+
+
+def fake_state_dict(cfg):
+    """Right keys and shapes at almost no cost: every tensor is one stored zero, expanded."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Sam(cfg).state_dict().items()}
+    return {k: torch.zeros(1).expand(s) for k, s in shapes.items()}
+
+
+def test_wrong_model_is_named(tmp_path):
+    path = tmp_path / "sam_vit_l.pth"
+    torch.save(fake_state_dict(SamConfig.from_name("vit_l", image_size=1024, adapter=False)), path)
+    with pytest.raises(ValueError, match=r"sam_vit_l\.pth: holds a vit_l model, but vit_b"):
+        load_checkpoint(path, name="vit_b", verbose=False)
+
+
+def test_truncated_file(tmp_path):
+    path = tmp_path / "cut.pth"
+    torch.save(randomise(Sam(SamConfig.from_name("tiny"))).state_dict(), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cut\.pth: cannot read checkpoint"):
+        load_checkpoint(path, verbose=False)
+
+
+def test_missing_and_misshaped_keys_are_listed(tmp_path):
+    sd = fake_state_dict(SamConfig.from_name("tiny"))
+    del sd["mask_decoder.iou_token.weight"]
+    sd["image_encoder.blocks.1.mlp.lin1.weight"] = torch.zeros(3, 3)
+    sd["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "broken.pth"
+    torch.save(sd, path)
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(path, verbose=False)
+    msg = str(e.value)
+    assert "broken.pth" in msg and "mask_decoder.iou_token.weight" in msg
+    assert "image_encoder.blocks.1.mlp.lin1.weight: file (3, 3)" in msg and "extra.weight" in msg
+
+
+def test_unknown_layout_and_missing_file(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"state": {"layer.weight": torch.zeros(2)}, "step": 1}, path)
+    with pytest.raises(ValueError, match=r"other\.pth: not a SAM or SAM-Med2D checkpoint"):
+        load_checkpoint(path, verbose=False)
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        load_checkpoint(tmp_path / "nothere.pth")
+    bare = tmp_path / "bare.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(1)}, str(bare))
+    with pytest.raises(ValueError, match="bare.safetensors: safetensors file without a 'config'"):
+        load_checkpoint(bare)
