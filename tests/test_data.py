@@ -1,0 +1,376 @@
+"""Tests for data.py: reading, preprocess (against a NumPy re-implementation of the official OpenCV
+pipeline), connected components (against a flood fill), prompt sampling, manifests, datasets and the
+preprocessing CLI on real files (a synthetic volume with a marker voxel, the MNI152 template)."""
+
+import gzip
+from collections import deque
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+def cfg_like(**kw):
+    """The fields of model.SamConfig that data.py reads."""
+    base = dict(
+        image_size=256,
+        pixel_mean=(123.675, 116.28, 103.53),
+        pixel_std=(58.395, 57.12, 57.375),
+        channel_order="BGR",
+        resize_mode="stretch",
+    )
+    return SimpleNamespace(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading files
+
+
+def test_read_image_formats(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (13, 17, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (13, 17), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(rgb).save(tmp_path / "rgb.bmp")
+    Image.fromarray(rgb).save(tmp_path / "rgb.tif")
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(np.dstack([rgb, grey])).save(tmp_path / "rgba.png")
+    for name in ("rgb.png", "rgb.bmp", "rgb.tif", "rgba.png"):
+        np.testing.assert_array_equal(data.read_image(tmp_path / name), rgb)
+    out = data.read_image(tmp_path / "grey.png")
+    assert out.shape == (13, 17, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, np.dstack([grey] * 3))
+    smooth = np.dstack([*np.meshgrid(np.arange(32) * 8, np.arange(32) * 4), np.full((32, 32), 99)])
+    Image.fromarray(smooth.astype(np.uint8)).save(tmp_path / "smooth.jpg", quality=95)
+    assert np.abs(data.read_image(tmp_path / "smooth.jpg").astype(int) - smooth).mean() < 3
+
+
+def test_read_image_16bit_scales_to_8bit(tmp_path):
+    a = np.array([[0, 1000], [3000, 4000]], dtype=np.uint16)
+    Image.fromarray(a).save(tmp_path / "a16.png")
+    Image.fromarray(a).save(tmp_path / "a16.tif")
+    want = np.round(a / 4000 * 255).astype(np.uint8)
+    for name in ("a16.png", "a16.tif"):
+        np.testing.assert_array_equal(data.read_image(tmp_path / name)[..., 0], want)
+    small = np.array([[0, 7], [200, 255]], dtype=np.uint16)  # already 8-bit range: kept
+    Image.fromarray(small).save(tmp_path / "s16.png")
+    np.testing.assert_array_equal(data.read_image(tmp_path / "s16.png")[..., 0], small)
+
+
+def test_read_errors_name_the_file(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    with pytest.raises(data.DataError, match="broken.png"):
+        data.read_image(bad)
+    with pytest.raises(data.DataError, match="missing.png: no such file"):
+        data.read_image(tmp_path / "missing.png")
+    Image.fromarray(np.array([[0, 1], [2, 0]], np.uint8)).save(tmp_path / "three.png")
+    with pytest.raises(data.DataError, match="three.png: mask values"):
+        data.read_mask(tmp_path / "three.png")
+    colour = np.zeros((4, 4, 3), np.uint8)
+    colour[0, 0] = (255, 0, 0)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    with pytest.raises(data.DataError, match="colour.png: colour mask"):
+        data.read_mask(tmp_path / "colour.png")
+    Image.fromarray(np.array([[0, 0.5]], np.float32)).save(tmp_path / "frac.tif")
+    with pytest.raises(data.DataError, match="frac.tif: non-integer"):
+        data.read_label_map(tmp_path / "frac.tif")
+
+
+def test_read_mask_binary_conventions(tmp_path):
+    m = np.zeros((5, 6), bool)
+    m[1:3, 2:5] = True
+    for scale, name in ((1, "m01.png"), (255, "m255.png")):
+        Image.fromarray(m.astype(np.uint8) * scale).save(tmp_path / name)
+        out = data.read_mask(tmp_path / name)
+        assert out.dtype == bool
+        np.testing.assert_array_equal(out, m)
+    Image.fromarray(np.zeros((3, 3), np.uint8)).save(tmp_path / "empty.png")
+    assert not data.read_mask(tmp_path / "empty.png").any()
+
+
+def _save_nifti(path, arr, affine):
+    nib.save(nib.Nifti1Image(arr, affine), str(path))
+
+
+def test_read_volume_canonical_orientation(tmp_path):
+    # Stored L-P-S (DICOM-like): voxel axis 0 runs right->left, axis 1 anterior->posterior.
+    arr = np.zeros((6, 7, 5), np.float32)
+    arr[1, 2, 3] = 9.0
+    lps = np.diag([-2.0, -3.0, 4.0, 1.0])
+    _save_nifti(tmp_path / "v.nii.gz", arr, lps)
+    vol = data.read_volume(tmp_path / "v.nii.gz")
+    assert nib.aff2axcodes(vol.affine) == ("R", "A", "S")
+    assert vol.data.dtype == np.float32 and vol.data.shape == (6, 7, 5)
+    # axes 0 and 1 are flipped: index i -> 5 - i, j -> 6 - j
+    assert vol.data[6 - 1 - 1, 7 - 1 - 2, 3] == 9.0 and vol.data.sum() == 9.0
+    # the world position of the marker is unchanged by reorientation
+    world_old = lps @ np.array([1, 2, 3, 1])
+    world_new = vol.affine @ np.array([4, 4, 3, 1])
+    np.testing.assert_allclose(world_old, world_new)
+
+
+def test_read_volume_errors(tmp_path):
+    arr = np.ones((4, 4, 4), np.float32)
+    arr[1, 1, 1] = np.nan
+    _save_nifti(tmp_path / "nan.nii.gz", arr, np.eye(4))
+    with pytest.raises(data.DataError, match="nan.nii.gz: 1 NaN/inf voxels"):
+        data.read_volume(tmp_path / "nan.nii.gz")
+    _save_nifti(tmp_path / "ok.nii.gz", np.ones((4, 4, 4), np.float32), np.eye(4))
+    raw = (tmp_path / "ok.nii.gz").read_bytes()
+    (tmp_path / "trunc.nii.gz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(data.DataError, match="trunc.nii.gz: cannot read"):
+        data.read_volume(tmp_path / "trunc.nii.gz")
+    (tmp_path / "junk.nii.gz").write_bytes(gzip.compress(b"junk" * 100))
+    with pytest.raises(data.DataError, match="junk.nii.gz: cannot read"):
+        data.read_volume(tmp_path / "junk.nii.gz")
+
+
+def test_normalize_intensity():
+    v = np.array([-1000.0, -160.0, 40.0, 240.0, 3000.0], np.float32)
+    # soft tissue 40/400 -> [-160, 240]
+    out = data.normalize_intensity(v, "soft_tissue")
+    np.testing.assert_array_equal(out, [0, 0, 128, 255, 255])
+    np.testing.assert_array_equal(data.normalize_intensity(v, (40, 400)), out)
+    rng = np.random.default_rng(1)
+    mr = rng.gamma(2.0, 100.0, (20, 20, 20)).astype(np.float32)
+    mr[:5] = 0
+    lo, hi = np.percentile(mr[mr != 0], [0.5, 99.5])
+    want = np.round((np.clip(mr, lo, hi) - lo) / (hi - lo) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(data.normalize_intensity(mr), want)
+    assert data.normalize_intensity(np.zeros((3, 3))).max() == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# preprocess and Geometry
+
+
+def official_preprocess(rgb, S=256):
+    """NumPy re-implementation of SAM-Med2D's test transform: cv2.imread (BGR), normalise with
+    SAM's RGB statistics as they are, then cv2 INTER_NEAREST resize (src = floor(dst * in/out))
+    or a centred zero pad (albumentations PadIfNeeded) when both sides are < S."""
+    bgr = rgb[..., ::-1].astype(np.float64)
+    x = (bgr - np.array([123.675, 116.28, 103.53])) / np.array([58.395, 57.12, 57.375])
+    H, W = rgb.shape[:2]
+    if H < S and W < S:
+        out = np.zeros((S, S, 3))
+        top, left = (S - H) // 2, (S - W) // 2
+        out[top : top + H, left : left + W] = x
+    else:
+        ys = np.minimum(np.floor(np.arange(S) * (H / S)).astype(int), H - 1)
+        xs = np.minimum(np.floor(np.arange(S) * (W / S)).astype(int), W - 1)
+        out = x[ys][:, xs]
+    return out.transpose(2, 0, 1)[None]  # (1, 3, S, S)
+
+
+@pytest.mark.parametrize("shape", [(300, 517), (256, 256), (100, 73), (256, 40), (255, 255)])
+def test_preprocess_matches_official_stretch(shape):
+    rgb = np.random.default_rng(2).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    x, geom = data.preprocess(rgb, cfg_like())
+    assert x.shape == (1, 3, 256, 256) and x.dtype == torch.float32
+    np.testing.assert_allclose(x.numpy(), official_preprocess(rgb), atol=1e-5)
+    assert geom.original == shape
+
+
+def test_stretch_is_not_pillow_nearest():
+    """The convention matters: Pillow's NEAREST samples pixel centres and picks other pixels."""
+    rgb = np.random.default_rng(3).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    x, _ = data.preprocess(
+        rgb, cfg_like(channel_order="RGB", pixel_mean=(0,) * 3, pixel_std=(1,) * 3)
+    )
+    pil = np.asarray(Image.fromarray(rgb).resize((256, 256), Image.NEAREST)).transpose(2, 0, 1)
+    assert (x[0].numpy() != pil).any(axis=0).mean() > 0.1
+
+
+def test_preprocess_rgb_order_and_longest():
+    rgb = np.random.default_rng(4).integers(0, 256, (40, 80, 3), dtype=np.uint8)
+    cfg = cfg_like(channel_order="RGB", resize_mode="longest", image_size=64)
+    x, geom = data.preprocess(rgb, cfg)
+    assert geom.content == (32, 64) and geom.pad == (0, 0)
+    assert (x[0, :, 32:] == 0).all()  # padding bottom, zero after normalising
+    # SAM resizes the 8-bit image with Pillow's bilinear filter; torch's antialias matches it to
+    # within rounding
+    pil = np.asarray(Image.fromarray(rgb).resize((64, 32), Image.BILINEAR)).astype(np.float64)
+    want = (pil - np.array(cfg.pixel_mean)) / np.array(cfg.pixel_std)
+    diff = np.abs(x[0, :, :32].numpy().transpose(1, 2, 0) - want) * np.array(cfg.pixel_std)
+    assert diff.max() <= 1.0 + 1e-4 and diff.mean() < 0.3
+
+
+def test_geometry_maps_points_boxes_masks_consistently():
+    for shape, mode in [((300, 517), "stretch"), ((90, 60), "stretch"), ((300, 517), "longest")]:
+        H, W = shape
+        geom = data.geometry(H, W, 256, mode)
+        mask = np.zeros(shape, bool)
+        mask[H // 3 : H // 2, W // 4 : W // 2] = True
+        m = geom.mask_to_model(mask)
+        assert m.shape == (256, 256) and m.dtype == bool
+        ys, xs = np.nonzero(m)
+        box = geom.boxes_to_model(np.array([W // 4, H // 3, W // 2, H // 2], float))
+        # the mask resized nearest fills the scaled box to within one model pixel
+        assert abs(xs.min() - box[0]) <= 1 and abs(xs.max() + 1 - box[2]) <= 1
+        assert abs(ys.min() - box[1]) <= 1 and abs(ys.max() + 1 - box[3]) <= 1
+        pt = geom.points_to_model(torch.tensor([[W // 4, H // 3]], dtype=torch.float32))
+        torch.testing.assert_close(pt, torch.tensor(box[None, :2], dtype=torch.float32))
+        # logits in model space -> original size recovers the mask
+        logits = torch.from_numpy(np.where(m, 10.0, -10.0))[None, None].float()
+        back = geom.logits_to_original(logits)[0, 0] > 0
+        assert back.shape == shape
+        iou = (back.numpy() & mask).sum() / (back.numpy() | mask).sum()
+        assert iou > (0.999 if shape == (90, 60) else 0.95)
+
+
+def test_geometry_pad_is_centred_and_exact():
+    geom = data.geometry(90, 61, 256, "stretch")
+    assert geom.pad == ((256 - 61) // 2, (256 - 90) // 2) and geom.scale == (1.0, 1.0)
+    mask = np.random.default_rng(5).random((90, 61)) > 0.5
+    m = geom.mask_to_model(torch.from_numpy(mask))
+    assert torch.is_tensor(m) and int(m.sum()) == mask.sum()
+    logits = torch.where(m, 1.0, -1.0)[None, None]  # (1, 1, 256, 256)
+    back = geom.logits_to_original(logits)
+    assert back.shape == (1, 1, 90, 61)
+    np.testing.assert_array_equal((back[0, 0] > 0).numpy(), mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Connected components and prompts
+
+
+def flood_fill_components(mask):
+    """Reference: 8-connected components by breadth-first search, numbered in scan order."""
+    H, W = mask.shape
+    lab = np.zeros((H, W), int)
+    k = 0
+    for y in range(H):
+        for x in range(W):
+            if mask[y, x] and not lab[y, x]:
+                k += 1
+                lab[y, x] = k
+                todo = deque([(y, x)])
+                while todo:
+                    cy, cx = todo.popleft()
+                    for dy in (-1, 0, 1):
+                        for dx in (-1, 0, 1):
+                            ny, nx = cy + dy, cx + dx
+                            if 0 <= ny < H and 0 <= nx < W and mask[ny, nx] and not lab[ny, nx]:
+                                lab[ny, nx] = k
+                                todo.append((ny, nx))
+    return lab
+
+
+def test_label_components_matches_flood_fill():
+    rng = np.random.default_rng(6)
+    masks = rng.random((4, 37, 53)) > np.array([0.3, 0.5, 0.6, 0.8])[:, None, None]
+    masks[3] = False
+    lab = data.label_components(torch.from_numpy(masks)).numpy()
+    offset = 0
+    for p in range(4):
+        ref = flood_fill_components(masks[p])
+        got = np.where(lab[p] > 0, lab[p] - offset, 0)
+        np.testing.assert_array_equal(got, ref)
+        offset += ref.max()
+    spiral = np.zeros((41, 41), bool)  # one long snake: many hops for naive propagation
+    spiral[::4, 1:-1] = True
+    spiral[1::8, -2] = spiral[2::8, -2] = spiral[3::8, -2] = True
+    spiral[5::8, 1] = spiral[6::8, 1] = spiral[7::8, 1] = True
+    assert data.label_components(torch.from_numpy(spiral)).max() == 1
+
+
+def test_largest_component():
+    m = np.zeros((2, 20, 20), bool)
+    m[0, 0:3, 0:3] = True  # 9 px
+    m[0, 10:14, 10:14] = True  # 16 px
+    m[0, 18, 18] = True
+    out = data.largest_component(m)
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_array_equal(out[0], np.pad(np.ones((4, 4), bool), ((10, 6), (10, 6))))
+    assert not out[1].any()
+    tie = torch.zeros(1, 10, 10, dtype=torch.bool)
+    tie[0, 6:8, 6:8] = tie[0, 0:2, 0:2] = True
+    assert (
+        data.largest_component(tie)[0, :2, :2].all()
+        and not data.largest_component(tie)[0, 6:].any()
+    )
+
+
+def test_boxes_from_masks():
+    m = torch.zeros(4, 30, 40, dtype=torch.bool)
+    m[0, 5:9, 10:30] = True
+    m[0, 20, 2] = True  # a stray pixel: the whole-mask box includes it
+    m[1, 29, 39] = True  # one pixel touching the border
+    m[3, :, :] = True
+    box = data.boxes_from_masks(m)
+    want = [[2, 5, 30, 21], [39, 29, 40, 30], [0, 0, 40, 30], [0, 0, 40, 30]]  # [2]: empty
+    torch.testing.assert_close(box, torch.tensor(want, dtype=torch.float32))
+    big = data.boxes_from_masks(m, largest_component=True)
+    torch.testing.assert_close(big[0], torch.tensor([10.0, 5, 30, 9]))
+
+
+def test_box_jitter_bounds_and_seed():
+    g = torch.Generator().manual_seed(0)
+    m = torch.zeros(500, 64, 64, dtype=torch.bool)
+    m[:250, 10:50, 0:64] = True  # w 64, h 40 -> m = 4
+    m[250:, 0:3, 60:64] = True  # tiny at the corner -> m = 0
+    ref = data.boxes_from_masks(m)
+    a = data.boxes_from_masks(m, jitter=True, generator=g)
+    b = data.boxes_from_masks(m, jitter=True, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+    assert (a[:, 0] >= 0).all() and (a[:, 1] >= 0).all() and (a[:, 2] <= 64).all()
+    assert (a[:, 3] <= 64).all() and (a[:, 2] > a[:, 0]).all() and (a[:, 3] > a[:, 1]).all()
+    d = (a - ref)[:250]
+    assert d.abs().max() == 4 and len(d.unique()) == 9  # every offset in [-4, 4] occurs
+    torch.testing.assert_close(a[250:], ref[250:])
+
+
+def test_sample_points_regions_and_labels():
+    g = torch.Generator().manual_seed(1)
+    m = torch.zeros(3, 40, 50, dtype=torch.bool)
+    m[0, 10:20, 10:30] = True
+    m[2] = True  # no background
+    coords, labels = data.sample_points(m, 5, g)
+    assert coords.shape == (3, 5, 2) and labels.shape == (3, 5) and labels.dtype == torch.long
+    x, y = coords[..., 0].long(), coords[..., 1].long()
+    inside = m[torch.arange(3)[:, None], y, x]
+    assert (inside == labels.bool()).all()  # every label tells the truth
+    assert labels[0].sum() == 2  # the official mix: 5 // 2 foreground
+    assert labels[1].sum() == 0 and labels[2].sum() == 5  # empty / full masks
+    one, lab1 = data.sample_points(m, 1, g)
+    assert lab1.tolist() == [[1], [0], [1]] and m[0, one[0, 0, 1].long(), one[0, 0, 0].long()]
+
+
+def test_sample_points_uniform_and_seeded():
+    m = torch.zeros(1, 20, 20, dtype=torch.bool)
+    m[0, 0:5, 0:4] = True  # 20 px
+    m[0, 10:20, 10:16] = True  # 60 px: should get 3/4 of the points
+    mm = m.expand(4000, 20, 20)
+    c1, _ = data.sample_points(mm, 1, torch.Generator().manual_seed(7))
+    c2, _ = data.sample_points(mm, 1, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(c1, c2)
+    frac = (c1[:, 0, 1] >= 10).float().mean().item()
+    assert abs(frac - 0.75) < 0.03
+    # every foreground pixel is reachable
+    assert len({(int(a), int(b)) for a, b in c1[:, 0].tolist()}) == 80
+
+
+def test_error_clicks():
+    g = torch.Generator().manual_seed(2)
+    gt = torch.zeros(4, 30, 30, dtype=torch.bool)
+    gt[:, 5:15, 5:15] = True
+    pred = gt.clone()
+    pred[0, 5:15, 10:15] = False  # false negatives only
+    pred[1, 20:25, 20:25] = True  # false positives only
+    gt[3] = False  # [2] and [3]: perfect predictions (non-empty and empty targets)
+    pred[3] = False
+    coords, labels = data.error_clicks(pred, gt, 6, g)
+    x, y = coords[..., 0].long(), coords[..., 1].long()
+    rows = torch.arange(4)[:, None]
+    assert (labels[0] == 1).all() and (~pred[rows, y, x][0]).all() and gt[rows, y, x][0].all()
+    assert (labels[1] == 0).all() and pred[rows, y, x][1].all() and (~gt[rows, y, x][1]).all()
+    assert (labels[2] == 1).all() and gt[rows, y, x][2].all()
+    assert (labels[3] == 0).all()
+    again = data.error_clicks(pred, gt, 6, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(again[0], coords)
