@@ -769,7 +769,7 @@ def main(args):
     )
     sam = Sam(cfg).eval()
     counts = count_parameters(sam)
-    print(" ".join(f"{k}={v / 1e6:.2f}M" for k, v in counts.items()))
+    print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     if args.command == "bench":
         torch.set_num_threads(args.threads or torch.get_num_threads())
         x = torch.randn(1, 3, cfg.image_size, cfg.image_size)
