@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+import kernels
+
 # ------------------------------------------------------------------------------------------------
 # Config
 # ------------------------------------------------------------------------------------------------
@@ -45,6 +47,13 @@ PRESETS = {
         encoder_dim=64, encoder_depth=4, encoder_heads=2, global_attn=(1, 3),
         prompt_dim=32, decoder_heads=2, decoder_mlp_dim=64,
     ),
+    # LiteMedSAM (MedSAM distilled into MobileSAM's TinyViT): a 64x64 embedding from a 256 image;
+    # MedSAM's preprocessing: longest side to 256, per-image min-max to [0, 1], pad bottom/right.
+    "lite_medsam": dict(
+        encoder="tinyvit", patch_size=4, stage_dims=(64, 128, 160, 320),
+        stage_depths=(2, 2, 6, 2), stage_heads=(2, 4, 5, 10), stage_windows=(7, 7, 14, 7),
+        global_attn=(), adapter=False, resize_mode="longest", intensity="min_max",
+    ),
 }  # fmt: skip
 
 
@@ -52,13 +61,18 @@ PRESETS = {
 class SamConfig:
     name: str = "vit_b"  # preset name, kept so a checkpoint names its architecture
     image_size: int = 256  # S: SAM-Med2D works at 256, the original SAM at 1024
-    patch_size: int = 16  # ViT patch: the token grid is S/16 x S/16
+    patch_size: int = 16  # encoder stride: ViT patch (grid S/16); TinyViT: 2**(stages-2) = 4
+    encoder: str = "vit"  # "vit" (SAM's, the encoder_* fields) or "tinyvit" (the stage_* fields)
     encoder_dim: int = 768  # C
     encoder_depth: int = 12  # transformer blocks
     encoder_heads: int = 12
     global_attn: tuple = (2, 5, 8, 11)  # blocks with global attention; all others use windows
     window_size: int = 14  # windowed blocks attend within 14x14 token windows (grid padded to fit)
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 4.0  # also TinyViT's MBConv expansion
+    stage_dims: tuple = ()  # TinyViT: channels per stage; stage 0 is convolutional
+    stage_depths: tuple = ()  # TinyViT: blocks per stage
+    stage_heads: tuple = ()  # TinyViT: heads per stage (unused by stage 0)
+    stage_windows: tuple = ()  # TinyViT: attention window per stage (unused by stage 0)
     adapter: bool = True  # SAM-Med2D's adapter in every block
     adapter_ratio: float = 0.25  # the adapter's channel gate squeezes C -> C/4
     prompt_dim: int = 256  # D: prompt tokens, image embedding and decoder width
@@ -70,6 +84,7 @@ class SamConfig:
     pixel_std: tuple = (58.395, 57.12, 57.375)
     channel_order: str = "RGB"  # order the weights expect; SAM-Med2D's were trained on BGR (OpenCV)
     resize_mode: str = "stretch"  # "stretch" (SAM-Med2D) or "longest" side + pad (SAM): see data.py
+    intensity: str = "mean_std"  # "mean_std": pixel_mean/std; "min_max": MedSAM's per-image [0, 1]
     mask_threshold: float = 0.0  # on logits
     kernels: str = "auto"  # "auto": fastest exact path per call; "reference": the official math
     embed_size: int = field(init=False)  # h = w = S/16
@@ -77,6 +92,8 @@ class SamConfig:
 
     def __post_init__(self):
         self.global_attn = tuple(self.global_attn)
+        for f in ("stage_dims", "stage_depths", "stage_heads", "stage_windows"):
+            setattr(self, f, tuple(getattr(self, f)))
         self.pixel_mean, self.pixel_std = tuple(self.pixel_mean), tuple(self.pixel_std)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of {self.patch_size}")
@@ -84,12 +101,28 @@ class SamConfig:
             raise ValueError(f"channel_order must be RGB or BGR, not {self.channel_order!r}")
         if self.resize_mode not in ("stretch", "longest"):
             raise ValueError(f"resize_mode must be stretch or longest, not {self.resize_mode!r}")
+        if self.intensity not in ("mean_std", "min_max"):
+            raise ValueError(f"intensity must be mean_std or min_max, not {self.intensity!r}")
+        if self.encoder not in ("vit", "tinyvit"):
+            raise ValueError(f"encoder must be vit or tinyvit, not {self.encoder!r}")
+        if self.encoder == "tinyvit":
+            self._check_tinyvit()
         if self.kernels not in ("auto", "reference"):
             raise ValueError(f"kernels must be auto or reference, not {self.kernels!r}")
         if any(not 0 <= i < self.encoder_depth for i in self.global_attn):
             raise ValueError(f"global_attn {self.global_attn} outside 0..{self.encoder_depth - 1}")
         self.embed_size = self.image_size // self.patch_size
         self.low_res_size = 4 * self.embed_size
+
+    def _check_tinyvit(self):
+        n = len(self.stage_dims)
+        lengths = {len(getattr(self, f)) for f in ("stage_depths", "stage_heads", "stage_windows")}
+        if n < 2 or lengths != {n}:
+            raise ValueError("TinyViT needs stage_dims/depths/heads/windows of one length >= 2")
+        if self.patch_size != 2 ** (n - 2):
+            raise ValueError(f"{n} TinyViT stages: patch_size must be {2 ** (n - 2)}")
+        if any(d % h for d, h in zip(self.stage_dims[1:], self.stage_heads[1:], strict=True)):
+            raise ValueError(f"stage_dims {self.stage_dims} not divisible by {self.stage_heads}")
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "SamConfig":
@@ -178,11 +211,12 @@ def rel_pos_bias(q, rel_pos_h, rel_pos_w, hw: tuple):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over a (B, h, w, C) grid with decomposed relative positions."""
+    """Multi-head self-attention over a (B, h, w, C) grid with decomposed relative positions,
+    within window x window tiles (window > 0) or over the whole grid (window = 0, global)."""
 
-    def __init__(self, dim: int, heads: int, grid: int):
+    def __init__(self, dim: int, heads: int, grid: int, window: int = 0):
         super().__init__()
-        self.heads = heads
+        self.heads, self.window = heads, window
         self.scale = (dim // heads) ** -0.5
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -190,7 +224,18 @@ class Attention(nn.Module):
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid - 1, dim // heads))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid - 1, dim // heads))
 
-    def forward(self, x):
+    def forward(self, x, impl: str = "reference"):  # x: (B, h, w, C), the whole unpadded grid
+        if impl != "reference":  # kernels/: real tokens only, bias never materialised; same math
+            return kernels.attention(
+                x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
+                self.rel_pos_h, self.rel_pos_w, self.heads, self.window, impl=impl,
+            )  # fmt: skip
+        y = window_partition(x, self.window) if self.window else x  # (B*nw, window, window, C)
+        y = self.attend(y)
+        return window_unpartition(y, self.window, x.shape[1:3]) if self.window else y
+
+    def attend(self, x):
+        """The official computation on (B', h', w', C) tiles: every token, materialised bias."""
         B, h, w, C = x.shape
         qkv = rearrange(self.qkv(x), "b y x (k nh hs) -> k (b nh) (y x) hs", k=3, nh=self.heads)
         q, k, v = qkv.unbind(0)  # each (B*nh, L, hs)
@@ -225,38 +270,58 @@ class Adapter(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x):
+    def forward(self, x):  # x: (B, h, w, C) -> (B, h, w, C); the official computation
         gate = self.channel(x.mean(dim=(1, 2)))  # (B, C)
         xc = (x * gate[:, None, None, :]).permute(0, 3, 1, 2)  # (B, C, h, w)
         xs = self.spatial(xc).permute(0, 2, 3, 1)  # (B, h, w, C); the deconv restores h and w
         return self.norm(x + xs)
 
+    def fused(self, x, residual, mlp, impl: str = "auto"):
+        """residual + mlp + adapter(x) through kernels/ (fused gate and epilogue, faster convs)."""
+        ch, sp = self.channel, self.spatial
+        return kernels.adapter(
+            x, ch[0].weight, ch[2].weight, sp[0].weight, sp[2].weight, self.norm.weight,
+            self.norm.bias, self.norm.eps, residual=residual, mlp=mlp, impl=impl,
+        )  # fmt: skip
+
 
 class Block(nn.Module):
-    """Pre-norm ViT block: x += attn(norm1(x)); x += mlp(norm2(x)) [+ adapter(norm2(x))]."""
+    """Pre-norm ViT block: x += attn(norm1(x)); x += mlp(norm2(x)) [+ adapter(norm2(x))].
+
+    `kernels` ("auto" from the config, or "reference", "torch", "triton"; see kernels/) picks the
+    attention and adapter path on every call; `use_kernels(model, impl)` switches a whole model."""
 
     def __init__(self, cfg: SamConfig, index: int):
         super().__init__()
         dim, is_global = cfg.encoder_dim, index in cfg.global_attn
         self.window = 0 if is_global else cfg.window_size
+        self.kernels = cfg.kernels
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, cfg.encoder_heads, cfg.embed_size if is_global else self.window)
+        grid = cfg.embed_size if is_global else self.window
+        self.attn = Attention(dim, cfg.encoder_heads, grid, self.window)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio))
         self.Adapter = Adapter(dim, cfg.adapter_ratio) if cfg.adapter else None
 
     def forward(self, x):  # x: (B, h, w, C)
-        y = self.norm1(x)
-        if self.window:
-            y = window_partition(y, self.window)  # (B*nw, window, window, C)
-        y = self.attn(y)
-        if self.window:
-            y = window_unpartition(y, self.window, x.shape[1:3])  # (B, h, w, C)
-        x = x + y
+        x = x + self.attn(self.norm1(x), self.kernels)
         y = self.norm2(x)
         if self.Adapter is None:
             return x + self.mlp(y)
-        return x + self.mlp(y) + self.Adapter(y)
+        if self.kernels == "reference":
+            return x + self.mlp(y) + self.Adapter(y)
+        return self.Adapter.fused(y, residual=x, mlp=self.mlp(y), impl=self.kernels)
+
+
+def use_kernels(module: nn.Module, impl: str) -> nn.Module:
+    """Switch every encoder block of module to a kernels path ("auto", "reference", "torch",
+    "triton"), e.g. to time or check the fast path against the reference on the same weights."""
+    if impl not in kernels.IMPLS:
+        raise ValueError(f"kernels path must be one of {kernels.IMPLS}, not {impl!r}")
+    for m in module.modules():
+        if isinstance(m, Block):
+            m.kernels = impl
+    return module
 
 
 class PatchEmbed(nn.Module):
@@ -285,6 +350,196 @@ class ImageEncoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.neck(x.permute(0, 3, 1, 2))  # (B, D, h, w)
+
+
+# ------------------------------------------------------------------------------------------------
+# Image encoder, LiteMedSAM's: TinyViT (MobileSAM's distilled encoder, as LiteMedSAM changed it)
+#
+# Four stages. Stage 0 is convolutional (MBConv: 1x1 expand, 3x3 depthwise, 1x1 project, residual);
+# stages 1-3 are TinyViT blocks: window attention with a LayerNorm in front and a learned bias per
+# head and per |offset| inside the window, a depthwise 3x3 conv, then an MLP with its own LayerNorm.
+# A PatchMerging conv block widens the channels between stages and halves the grid, except before
+# the last stage, which keeps it. LiteMedSAM's patch embedding is two 1x1 convs (stride 1), so at
+# S = 256 stage 0 runs on the full 256x256 grid and the output is 64x64 (S/4, cfg.patch_size = 4),
+# where SAM-Med2D's ViT gives 16x16. Every conv is followed by BatchNorm, kept at the checkpoint's
+# running statistics (see FrozenBatchNorm2d). Parameter names are LiteMedSAM's.
+# ------------------------------------------------------------------------------------------------
+
+
+class FrozenBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that always normalises with its running statistics, in train mode too.
+
+    The image encoder is frozen when fine-tuning (SAM-Med2D's recipe), and a batch of a few
+    images would give poor statistics: model.train() must not change what the encoder computes.
+    """
+
+    def forward(self, x):
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+class ConvBN(nn.Module):
+    """Conv2d without bias + BatchNorm (TinyViT's Conv2d_BN; the names `c` and `bn` are kept)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1):
+        super().__init__()
+        self.c = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
+        self.bn = FrozenBatchNorm2d(cout)
+
+    def forward(self, x):
+        return self.bn(self.c(x))
+
+
+class MBConv(nn.Module):
+    """Stage 0's inverted-residual conv block on (B, C, H, W)."""
+
+    def __init__(self, dim: int, ratio: float):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.conv1 = ConvBN(dim, hidden)
+        self.conv2 = ConvBN(hidden, hidden, 3, groups=hidden)
+        self.conv3 = ConvBN(hidden, dim)
+
+    def forward(self, x):
+        y = F.gelu(self.conv2(F.gelu(self.conv1(x))))  # (B, ratio*C, H, W)
+        return F.gelu(x + self.conv3(y))
+
+
+class PatchMerging(nn.Module):
+    """(B, C, H, W) -> (B, C', H/stride, W/stride): 1x1 conv, 3x3 depthwise (strided), 1x1 conv."""
+
+    def __init__(self, dim: int, out: int, stride: int):
+        super().__init__()
+        self.conv1 = ConvBN(dim, out)
+        self.conv2 = ConvBN(out, out, 3, stride, groups=out)
+        self.conv3 = ConvBN(out, out)
+
+    def forward(self, x):
+        return self.conv3(F.gelu(self.conv2(F.gelu(self.conv1(x)))))
+
+
+def window_offset_index(window: int, device=None):
+    """(L, L) index of each (query, key) pair's offset |dy| * window + |dx|, L = window^2.
+
+    TinyViT learns one attention bias per head and per absolute offset; this numbering is the
+    order in which its reference code first meets the offsets (all of them appear from (0, 0)).
+    """
+    r = torch.arange(window, device=device)
+    yx = torch.stack(torch.meshgrid(r, r, indexing="ij")).flatten(1)  # (2, L)
+    d = (yx[:, :, None] - yx[:, None, :]).abs()  # (2, L, L)
+    return d[0] * window + d[1]  # (L, L)
+
+
+class TinyViTAttention(nn.Module):
+    """Attention within one window, (B, w, w, C) -> (B, w, w, C); LayerNorm applied first."""
+
+    def __init__(self, dim: int, heads: int, window: int):
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.scale = (dim // heads) ** -0.5
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)  # per head: q, k, v side by side (TinyViT's layout)
+        self.proj = nn.Linear(dim, dim)
+        self.attention_biases = nn.Parameter(torch.zeros(heads, window * window))
+
+    def forward(self, x):
+        h = x.shape[1]
+        qkv = self.qkv(self.norm(x))  # (B, w, w, 3C)
+        qkv = rearrange(qkv, "b y x (nh k hs) -> k b nh (y x) hs", nh=self.heads, k=3)
+        q, k, v = qkv.unbind(0)  # each (B, nh, L, hs)
+        bias = self.attention_biases[:, window_offset_index(self.window, x.device)]  # (nh, L, L)
+        attn = (q @ k.transpose(-2, -1)) * self.scale + bias  # (B, nh, L, L)
+        out = attn.softmax(dim=-1) @ v  # (B, nh, L, hs)
+        return self.proj(rearrange(out, "b nh (y x) hs -> b y x (nh hs)", y=h))
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class TinyViTBlock(nn.Module):
+    """x += window_attn(x); x = local_conv(x); x += mlp(x) [+ adapter(mlp.norm(x))].
+
+    With cfg.adapter, SAM-Med2D's Adapter sits beside the MLP on the MLP's normalised input, as it
+    sits beside the ViT block's MLP on norm2(x).
+    """
+
+    def __init__(self, cfg: SamConfig, dim: int, heads: int, window: int):
+        super().__init__()
+        self.window = window
+        self.attn = TinyViTAttention(dim, heads, window)
+        self.local_conv = ConvBN(dim, dim, 3, groups=dim)
+        self.mlp = TinyMLP(dim, int(dim * cfg.mlp_ratio))
+        self.Adapter = Adapter(dim, cfg.adapter_ratio) if cfg.adapter else None
+
+    def forward(self, x):  # x: (B, C, H, W)
+        y = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        y = self.attn(window_partition(y, self.window))  # (B*nw, window, window, C), zero-padded
+        y = window_unpartition(y, self.window, x.shape[2:])  # (B, H, W, C)
+        x = self.local_conv(x + y.permute(0, 3, 1, 2))  # (B, C, H, W)
+        y = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        if self.Adapter is None:
+            y = y + self.mlp(y)
+        else:
+            y = y + self.mlp(y) + self.Adapter(self.mlp.norm(y))
+        return y.permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+class TinyViTStage(nn.Module):
+    def __init__(self, blocks: list, downsample):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class TinyPatchEmbed(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.seq = nn.Sequential(ConvBN(3, dim // 2), nn.GELU(), ConvBN(dim // 2, dim))
+
+    def forward(self, x):
+        return self.seq(x)  # (B, C0, S, S): 1x1 convs, the grid is the image
+
+
+class TinyViT(nn.Module):
+    def __init__(self, cfg: SamConfig):
+        super().__init__()
+        dims, n = cfg.stage_dims, len(cfg.stage_dims)
+        self.patch_embed = TinyPatchEmbed(dims[0])
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(cfg.stage_depths):
+            if i == 0:
+                blocks = [MBConv(dims[0], cfg.mlp_ratio) for _ in range(depth)]
+            else:
+                args = (dims[i], cfg.stage_heads[i], cfg.stage_windows[i])
+                blocks = [TinyViTBlock(cfg, *args) for _ in range(depth)]
+            # Each merge halves the grid, but the last one keeps it (MobileSAM's 64x64 output).
+            merge = PatchMerging(dims[i], dims[i + 1], 2 if i < n - 2 else 1) if i < n - 1 else None
+            self.layers.append(TinyViTStage(blocks, merge))
+        D = cfg.prompt_dim
+        self.neck = nn.Sequential(
+            nn.Conv2d(dims[-1], D, 1, bias=False), LayerNorm2d(D),
+            nn.Conv2d(D, D, 3, padding=1, bias=False), LayerNorm2d(D),
+        )  # fmt: skip
+
+    def forward(self, x):  # x: (B, 3, S, S) normalised
+        x = self.patch_embed(x)  # (B, C0, S, S)
+        for layer in self.layers:
+            x = layer(x)  # ends (B, C3, S/4, S/4)
+        return self.neck(x)  # (B, D, S/4, S/4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -497,7 +752,7 @@ class Sam(nn.Module):
     def __init__(self, cfg: SamConfig):
         super().__init__()
         self.cfg = cfg
-        self.image_encoder = ImageEncoder(cfg)
+        self.image_encoder = TinyViT(cfg) if cfg.encoder == "tinyvit" else ImageEncoder(cfg)
         self.prompt_encoder = PromptEncoder(cfg)
         self.mask_decoder = MaskDecoder(cfg)
 
@@ -609,7 +864,7 @@ def _torch_load(path: Path):
 
 
 def read_checkpoint(path) -> tuple:
-    """-> (state_dict, layout, config or None). layout: "ours", "sam" or "sam-med2d"."""
+    """-> (state_dict, layout, config or None): "ours", "sam", "sam-med2d" or "lite_medsam"."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
@@ -630,6 +885,8 @@ def read_checkpoint(path) -> tuple:
         sd, layout = obj["model"], "sam-med2d"
     elif isinstance(obj, dict) and any(str(k).startswith("image_encoder.") for k in obj):
         sd, layout = obj, "sam"
+        if any(str(k).startswith("image_encoder.layers.") for k in obj):
+            layout = "lite_medsam"  # a bare state dict too, with TinyViT's stages
     else:
         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path}: not a SAM or SAM-Med2D checkpoint (top level: {keys})")
@@ -641,6 +898,8 @@ def read_checkpoint(path) -> tuple:
 
 def config_from_state_dict(sd: dict, path, layout: str) -> SamConfig:
     """Recognise the preset from tensor shapes (never from the file name)."""
+    if layout == "lite_medsam":
+        return tinyvit_config_from_state_dict(sd, path)
     try:
         dim = sd["image_encoder.patch_embed.proj.weight"].shape[0]
         grid = sd["image_encoder.pos_embed"].shape[1]
@@ -648,9 +907,8 @@ def config_from_state_dict(sd: dict, path, layout: str) -> SamConfig:
     except KeyError as e:
         raise ValueError(f"{path}: not a SAM checkpoint: missing {e.args[0]}") from None
     depth = len({k.split(".")[2] for k in sd if k.startswith("image_encoder.blocks.")})
-    names = [
-        n for n, p in PRESETS.items() if (p["encoder_dim"], p["encoder_depth"]) == (dim, depth)
-    ]
+    sizes = {n: (p.get("encoder_dim"), p.get("encoder_depth")) for n, p in PRESETS.items()}
+    names = [n for n, size in sizes.items() if size == (dim, depth)]
     if not names or PRESETS[names[0]].get("prompt_dim", 256) != D:
         raise ValueError(
             f"{path}: encoder width {dim}, depth {depth}, prompt dim {D} match no preset"
@@ -663,12 +921,41 @@ def config_from_state_dict(sd: dict, path, layout: str) -> SamConfig:
     )  # fmt: skip
 
 
+def tinyvit_config_from_state_dict(sd: dict, path) -> SamConfig:
+    """LiteMedSAM's layout: stage widths and depths, heads and windows (from the attention-bias
+    tables, (heads, window^2)) read off the tensors, then matched against the tinyvit presets."""
+    pre = "image_encoder.layers."
+    try:
+        n = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith(pre))
+        depths = [len({k.split(".")[4] for k in sd if k.startswith(f"{pre}{i}.blocks.")})
+                  for i in range(n)]  # fmt: skip
+        dims = [sd[f"{pre}0.blocks.0.conv1.c.weight"].shape[1]]
+        dims += [sd[f"{pre}{i}.blocks.0.attn.qkv.weight"].shape[1] for i in range(1, n)]
+        biases = [sd[f"{pre}{i}.blocks.0.attn.attention_biases"].shape for i in range(1, n)]
+        D = sd["prompt_encoder.no_mask_embed.weight"].shape[1]
+    except KeyError as e:
+        raise ValueError(f"{path}: not a LiteMedSAM checkpoint: missing {e.args[0]}") from None
+    heads, windows = [b[0] for b in biases], [math.isqrt(b[1]) for b in biases]
+    found = dict(stage_dims=tuple(dims), stage_depths=tuple(depths))
+    for name, p in PRESETS.items():
+        if p.get("encoder") == "tinyvit" and all(p[k] == v for k, v in found.items()):
+            if (list(p["stage_heads"][1:]), list(p["stage_windows"][1:])) == (heads, windows):
+                if p.get("prompt_dim", 256) == D:
+                    return SamConfig.from_name(name, adapter=any(".Adapter." in k for k in sd))
+    raise ValueError(
+        f"{path}: TinyViT with dims {dims}, depths {depths}, heads {heads}, windows {windows}, "
+        f"prompt dim {D} matches no preset"
+    )
+
+
 def resize_state_dict(sd: dict, cfg: SamConfig, image_size: int) -> list:
     """Resample what depends on the token grid for another image size, in place; -> report lines.
 
     pos_embed is resized bilinearly; the rel-pos tables of the *global* blocks (chosen by index from
     the preset) linearly along their offset axis. Windowed blocks and the decoder keep theirs.
     """
+    if cfg.encoder == "tinyvit":  # windows and 1x1 patch convs: no weight depends on the grid
+        return [f"TinyViT at {image_size} px: no weights depend on the image size"]
     g = image_size // cfg.patch_size
     pe = sd["image_encoder.pos_embed"].permute(0, 3, 1, 2).float()  # (1, C, h, w)
     pe = F.interpolate(pe, size=(g, g), mode="bilinear", align_corners=False)
