@@ -1,0 +1,482 @@
+"""infer.py: downloads against a loopback HTTP server, the segmenter CLI end to end on files made
+here (PNG, 16-bit TIFF, NIfTI), the evaluation protocol against independent numpy computations,
+and exact replay of its prompts. A tiny random model keeps it fast; its masks are arbitrary but
+deterministic, which is all these checks need."""
+
+import csv
+import hashlib
+import http.server
+import json
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import infer
+import model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures: a tiny checkpoint, images on disk, a loopback HTTP server
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)  # the tiny model's weights: arbitrary but fixed
+    sam = model.Sam(model.SamConfig.from_name("tiny"))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    model.save_checkpoint(sam, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sam(ckpt):
+    return model.load_checkpoint(ckpt, verbose=False)
+
+
+def blob_image(h, w, seed=0):
+    """A grey image with a bright disk and a darker square on noise: (H, W) uint8."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    img = rng.integers(0, 40, (h, w)) + 150 * (
+        ((yy - h / 2) ** 2 + (xx - w / 3) ** 2) < (h / 4) ** 2
+    )
+    img[h // 8 : h // 4, w // 2 : w - 5] = 90
+    return img.astype(np.uint8)
+
+
+def run(argv):
+    return infer.main(infer.parse_args([str(a) for a in argv]))
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    payload = b""
+    cut = 0  # how many of the next responses stop halfway (connection closed)
+    ignore_range = False
+    ranges = []
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        srv, rng = self.server, self.headers.get("Range")
+        srv.ranges.append(rng)
+        start = int(rng.split("=")[1].split("-")[0]) if rng and not srv.ignore_range else 0
+        if start >= len(srv.payload) and rng:
+            self.send_response(416)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = srv.payload[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body)))
+        if start:
+            self.send_header(
+                "Content-Range", f"bytes {start}-{len(srv.payload) - 1}/{len(srv.payload)}"
+            )
+        self.end_headers()
+        if srv.cut > 0:  # an interrupted transfer: half the body, then the connection closes
+            srv.cut -= 1
+            body = body[: len(body) // 2]
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = _Server(("127.0.0.1", 0), _Handler)
+    srv.payload = np.random.default_rng(0).bytes(300_000)
+    srv.ranges = []
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def url(srv):
+    return f"http://127.0.0.1:{srv.server_address[1]}/weights.pth"
+
+
+def fetch(srv, dest, **kw):
+    size = kw.pop("size", len(srv.payload))
+    return infer.download(url(srv), dest, size=size, timeout=5, backoff=0, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# Downloads
+# ------------------------------------------------------------------------------------------------
+
+
+def test_download_full_with_size_and_sha(server, tmp_path):
+    sha = hashlib.sha256(server.payload).hexdigest()
+    dest = fetch(server, tmp_path / "c" / "w.pth", sha256=sha)
+    assert dest.read_bytes() == server.payload
+    assert server.ranges == [None]
+    assert not (tmp_path / "c" / "w.pth.part").exists()
+
+
+def test_download_resumes_partial_file(server, tmp_path):
+    dest = tmp_path / "w.pth"
+    (tmp_path / "w.pth.part").write_bytes(server.payload[:70_000])
+    fetch(server, dest)
+    assert server.ranges == ["bytes=70000-"]
+    assert dest.read_bytes() == server.payload
+
+
+def test_download_interrupted_then_resumed(server, tmp_path):
+    dest, part = tmp_path / "w.pth", tmp_path / "w.pth.part"
+    server.cut = 1
+    with pytest.raises(infer.DownloadError, match="weights.pth"):
+        fetch(server, dest, retries=0)
+    have = part.stat().st_size
+    assert 0 < have < len(server.payload) and not dest.exists()
+    fetch(server, dest, retries=0)  # a second run resumes where the first stopped
+    assert server.ranges == [None, f"bytes={have}-"]
+    assert dest.read_bytes() == server.payload
+    # within one call: the cut transfer is retried from where it stopped
+    server.cut, server.ranges = 1, []
+    fetch(server, tmp_path / "again.pth", retries=2)
+    assert (tmp_path / "again.pth").read_bytes() == server.payload
+    assert len(server.ranges) == 2 and server.ranges[1].startswith("bytes=")
+
+
+def test_download_restarts_when_server_ignores_range(server, tmp_path):
+    server.ignore_range = True
+    (tmp_path / "w.pth.part").write_bytes(b"x" * 1000)  # garbage that must not be kept
+    fetch(server, tmp_path / "w.pth")
+    assert (tmp_path / "w.pth").read_bytes() == server.payload
+
+
+def test_download_wrong_size_or_checksum(server, tmp_path):
+    with pytest.raises(infer.DownloadError, match="expected 300001"):
+        fetch(server, tmp_path / "w.pth", size=300_001)
+    assert not (tmp_path / "w.pth").exists()
+    with pytest.raises(infer.DownloadError, match="SHA-256"):
+        fetch(server, tmp_path / "w.pth", sha256="0" * 64)
+    assert not (tmp_path / "w.pth").exists() and not (tmp_path / "w.pth.part").exists()
+
+
+def test_download_offline_message_names_url_and_target(tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    link = f"http://127.0.0.1:{port}/sam.pth"
+    with pytest.raises(infer.DownloadError) as err:
+        infer.download(link, tmp_path / "sam.pth", retries=1, timeout=2, backoff=0)
+    assert link in str(err.value) and str(tmp_path / "sam.pth") in str(err.value)
+
+
+def test_checkpoint_names(server, tmp_path, monkeypatch, ckpt):
+    monkeypatch.setenv("SAM_MED2D_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="sam_vit_b, sam_vit_l"):
+        infer.resolve_checkpoint("no_such_model")
+    with pytest.raises(FileNotFoundError, match="Google Drive") as err:
+        infer.resolve_checkpoint("sam-med2d_b")
+    assert str(tmp_path / "sam-med2d_b.pth") in str(err.value)
+    assert infer.CHECKPOINTS["sam_vit_b"].url.endswith("segment_anything/sam_vit_b_01ec64.pth")
+    remote = infer.Remote("sam_vit_b_01ec64.pth", url(server), len(server.payload))
+    monkeypatch.setitem(infer.CHECKPOINTS, "sam_vit_b", remote)
+    assert infer.resolve_checkpoint("sam_vit_b") == tmp_path / "sam_vit_b_01ec64.pth"
+    assert infer.resolve_checkpoint("sam_vit_b").read_bytes() == server.payload
+    assert server.ranges == [None]  # the second call found it in the cache
+    assert infer.resolve_checkpoint(str(ckpt)) == ckpt
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------------
+
+
+def test_dice_iou_against_numpy():
+    rng = np.random.default_rng(0)
+    pred = rng.random((6, 20, 30)) > 0.5
+    gt = rng.random((6, 20, 30)) > 0.6
+    pred[4], gt[4] = False, False  # both empty: perfect
+    pred[5] = False  # nothing predicted: 0
+    dice, iou = infer.dice_iou(torch.from_numpy(pred), torch.from_numpy(gt))
+    for p, g, d, i in zip(pred, gt, dice.numpy(), iou.numpy(), strict=True):
+        inter, union = np.logical_and(p, g).sum(), np.logical_or(p, g).sum()
+        want_d = 1.0 if p.sum() + g.sum() == 0 else 2 * inter / (p.sum() + g.sum())
+        want_i = 1.0 if union == 0 else inter / union
+        assert d == pytest.approx(want_d, abs=1e-12) and i == pytest.approx(want_i, abs=1e-12)
+    assert dice[4] == 1 and dice[5] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The segmenter, end to end
+# ------------------------------------------------------------------------------------------------
+
+
+def test_png_one_box_mask_overlay_json(ckpt, sam, tmp_path):
+    rgb = np.stack([blob_image(90, 130, s) for s in range(3)], -1)  # (H, W, 3)
+    Image.fromarray(rgb).save(tmp_path / "img.png")
+    out, ov = tmp_path / "o" / "mask.png", tmp_path / "o" / "overlay.png"
+    box = [20, 10, 70, 60]
+    assert run([tmp_path / "img.png", "--box", *box, "--checkpoint", ckpt, "--out", out,
+                "--overlay", ov]) == 0  # fmt: skip
+    mask = np.asarray(Image.open(out))
+    assert mask.shape == (90, 130) and set(np.unique(mask)) <= {0, 255}
+    seg = infer.segment(sam, rgb, [infer.Prompt(box=box)])
+    np.testing.assert_array_equal(mask == 255, seg.masks[0])
+    rec = json.loads((tmp_path / "o" / "mask.json").read_text())
+    assert rec["prompts"][0]["box"] == box and (rec["height"], rec["width"]) == (90, 130)
+    assert rec["predicted_iou"] == pytest.approx(seg.iou.tolist(), abs=1e-6)
+    assert {"encode", "decode", "total"} <= set(rec["timings_s"])
+    # the overlay is the image tinted with colour 0 where the mask is (away from the box outline)
+    img = np.asarray(Image.open(ov)).astype(float)
+    inner = np.zeros((90, 130), bool)
+    inner[13:57, 23:67] = True
+    m = seg.masks[0] & inner
+    want = 0.55 * rgb[m] + 0.45 * np.array(infer.PALETTE[0])
+    assert m.sum() > 0 and np.abs(img[m] - want).max() <= 1.0
+    np.testing.assert_array_equal(img[~seg.masks[0] & inner], rgb[~seg.masks[0] & inner])
+    with pytest.raises(FileExistsError, match="--force"):
+        run([tmp_path / "img.png", "--box", *box, "--checkpoint", ckpt, "--out", out])
+
+
+def test_tiff16_label_map_ids_match_prompts(ckpt, sam, tmp_path):
+    grey16 = blob_image(120, 100, 1).astype(np.uint16) * 257 + 3
+    Image.fromarray(grey16).save(tmp_path / "img.tif")
+    prompts = [{"box": [5, 5, 60, 50]}, {"box": [30, 40, 95, 110]},
+               {"points": [[50, 60], [10, 100]], "labels": [1, 0]}]  # fmt: skip
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    out = tmp_path / "labels.png"
+    run(
+        [tmp_path / "img.tif", "--prompts", tmp_path / "p.json", "--checkpoint", ckpt, "--out", out]
+    )
+    ids = np.asarray(Image.open(out))
+    assert ids.shape == (120, 100) and set(np.unique(ids)) <= {0, 1, 2, 3}
+    image = data.read_image(tmp_path / "img.tif")
+    # each prompt decoded alone must give the mask its id marks (up to overlaps, resolved by logit)
+    alone = [infer.segment(sam, image, [infer.parse_prompt(p, "t")]) for p in prompts]
+    logits = np.stack([a.logits[0] for a in alone])  # (3, H, W)
+    masks = logits > 0
+    want = np.where(masks.any(0), np.where(masks, logits, -np.inf).argmax(0) + 1, 0)
+    assert (ids == want).mean() > 0.999
+    assert len(np.unique(want)) > 2  # the check is not vacuous
+
+
+def test_nifti_slice_and_box3d_keep_affine(ckpt, sam, tmp_path):
+    vol = np.stack([blob_image(40, 44, k) for k in range(36)], -1).astype(np.float32) * 7 - 100
+    affine = np.array([[-1.5, 0, 0, 30], [0, 0, 2.0, -20], [0, -1.2, 0, 15], [0, 0, 0, 1]])
+    src = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(vol, affine), src)
+    out = tmp_path / "m.nii.gz"
+    run([src, "--slice", 4, "--axis", "z", "--box", 5, 5, 30, 30, "--checkpoint", ckpt,
+         "--out", out, "--overlay", tmp_path / "ov.png"])  # fmt: skip
+    res = nib.load(out)
+    np.testing.assert_allclose(res.affine, affine)
+    assert res.shape == vol.shape and res.header.get_zooms() == nib.load(src).header.get_zooms()
+    canon = nib.as_closest_canonical(res).get_fdata()  # back on the grid data.py slices
+    v = data.read_volume(src)
+    u8 = data.normalize_intensity(v.data)
+    gray = infer.volume_slice(u8, "z", 4)
+    seg = infer.segment(sam, np.repeat(gray[..., None], 3, 2), [infer.Prompt(box=[5, 5, 30, 30])])
+    np.testing.assert_array_equal(infer.volume_slice(canon, "z", 4) == 1, seg.masks[0])
+    assert canon.sum() == seg.masks[0].sum()  # nothing outside that slice
+    assert Image.open(tmp_path / "ov.png").size == gray.shape[::-1]
+    out3 = tmp_path / "m3.nii.gz"
+    run([src, "--box3d", 5, 5, 2, 30, 30, 6, "--checkpoint", ckpt, "--out", out3])
+    canon3 = nib.as_closest_canonical(nib.load(out3)).get_fdata()
+    zs = np.nonzero(canon3.any((0, 1)))[0]
+    assert set(zs) <= set(range(2, 7)) and len(zs) >= 1
+    np.testing.assert_allclose(nib.load(out3).affine, affine)
+
+
+def test_bad_inputs_give_clear_errors(ckpt, tmp_path):
+    Image.fromarray(blob_image(50, 60)).save(tmp_path / "img.png")
+    base = [tmp_path / "img.png", "--checkpoint", ckpt, "--out", tmp_path / "m.png"]
+    with pytest.raises(ValueError, match=r"img.png: box 0 \[10.0, 10.0, 5.0, 40.0\]"):
+        run([*base, "--box", 10, 10, 5, 40])
+    with pytest.raises(ValueError, match="60x50 image"):
+        run([*base, "--box", 10, 10, 61, 40])
+    with pytest.raises(ValueError, match="outside"):
+        run([*base, "--point", 60, 10])
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        run([tmp_path / "nope.png", "--box", 1, 1, 5, 5, "--checkpoint", ckpt])
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(ValueError, match="bad.png"):
+        run([tmp_path / "bad.png", "--box", 1, 1, 5, 5, "--checkpoint", ckpt, "--out",
+             tmp_path / "b.png"])  # fmt: skip
+    with pytest.raises(ValueError, match="no prompts"):
+        run(base)
+    cmd = [sys.executable, str(ROOT / "infer.py"), *map(str, base), "--box", "0", "0", "0", "5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "infer.py: error:" in proc.stderr and "box 0" in proc.stderr
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_folder_mode_skips_and_lists_bad_files(ckpt, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(blob_image(64, 64, 1)).save(src / "a.png")
+    Image.fromarray(blob_image(50, 70, 2)).save(src / "b.png")
+    (src / "c.png").write_bytes(b"not an image")
+    spec = {"a.png": [{"box": [5, 5, 40, 40]}], "b.png": [{"box": [1, 1, 30, 30]}, {"box": [30, 10,
+            69, 49]}], "c.png": [{"box": [1, 1, 5, 5]}], "gone.png": [{"box": [1, 1, 5, 5]}],
+            "a_bad_box.png": [{"box": [5, 5, 1, 1]}]}  # fmt: skip
+    Image.fromarray(blob_image(30, 30, 3)).save(src / "a_bad_box.png")
+    (tmp_path / "p.json").write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    code = run([src, "--prompts", tmp_path / "p.json", "--out-dir", out, "--checkpoint", ckpt])
+    assert code == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["segmented"] == 2
+    assert [b["file"] for b in summary["skipped"]] == ["c.png", "gone.png", "a_bad_box.png"]
+    assert np.asarray(Image.open(out / "b_mask.png")).shape == (50, 70)
+    assert (out / "a_overlay.png").exists() and (out / "a.json").exists()
+    assert not (out / "c_mask.png").exists()
+
+
+def test_no_adapter_dtype_and_single_mask(ckpt, tmp_path):
+    args = infer.parse_args(["x.png", "--checkpoint", str(ckpt), "--no-adapter", "--single-mask",
+                             "--dtype", "bfloat16"])  # fmt: skip
+    cfg = infer.config_from_args(args)
+    assert cfg.adapter is False and cfg.multimask is False
+    sam = infer.load_model(cfg)
+    assert not any(".Adapter." in n for n, _ in sam.named_parameters())
+    assert next(sam.parameters()).dtype == torch.bfloat16
+    seg = infer.segment(sam, np.zeros((40, 50, 3), np.uint8), [infer.Prompt(box=[2, 2, 30, 30])],
+                        multimask=False)  # fmt: skip
+    assert seg.masks.shape == (1, 40, 50) and seg.iou.shape == (1,)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation: the protocol, its scores against numpy, and exact replay
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Three images (both sides < 256: centred pad; one side > 256: stretch), two masks each,
+    SA-Med2D-20M names over two datasets; one mask has two components."""
+    root = tmp_path_factory.mktemp("ds")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    manifest = {}
+    for i, (mod, ds, h, w) in enumerate([("mr_t1", "Synth", 200, 180), ("ct", "Other", 300, 280),
+                                         ("mr_t1", "Synth", 64, 300)]):  # fmt: skip
+        name = f"{mod}--{ds}--case{i:04d}--z_{i:04d}"
+        img = blob_image(h, w, i)
+        Image.fromarray(img).save(root / "images" / f"{name}.png")
+        yy, xx = np.mgrid[:h, :w]
+        disk = ((yy - h / 2) ** 2 + (xx - w / 3) ** 2) < (h / 4) ** 2
+        two = np.zeros((h, w), bool)
+        two[h // 8 : h // 4, w // 2 : w - 5] = True
+        two[h - 6 : h - 2, 2:6] = True  # a small second component
+        for lab, m in ((1, disk), (2, two)):
+            mname = f"{name}--label_{lab}_000.png"
+            Image.fromarray(m.astype(np.uint8) * 255).save(root / "masks" / mname)
+            manifest[f"masks/{mname}"] = f"images/{name}.png"
+    (root / "label2image_test.json").write_text(json.dumps(manifest))
+    return root
+
+
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_eval_scores_match_numpy_on_saved_predictions(ckpt, dataset, tmp_path):
+    out = tmp_path / "ev"
+    run(["--eval", dataset, "--checkpoint", ckpt, "--out-dir", out, "--save-masks",
+         "--protocol", "official"])  # fmt: skip
+    rows = _csv(out / "per_mask.csv")
+    assert len(rows) == 6 * 4 and {r["mode"] for r in rows} == {"box", "1pt", "3pt", "5pt"}
+    for r in rows:
+        pred = np.asarray(Image.open(out / "masks" / r["mode"] / Path(r["mask"]).name)) > 0
+        gt = np.asarray(Image.open(dataset / r["mask"])) > 0
+        assert pred.shape == gt.shape  # scored at the original resolution
+        inter, union = np.logical_and(pred, gt).sum(), np.logical_or(pred, gt).sum()
+        assert float(r["dice"]) == pytest.approx(2 * inter / (pred.sum() + gt.sum()), abs=1e-12)
+        assert float(r["iou"]) == pytest.approx(inter / union, abs=1e-12)
+    res = json.loads((out / "results.json").read_text())
+    for mode in ("box", "1pt", "3pt", "5pt"):  # per-mask average, not pooled
+        assert res["dice"][mode] == pytest.approx(
+            np.mean([float(r["dice"]) for r in rows if r["mode"] == mode]), abs=1e-12
+        )
+    assert set(res["by"]["dataset"]) == {"Synth", "Other"}
+    assert res["by"]["modality"]["mr_t1"]["n_masks"] == 4
+    assert set(res["by"]["label"]) == {"Synth/label_1", "Synth/label_2", "Other/label_1",
+                                       "Other/label_2"}  # fmt: skip
+
+
+def test_eval_prompts_follow_the_protocol(sam, dataset):
+    """Boxes: the largest component's tight box (official) or the whole mask's; clicks: the first
+    inside the mask, each later one labelled by the ground truth at its pixel (error region)."""
+    res = {p: infer.evaluate(sam, dataset, ("box", 5), protocol=p) for p in ("official", "tight")}
+    for key, per_mode in res["official"]["prompts"]["masks"].items():
+        gt = data.read_mask(dataset / key)
+        geom = data.geometry(*gt.shape, sam.cfg.image_size, sam.cfg.resize_mode)
+        gm = geom.mask_to_model(gt)  # (S, S) bool
+        ys, xs = np.nonzero(gm)
+        tight = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert res["tight"]["prompts"]["masks"][key]["box"]["box"] == tight
+        if "label_2" in key:  # the official box leaves out the small second component
+            assert per_mode["box"]["box"][1] == tight[1] and per_mode["box"]["box"][3] < tight[3]
+        pts, labels = per_mode["5pt"]["points"], per_mode["5pt"]["labels"]
+        assert len(pts) == 5 and labels[0] == 1 and gm[int(pts[0][1]), int(pts[0][0])]
+        assert labels == [int(gm[int(y), int(x)]) for x, y in pts]
+
+
+def test_eval_clicks_feed_back_probabilities(sam, dataset, tmp_path):
+    """Replaying the recorded 3 clicks by hand, mask by mask with the previous low-res logits
+    fed back through a sigmoid, reproduces the evaluation's predictions."""
+    res = infer.evaluate(sam, dataset, (3,), save_dir=tmp_path)
+    key = next(iter(res["prompts"]["masks"]))
+    img_key = json.loads((dataset / "label2image_test.json").read_text())[key]
+    image = data.read_image(dataset / img_key)
+    x, geom = data.preprocess(image, sam.cfg)
+    emb = sam.encode(x)
+    rec = res["prompts"]["masks"][key]["3pt"]
+    xy, lab = torch.tensor([rec["points"]]), torch.tensor([rec["labels"]])
+    low = None
+    with torch.inference_mode():
+        for n in (1, 2, 3):
+            prob = None if low is None else torch.sigmoid(low)
+            lows, ious = sam.decode(emb, (xy[:, :n], lab[:, :n]), mask_input=prob)
+            low = lows[:, ious[0].argmax()][:, None]  # (1, 1, h, w)
+    mine = geom.logits_to_original(low)[0, 0].numpy() > 0
+    saved = np.asarray(Image.open(tmp_path / "3pt" / Path(key).name)) > 0
+    assert (mine == saved).mean() > 0.999
+
+
+def test_prompt_file_replays_exactly(ckpt, dataset, tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    run(["--eval", dataset, "--checkpoint", ckpt, "--out-dir", a, "--modes", "box", "3"])
+    run(["--eval", dataset, "--checkpoint", ckpt, "--out-dir", b, "--modes", "box", "3",
+         "--seed", 7, "--prompt-file", a / "prompts.json"])  # fmt: skip
+    run(["--eval", dataset, "--checkpoint", ckpt, "--out-dir", c, "--modes", "box", "3",
+         "--seed", 7])  # fmt: skip
+    assert (a / "per_mask.csv").read_text() == (b / "per_mask.csv").read_text()
+    pa, pb = (json.loads((d / "prompts.json").read_text()) for d in (a, b))
+    assert pa["masks"] == pb["masks"]
+    pc = json.loads((c / "prompts.json").read_text())
+    assert pc["masks"] != pa["masks"]  # another seed draws other clicks: the replay did matter
+
+
+def test_evaluate_api_is_seeded_and_returns_means(sam, dataset):
+    r1 = infer.evaluate(sam, dataset, ("box", 1), seed=3, limit=2)
+    r2 = infer.evaluate(sam, str(dataset), ("box", 1), seed=3, limit=2)
+    assert set(r1["dice"]) == {"box", "1pt"} and r1["n_masks"] == 4
+    assert r1["dice"] == r2["dice"] and r1["prompts"] == r2["prompts"]
+    assert 0 <= r1["dice"]["box"] <= 1
+
+
+def test_bench_runs_on_tiny():
+    res = infer.bench("tiny", size=64, repeats=1, counts=(1, 2))
+    assert res["ours_1"] > 0 and res["official_2"] > 0
