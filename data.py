@@ -14,8 +14,14 @@ The channel order, pixel statistics, image size and resize mode come from the mo
 
 from __future__ import annotations
 
+import json
+import multiprocessing
+import os
+import re
+import time
 import zlib
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import nibabel as nib
@@ -23,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------
 # Config of the preprocessing CLI (the model's config holds everything about the network input)
@@ -177,17 +184,30 @@ def read_volume(path) -> Volume:
     return Volume(data, img.affine, img.header, path)
 
 
-def normalize_intensity(data: np.ndarray, window=None) -> np.ndarray:
-    """Voxels -> uint8. `window`: a WINDOWS name or (level, width) for CT; None clips to the
-    0.5-99.5 percentiles of the non-zero voxels (MR and everything else) and scales to 0..255."""
+def intensity_range(data: np.ndarray, window=None) -> tuple[float, float]:
+    """The (lo, hi) that normalize_intensity maps to 0 and 255: a CT window (a WINDOWS name or
+    (level, width)), or, for None, the 0.5-99.5 percentiles of the non-zero voxels."""
     if window is None:
         nz = data[data != 0]
         if nz.size == 0:
-            return np.zeros(data.shape, np.uint8)
-        lo, hi = (float(v) for v in np.percentile(nz, (0.5, 99.5)))
-    else:
-        level, width = WINDOWS[window] if isinstance(window, str) else window
-        lo, hi = level - width / 2, level + width / 2
+            return 0.0, 0.0
+        lo, hi = np.percentile(nz, (0.5, 99.5))
+        return float(lo), float(hi)
+    if isinstance(window, str):
+        if window not in WINDOWS:
+            raise ValueError(f"unknown CT window {window!r}; presets: {', '.join(WINDOWS)}")
+        window = WINDOWS[window]
+    level, width = window
+    return level - width / 2, level + width / 2
+
+
+def normalize_intensity(data: np.ndarray, window=None) -> np.ndarray:
+    """Voxels -> uint8: clip to intensity_range(data, window) and scale to 0..255. A CT window
+    for CT; None (MR and everything else) uses the 0.5-99.5 percentiles of the non-zero voxels."""
+    return _scale_to_uint8(data, *intensity_range(data, window))
+
+
+def _scale_to_uint8(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
     if hi <= lo:
         return np.where(data > lo, 255, 0).astype(np.uint8)
     scaled = (np.clip(data, lo, hi) - lo) * (255.0 / (hi - lo))
@@ -445,3 +465,599 @@ def error_clicks(pred, gt, n: int, generator=None):
     region = torch.where(perfect, confirm, err)  # (P, HW)
     idx = _sample_in(region, n, generator)  # (P, n)
     return _xy(idx, W), g.gather(1, idx).long()
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifests (ours and the official SA-Med2D-20M json files) and datasets
+
+
+def _write_atomic(path: Path, write) -> None:
+    """write(tmp) into a temp file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read JSON ({type(e).__name__}: {e})") from e
+
+
+def _resolver(root: Path, sample: str, manifest: Path):
+    """Manifest paths are relative to the dataset root (ours), or to the working directory or the
+    root's parent (the official files, e.g. "data_demo/images/x.png"), or absolute. The first entry
+    decides for all, so millions of entries cost no file-system calls."""
+    for base in (root, Path.cwd(), root.parent):
+        if (base / sample).exists():
+            return lambda p: str(base / p)
+    raise DataError(f"{manifest}: {sample!r} not found under {root}, {Path.cwd()} or {root.parent}")
+
+
+def read_manifest(root, split: str = "train") -> dict[str, list[str]]:
+    """image path -> its mask paths, from image2label_{split}.json, or else by inverting
+    label2image_{split}.json (the official test file has only that direction)."""
+    root = Path(root)
+    i2l, l2i = root / f"image2label_{split}.json", root / f"label2image_{split}.json"
+    if i2l.is_file():
+        manifest, pairs = i2l, _load_json(i2l)
+        ok = isinstance(pairs, dict) and all(isinstance(v, list) for v in pairs.values())
+    elif l2i.is_file():
+        manifest, raw = l2i, _load_json(l2i)
+        ok = isinstance(raw, dict) and all(isinstance(v, str) for v in raw.values())
+        pairs = {}
+        for mask, image in raw.items() if ok else ():
+            pairs.setdefault(image, []).append(mask)
+    else:
+        raise DataError(f"{root}: no image2label_{split}.json or label2image_{split}.json")
+    if not ok:
+        raise DataError(f"{manifest}: not an image -> masks (or mask -> image) mapping")
+    if not pairs:
+        return {}
+    resolve = _resolver(root, next(iter(pairs)), manifest)
+    return {resolve(img): [resolve(m) for m in masks] for img, masks in pairs.items()}
+
+
+def _item_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _model_masks(paths, geom: Geometry, shape) -> torch.Tensor:
+    out = []
+    for p in paths:
+        m = read_mask(p)
+        if m.shape != tuple(shape):
+            raise DataError(f"{p}: mask shape {m.shape} differs from its image's {tuple(shape)}")
+        out.append(geom.mask_to_model(torch.from_numpy(m)))  # (S, S)
+    return torch.stack(out)  # (M, S, S)
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """A training sample: one image and M of its masks (without replacement when it has M, else
+    all of them plus repeats), with prompts sampled in model space as the official code does.
+
+    Item keys: image (3, S, S) float32 normalised; masks (M, S, S) float32 0/1; boxes (M, 4)
+    float32 (jittered if `jitter`); point_coords (M, n, 2) float32 x, y; point_labels (M, n)
+    int64; index () int64. Each item draws from its own generator seeded by (seed, epoch, index),
+    so samples repeat exactly whatever the DataLoader workers; call set_epoch for fresh draws."""
+
+    def __init__(self, root, cfg, masks_per_image=5, points=1, jitter=True, seed=0, split="train"):
+        self.cfg, self.M, self.points = cfg, masks_per_image, points
+        self.jitter, self.seed = jitter, seed
+        self.items = [(img, ms) for img, ms in read_manifest(root, split).items() if ms]
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        g = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
+        image_path, mask_paths = self.items[index]
+        n = len(mask_paths)
+        pick = torch.randperm(n, generator=g)[: self.M]
+        if n < self.M:  # every mask once, then repeats
+            pick = torch.cat([pick, torch.randint(n, (self.M - n,), generator=g)])
+        image = read_image(image_path)
+        x, geom = preprocess(image, self.cfg)  # (1, 3, S, S)
+        masks = _model_masks([mask_paths[i] for i in pick], geom, image.shape[:2])  # (M, S, S)
+        boxes = boxes_from_masks(masks, jitter=self.jitter, generator=g)  # (M, 4)
+        coords, labels = sample_points(masks, self.points, g)  # (M, n, 2), (M, n)
+        return dict(
+            image=x[0], masks=masks.float(), boxes=boxes, point_coords=coords,
+            point_labels=labels, index=torch.tensor(index),
+        )  # fmt: skip
+
+
+class TestDataset(torch.utils.data.Dataset):
+    """A test sample: one mask with its image (the official label2image_test.json protocol).
+
+    Item keys: image (3, S, S) float32; mask (S, S) bool in model space (prompts are sampled from
+    it, as the official test does); original_mask (H, W) bool for scoring at the original size;
+    original_size (2,) int64; index () int64; geometry (Geometry), image_path and mask_path (str).
+    Items differ in size: iterate the dataset itself, or a DataLoader with batch_size=None."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, root, cfg, split="test"):
+        self.cfg = cfg
+        self.pairs = [(m, img) for img, ms in read_manifest(root, split).items() for m in ms]
+        self._last = (None, None, None)  # consecutive masks usually share their image
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        mask_path, image_path = self.pairs[index]
+        if self._last[0] != image_path:
+            image = read_image(image_path)
+            self._last = (image_path, *preprocess(image, self.cfg))
+        _, x, geom = self._last
+        mask = torch.from_numpy(read_mask(mask_path))  # (H, W)
+        if tuple(mask.shape) != geom.original:
+            raise DataError(f"{mask_path}: mask shape {tuple(mask.shape)} differs from its image's")
+        return dict(
+            image=x[0], mask=geom.mask_to_model(mask), original_mask=mask,
+            original_size=torch.tensor(geom.original), index=torch.tensor(index),
+            geometry=geom, image_path=image_path, mask_path=mask_path,
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# The preprocessing CLI: NIfTI volumes or 2D folders -> the SA-Med2D-20M layout
+#
+#   OUT/images/{modality}--{dataset}--{case}--{axis}_{slice:04d}.png     8-bit grey (or RGB 2D)
+#   OUT/masks/{image name}--label_{label}_{instance:03d}.png             0/255
+#   OUT/image2label_{split}.json, OUT/label2image_{split}.json           split: train, val, test
+#   OUT/cases/{case}.json   what one case produced; written last, so it marks the case complete
+#
+# Work is split into units (a case's axis, in parts when several workers share one volume); a
+# case's record is written once all its units are done. Every file goes through _write_atomic.
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Case:
+    name: str  # the case field of the output names
+    pairs: list  # [(image path, label path)]: one volume pair, or the 2D images of a patient
+    error: str = ""  # a problem found while pairing files
+
+
+def _clean(s: str) -> str:
+    """A name field: only [A-Za-z0-9_.-], never the '--' separator."""
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
+    while "--" in s:
+        s = s.replace("--", "-")
+    return s or "_"
+
+
+def _stem(path: Path) -> str:
+    low = path.name.lower()
+    suffix = next((s for s in VOLUME_SUFFIXES + IMAGE_SUFFIXES if low.endswith(s)), "")
+    return path.name[: len(path.name) - len(suffix)]
+
+
+def _list_files(folder: Path, suffixes) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder")
+    ok = lambda p: p.is_file() and p.name.lower().endswith(suffixes) and p.name[0] != "."
+    return sorted(p for p in folder.iterdir() if ok(p))
+
+
+def find_cases(cfg: DataConfig) -> list[Case]:
+    """Pair every image with its label file (the same name; for volumes nnU-Net's `_0000`
+    channel suffix may be dropped) and group files into cases (a volume; for 2D the case_pattern
+    group, or the image itself)."""
+    suffixes = VOLUME_SUFFIXES if cfg.kind == "volumes" else IMAGE_SUFFIXES
+    labels: dict[str, list[Path]] = {}
+    for p in _list_files(Path(cfg.labels), suffixes):
+        labels.setdefault(_stem(p), []).append(p)
+    cases: dict[str, Case] = {}
+    for f in _list_files(Path(cfg.images), suffixes):
+        stem = _stem(f)
+        key = stem[:-5] if stem not in labels and stem.endswith("_0000") else stem
+        case_id, error = key if cfg.kind == "volumes" else stem, ""
+        if cfg.kind == "images" and cfg.case_pattern:
+            match = re.search(cfg.case_pattern, stem)
+            case_id = match.group(1) if match else stem
+            error = "" if match else f"{f}: case pattern {cfg.case_pattern!r} does not match"
+        found = labels.get(key, [])
+        if len(found) != 1:
+            error = error or f"{f}: {len(found) or 'no'} label files named {key}.* in {cfg.labels}"
+        case = cases.setdefault(_clean(case_id), Case(_clean(case_id), []))
+        case.pairs.append((f, found[0] if found else None))
+        if cfg.kind == "volumes" and len(case.pairs) > 1:
+            error = f"{f}: case name {case.name} is also used by {case.pairs[0][0]}"
+        case.error = case.error or error
+    return [cases[k] for k in sorted(cases)]
+
+
+def split_cases(names, fractions, seed: int) -> dict[str, str]:
+    """Case -> train/val/test: a seeded shuffle of the sorted names, cut by the fractions. Split by
+    case (volume or patient), never by slice, so no patient is on both sides."""
+    names = sorted(names)
+    f = np.asarray(fractions, float) / sum(fractions)
+    n_train = int(round(f[0] * len(names)))
+    n_val = min(int(round(f[1] * len(names))), len(names) - n_train)
+    order = np.random.default_rng(seed).permutation(len(names))
+    split = ["train"] * n_train + ["val"] * n_val + ["test"] * (len(names) - n_train - n_val)
+    return {names[i]: s for i, s in zip(order, split, strict=True)}
+
+
+def _write_png(path: Path, a: np.ndarray) -> None:
+    _write_atomic(path, lambda tmp: Image.fromarray(a).save(tmp, format="PNG"))
+
+
+def _display(s: np.ndarray) -> np.ndarray:
+    """A slice of a RAS+ volume -> the radiological view: rows run anterior/superior -> posterior/
+    inferior, columns patient right -> left (axial, coronal), anterior -> posterior (sagittal)."""
+    return np.ascontiguousarray(s[::-1, ::-1].T)
+
+
+def _slice_masks(lab: np.ndarray, cfg: DataConfig) -> list[tuple[int, int, np.ndarray]]:
+    """(H, W) integer labels -> [(label, instance, mask)] that pass the area filter: a mask is
+    dropped when its area is below cfg.min_area of the image (the paper's 0.153%)."""
+    min_px = cfg.min_area * lab.size
+    out = []
+    for label in np.unique(lab[lab > 0]).tolist():
+        m = lab == label
+        parts = _instances(m) if cfg.instances else [m]
+        keep = [p for p in parts if p.sum() >= min_px]
+        out += [(label, k, p) for k, p in enumerate(keep)]
+    return out
+
+
+def _instances(m: np.ndarray) -> list[np.ndarray]:
+    """A binary mask -> its connected components, largest first (ties in scan order)."""
+    lab = label_components(torch.from_numpy(m)).numpy()
+    sizes = np.bincount(lab.ravel())[1:]
+    order = np.lexsort((np.arange(len(sizes)), -sizes))
+    return [lab == k + 1 for k in order]
+
+
+def _image_name(cfg: DataConfig, case: Case, slice_id: str) -> str:
+    return f"{_clean(cfg.modality)}--{_clean(cfg.dataset)}--{case.name}--{slice_id}"
+
+
+def _write_slice(out: Path, name: str, image: np.ndarray, masks) -> tuple[str, list[str]]:
+    image_rel = f"images/{name}.png"
+    _write_png(out / image_rel, image)
+    mask_rels = []
+    for label, k, m in masks:
+        mask_rels.append(f"masks/{name}--label_{label}_{k:03d}.png")
+        _write_png(out / mask_rels[-1], m.astype(np.uint8) * 255)
+    return image_rel, mask_rels
+
+
+_VOLUME_CACHE: dict = {}  # per process: the last case read, shared by that case's units
+
+
+def _read_case_volume(case: Case, cfg: DataConfig):
+    """-> (uint8 image volume, int32 label volume, a note on the normalisation), checked."""
+    key = (str(case.pairs[0][0]), cfg.window)
+    if key in _VOLUME_CACHE:
+        return _VOLUME_CACHE[key]
+    image_path, label_path = case.pairs[0]
+    vol, lab = read_volume(image_path), read_volume(label_path)
+    if vol.data.shape != lab.data.shape:
+        raise DataError(
+            f"{label_path}: shape {lab.data.shape} does not match image {image_path} "
+            f"{vol.data.shape}"
+        )
+    if not np.allclose(vol.affine, lab.affine, atol=1e-3):
+        d = np.abs(vol.affine - lab.affine).max()
+        raise DataError(f"{label_path}: affine differs from image {image_path}'s (by {d:.3g})")
+    frac = lab.data != np.round(lab.data)
+    if frac.any():
+        raise DataError(f"{label_path}: non-integer labels (e.g. {lab.data[frac][0]:g})")
+    if lab.data.min() < 0:
+        raise DataError(f"{label_path}: negative label {lab.data.min():g}")
+    lo, hi = intensity_range(vol.data, cfg.window)
+    how = "percentiles 0.5-99.5 of non-zero voxels" if cfg.window is None else "CT window"
+    name = f" {cfg.window}" if isinstance(cfg.window, str) else ""
+    note = f"{case.name}: intensity {how}{name} -> [{lo:g}, {hi:g}] mapped to 0-255"
+    _VOLUME_CACHE.clear()
+    _VOLUME_CACHE[key] = (
+        _scale_to_uint8(vol.data, lo, hi),
+        lab.data.astype(np.int32),
+        note,
+    )
+    return _VOLUME_CACHE[key]
+
+
+def _volume_unit(case: Case, cfg: DataConfig, axis: str, part: int, parts: int):
+    image, labels, note = _read_case_volume(case, cfg)
+    ax = "xyz".index(axis)
+    ks = np.array_split(np.arange(labels.shape[ax]), parts)[part]
+    entries = []
+    for k in ks:
+        lab = _display(labels[(slice(None),) * ax + (k,)])  # (H, W)
+        masks = _slice_masks(lab, cfg) if lab.any() else []
+        if masks:
+            name = _image_name(cfg, case, f"{axis}_{k:04d}")
+            img = _display(image[(slice(None),) * ax + (k,)])
+            entries.append(_write_slice(Path(cfg.out), name, img, masks))
+    return entries, note
+
+
+def _images_unit(case: Case, cfg: DataConfig):
+    """2D: every image of the case with its mask or label map (0/1 and 0/255 are one label, 1)."""
+    entries, names = [], set()
+    for image_path, mask_path in case.pairs:
+        image, lab = read_image(image_path), read_label_map(mask_path)  # (H, W, 3), (H, W)
+        if lab.shape != image.shape[:2]:
+            raise DataError(
+                f"{mask_path}: mask shape {lab.shape} does not match image {image_path} "
+                f"{image.shape[:2]}"
+            )
+        hi = int(lab.max()) if lab.size else 0
+        if hi in (1, 255) and ((lab == 0) | (lab == hi)).all():
+            lab = (lab > 0).astype(np.int64)
+        name = _image_name(cfg, case, _clean(_stem(image_path)))
+        if name in names:
+            raise DataError(f"{image_path}: output name {name} is already used in case {case.name}")
+        names.add(name)
+        masks = _slice_masks(lab, cfg)
+        grey = (image[..., :1] == image).all()
+        if masks:
+            entries.append(
+                _write_slice(Path(cfg.out), name, image[..., 0] if grey else image, masks)
+            )
+    note = f"{case.name}: {len(case.pairs)} 2D images (8-bit kept; 16-bit/float scaled min-max)"
+    return entries, note
+
+
+def _run_unit(cfg: DataConfig, case: Case, axis: str, part: int, parts: int):
+    if cfg.kind == "volumes":
+        return _volume_unit(case, cfg, axis, part, parts)
+    return _images_unit(case, cfg)
+
+
+def _units(cases: list[Case], cfg: DataConfig) -> list[tuple]:
+    if cfg.kind == "images":
+        return [(c, "2d", 0, 1) for c in cases]
+    parts = 1 if cfg.workers == 1 else 2 * cfg.workers  # several workers can share one volume
+    return [(c, axis, k, parts) for c in cases for axis in cfg.axes for k in range(parts)]
+
+
+def _unit_results(units, cfg: DataConfig):
+    """Yield (unit index, result or DataError) as units finish: in this process for one worker,
+    else in a process pool (forked, like DataLoader workers; single-threaded CPU torch only)."""
+    if cfg.workers == 1:
+        for j, u in enumerate(units):
+            try:
+                yield j, _run_unit(cfg, *u)
+            except DataError as e:
+                yield j, e
+        return
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    pool = ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=torch.set_num_threads,
+                               initargs=(1,))  # fmt: skip
+    try:
+        futures = {pool.submit(_run_unit, cfg, *u): j for j, u in enumerate(units)}
+        for fut in as_completed(futures):
+            try:
+                yield futures[fut], fut.result()
+            except DataError as e:
+                yield futures[fut], e
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _fingerprint(cfg: DataConfig, case: Case) -> dict:
+    """What a case's outputs depend on; a rerun with other options must not mix results."""
+    return dict(
+        kind=cfg.kind, modality=cfg.modality, dataset=cfg.dataset, axes=list(cfg.axes),
+        window=cfg.window if not isinstance(cfg.window, tuple) else list(cfg.window),
+        instances=cfg.instances, min_area=cfg.min_area,
+        sources=[[str(a.name), str(b.name)] for a, b in case.pairs],
+    )  # fmt: skip
+
+
+def _is_complete(out: Path, case: Case, cfg: DataConfig) -> bool:
+    path = out / "cases" / f"{case.name}.json"
+    if not path.is_file():
+        return False
+    record = _load_json(path)
+    if record.get("fingerprint") != _fingerprint(cfg, case):
+        raise DataError(f"{path}: made with other options or inputs; use a new --out")
+    return all((out / f).is_file() for img, ms in record["images"] for f in [img, *ms])
+
+
+def _process(cases: list[Case], cfg: DataConfig, out: Path) -> tuple[int, dict[str, str]]:
+    """Run every unit of `cases`; write each case's record when its last unit is done.
+    -> (number of slices written, {case: error} for bad cases when skipping them)."""
+    units = _units(cases, cfg)
+    done: dict[str, dict] = {c.name: {} for c in cases}  # case -> {unit index: (entries, note)}
+    need = {c.name: sum(u[0].name == c.name for u in units) for c in cases}
+    bad, n_slices = {}, 0
+    bar = tqdm(total=len(units), unit="part", desc="preprocess", dynamic_ncols=True)
+    for j, res in _unit_results(units, cfg):
+        bar.update(1)
+        case = units[j][0]
+        if isinstance(res, DataError):
+            if not cfg.skip_bad:
+                bar.close()
+                raise res
+            bad.setdefault(case.name, str(res))
+            continue
+        done[case.name][j] = res
+        if len(done[case.name]) == need[case.name] and case.name not in bad:
+            parts = [res for _, res in sorted(done.pop(case.name).items())]
+            images = [[img, ms] for entries, _ in parts for img, ms in entries]
+            note = f"{parts[0][1]}; {len(images)} slices"
+            record = dict(case=case.name, fingerprint=_fingerprint(cfg, case), note=note,
+                          images=images)  # fmt: skip
+            _write_json(out / "cases" / f"{case.name}.json", record)
+            n_slices += len(images)
+            bar.write(note)
+    bar.close()
+    return n_slices, bad
+
+
+def write_manifests(out: Path, cases: list[Case], splits: dict[str, str]) -> int:
+    """Both manifest directions for every split, from the records of the completed cases.
+    -> the number of cases without a record (bad, or left to other shards)."""
+    i2l: dict[str, dict] = {s: {} for s in SPLITS}
+    missing = 0
+    for case in cases:
+        path = out / "cases" / f"{case.name}.json"
+        if not path.is_file():
+            missing += 1
+            continue
+        for img, masks in _load_json(path)["images"]:
+            i2l[splits[case.name]][img] = masks
+    for s in SPLITS:
+        _write_json(out / f"image2label_{s}.json", i2l[s])
+        _write_json(out / f"label2image_{s}.json", {m: i for i, ms in i2l[s].items() for m in ms})
+    return missing
+
+
+def _check(cfg: DataConfig) -> None:
+    if cfg.kind not in ("volumes", "images"):
+        raise ValueError(f"kind must be 'volumes' or 'images', got {cfg.kind!r}")
+    if not cfg.axes or not set(cfg.axes) <= {"x", "y", "z"}:
+        raise ValueError(f"axes must be some of x, y, z; got {cfg.axes}")
+    i, n = cfg.shard
+    if not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
+    if len(cfg.split) != 3 or min(cfg.split) < 0 or sum(cfg.split) <= 0:
+        raise ValueError(f"split must be three non-negative fractions, got {cfg.split}")
+    intensity_range(np.zeros(1), cfg.window)  # an unknown preset fails here, before any work
+    if cfg.workers < 1:
+        raise ValueError(f"workers must be >= 1, got {cfg.workers}")
+
+
+def run(cfg: DataConfig) -> dict:
+    """Preprocess cfg.images/cfg.labels into cfg.out; returns a summary."""
+    _check(cfg)
+    out = Path(cfg.out)
+    t0 = time.perf_counter()
+    cases = find_cases(cfg)
+    if not cases:
+        raise DataError(f"{cfg.images}: no {cfg.kind} found")
+    splits = split_cases([c.name for c in cases], cfg.split, cfg.seed)
+    i, n = cfg.shard
+    mine = cases[i::n]
+    for d in ("images", "masks", "cases"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    if n == 1:  # alone on this output: leftovers of a killed run can go
+        for tmp in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:
+            tmp.unlink(missing_ok=True)
+    bad = {c.name: c.error for c in mine if c.error}
+    if bad and not cfg.skip_bad:
+        raise DataError(next(iter(bad.values())))
+    todo = [c for c in mine if not c.error and not _is_complete(out, c, cfg)]
+    print(f"{len(mine)} cases in shard {i}/{n}: {len(mine) - len(todo) - len(bad)} complete, "
+          f"{len(todo)} to do, {len(bad)} bad")  # fmt: skip
+    n_slices, more_bad = _process(todo, cfg, out)
+    bad.update(more_bad)
+    missing = write_manifests(out, cases, splits)
+    seconds = time.perf_counter() - t0
+    print(f"{n_slices} slices in {seconds:.1f} s; manifests cover {len(cases) - missing} of "
+          f"{len(cases)} cases")  # fmt: skip
+    if bad:
+        print(f"skipped {len(bad)} bad cases:")
+        for msg in bad.values():
+            print(f"  {msg}")
+    return dict(slices=n_slices, seconds=seconds, skipped=sorted(bad.values()), missing=missing)
+
+
+def main(args) -> dict:
+    """The CLI entry point: argparse namespace (field names of DataConfig) -> run."""
+    values = {f.name: getattr(args, f.name) for f in fields(DataConfig) if hasattr(args, f.name)}
+    window = values.get("window")
+    if window is not None and len(window) not in (1, 2):
+        raise ValueError("--window takes a preset name or LEVEL WIDTH")
+    if window is not None:
+        values["window"] = window[0] if len(window) == 1 else (float(window[0]), float(window[1]))
+    if isinstance(values.get("shard"), str):
+        values["shard"] = tuple(int(v) for v in values["shard"].split("/"))
+    for key in ("axes", "split"):
+        if key in values:
+            values[key] = tuple(values[key])
+    return run(DataConfig(**values))
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description="Build SA-Med2D-20M style 2D data from 3D or 2D data")
+    p.add_argument("kind", choices=["volumes", "images"], help="3D NIfTI volumes or 2D images")
+    p.add_argument("--images", required=True, help="folder of images or volumes")
+    p.add_argument("--labels", required=True, help="folder of masks/label volumes, same names")
+    p.add_argument("--out", required=True, help="output root")
+    p.add_argument("--modality", default="mr", help="name prefix, e.g. ct, mr_t1, xray")
+    p.add_argument("--dataset", default="dataset", help="dataset name in the file names")
+    p.add_argument(
+        "--axes",
+        nargs="+",
+        default=["x", "y", "z"],
+        choices=["x", "y", "z"],
+        help="slice axes (x sagittal, y coronal, z axial); default all three",
+    )
+    p.add_argument(
+        "--window",
+        nargs="+",
+        default=None,
+        help=f"CT window: a preset ({', '.join(WINDOWS)}) or LEVEL WIDTH; "
+        "default: 0.5-99.5 percentiles of non-zero voxels (MR and others)",
+    )
+    p.add_argument(
+        "--instances",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="split each label into connected components",
+    )
+    p.add_argument(
+        "--min-area",
+        dest="min_area",
+        type=float,
+        default=MIN_AREA_FRACTION,
+        help="drop masks below this fraction of the image (paper: 0.00153)",
+    )
+    p.add_argument(
+        "--split",
+        nargs=3,
+        type=float,
+        default=[0.8, 0.1, 0.1],
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="case fractions",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the case split")
+    p.add_argument(
+        "--case-pattern",
+        dest="case_pattern",
+        default="",
+        help="2D: regex on the file name whose group 1 is the patient id",
+    )
+    p.add_argument("--workers", type=int, default=1, help="processes")
+    p.add_argument("--shard", default="0/1", help="i/n: this job's share of the cases, 0-based")
+    p.add_argument(
+        "--skip-bad",
+        dest="skip_bad",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="skip bad inputs and list them at the end",
+    )
+    try:
+        main(p.parse_args())
+    except DataError as e:
+        sys.exit(f"error: {e}")
