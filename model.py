@@ -226,7 +226,7 @@ class Attention(nn.Module):
 
     def forward(self, x, impl: str = "reference"):  # x: (B, h, w, C), the whole unpadded grid
         if impl != "reference":  # kernels/: real tokens only, bias never materialised; same math
-            return kernels.attention(
+            return kernels.attention_layer(
                 x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
                 self.rel_pos_h, self.rel_pos_w, self.heads, self.window, impl=impl,
             )  # fmt: skip
@@ -279,7 +279,7 @@ class Adapter(nn.Module):
     def fused(self, x, residual, mlp, impl: str = "auto"):
         """residual + mlp + adapter(x) through kernels/ (fused gate and epilogue, faster convs)."""
         ch, sp = self.channel, self.spatial
-        return kernels.adapter(
+        return kernels.adapter_layer(
             x, ch[0].weight, ch[2].weight, sp[0].weight, sp[2].weight, self.norm.weight,
             self.norm.bias, self.norm.eps, residual=residual, mlp=mlp, impl=impl,
         )  # fmt: skip

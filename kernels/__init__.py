@@ -1,6 +1,6 @@
 """The image encoder's two hot spots, behind one dispatcher: attention and the SAM-Med2D adapter.
 
-model.py calls `attention(...)` and `adapter(...)`; each call picks a path:
+model.py calls `attention_layer(...)` and `adapter_layer(...)`; each call picks a path:
 
   "auto"       Triton when the tensors are on CUDA and the kernel handles their shape and dtype,
                otherwise the fast PyTorch path (the CPU default).
@@ -35,22 +35,24 @@ calls: Counter = Counter()
 
 def _choose(op: str, impl: str, x: torch.Tensor, supported: bool) -> str:
     if impl not in IMPLS:
-        raise ValueError(f"kernels.{op}: impl must be one of {IMPLS}, got {impl!r}")
+        raise ValueError(f"kernels.{op}_layer: impl must be one of {IMPLS}, got {impl!r}")
     path = impl
     if impl == "auto":
         path = "triton" if x.is_cuda and supported else "torch"
     elif impl == "triton" and not supported:
         raise ValueError(
-            f"kernels.{op}: the Triton kernel does not handle {tuple(x.shape)} {x.dtype}"
+            f"kernels.{op}_layer: the Triton kernel does not handle {tuple(x.shape)} {x.dtype}"
         )
     elif impl == "triton" and not (x.is_cuda or INTERPRET):
-        raise RuntimeError(f"kernels.{op}: Triton on {x.device} needs TRITON_INTERPRET=1 at import")
+        raise RuntimeError(
+            f"kernels.{op}_layer: Triton on {x.device} needs TRITON_INTERPRET=1 at import"
+        )
     last_path[op] = path
     calls[op, path] += 1
     return path
 
 
-def attention(
+def attention_layer(
     x, qkv_weight, qkv_bias, proj_weight, proj_bias, rel_pos_h, rel_pos_w, num_heads: int,
     window_size: int, impl: str = "auto",
 ):  # fmt: skip
@@ -60,7 +62,9 @@ def attention(
     the official window_partition -> Attention -> window_unpartition computes."""
     B, H, W, C = x.shape
     if C % num_heads:
-        raise ValueError(f"kernels.attention: {C} channels do not split into {num_heads} heads")
+        raise ValueError(
+            f"kernels.attention_layer: {C} channels do not split into {num_heads} heads"
+        )
     hs = C // num_heads
     win = window_size if window_size > 0 else max(H, W)
     ok = x.dtype in (torch.float32, torch.float16, torch.bfloat16) and hs <= 128 and win <= 128
@@ -71,7 +75,7 @@ def attention(
     return attention_kernels.attention_fast(*args, window_size, core=path)
 
 
-def adapter(
+def adapter_layer(
     x, w_down, w_up, w_conv, w_deconv, ln_weight, ln_bias, eps: float = 1e-5, residual=None,
     mlp=None, impl: str = "auto",
 ):  # fmt: skip
@@ -82,7 +86,7 @@ def adapter(
     must be even (the official module needs that too: its stride-2 conv and deconv round-trip)."""
     B, H, W, C = x.shape
     if H % 2 or W % 2:
-        raise ValueError(f"kernels.adapter: the token grid {H}x{W} must have even sides")
+        raise ValueError(f"kernels.adapter_layer: the token grid {H}x{W} must have even sides")
     path = _choose("adapter", impl, x, adapter_kernels.triton_supported(x))
     weights = (x, w_down, w_up, w_conv, w_deconv, ln_weight, ln_bias, eps)
     if path == "triton":

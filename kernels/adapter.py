@@ -22,6 +22,8 @@ here: the 3x3 stride-2 conv as F.unfold + one matmul, the 4x4 stride-2 deconvolu
 + F.fold.
 """
 
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -221,6 +223,9 @@ def _epilogue_bwd_kernel(
 # Host side: custom ops with fake shapes and autograd (so torch.compile treats them as opaque ops)
 
 
+launches: Counter = Counter()  # Triton launches by kernel family and pass, for the tests
+
+
 def _block_c(C):
     return triton.next_power_of_2(C)
 
@@ -232,6 +237,7 @@ def _gate_op(
     B, L, C = x.shape
     f32 = dict(device=x.device, dtype=torch.float32)
     xg = torch.empty_like(x)
+    launches["gate_forward"] += 1
     g, mean, hid = (
         torch.empty(B, C, **f32),
         torch.empty(B, C, **f32),
@@ -270,6 +276,7 @@ def _gate_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     B, L, C = x.shape
     dg = torch.empty(B, C, device=x.device, dtype=torch.float32)
+    launches["gate_backward"] += 1
     _gate_bwd_reduce_kernel[(B, triton.cdiv(C, 128))](dxg, x, dg, L, C, BLOCK_L=32, BLOCK_C=128)
     # The gate's little MLP, backwards (B x C and C x C/4 sized: plain PyTorch).
     da = dg * g * (1 - g)  # (B, C) through the sigmoid
@@ -311,6 +318,7 @@ def _epilogue_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     R, C = x.shape
     out = torch.empty_like(x)
+    launches["epilogue_forward"] += 1
     mean, rstd = (torch.empty(R, device=x.device, dtype=torch.float32) for _ in range(2))
     _epilogue_fwd_kernel[(R,)](
         x,
@@ -346,6 +354,7 @@ def _epilogue_bwd_op(
     rows = 32
     progs = triton.cdiv(R, rows)
     dx, dd = torch.empty_like(x), torch.empty_like(d)
+    launches["epilogue_backward"] += 1
     parts = torch.empty(2, progs, C, device=x.device, dtype=torch.float32)
     _epilogue_bwd_kernel[(progs,)](
         dout,

@@ -24,13 +24,15 @@ and because the real tokens of a window are its top-left rh x rw rectangle, the 
 (`pad_key_logit`). Padded queries are never computed: their outputs are cropped away. This is exact
 math; the roundings differ from the official order only in the last bits.
 
-Paths (chosen by kernels.attention):
+Paths (chosen by kernels.attention_layer):
   reference  the official computation: pad, partition, qkv on every token, materialised bias.
   torch      real tokens only; F.scaled_dot_product_attention on 4-D q/k/v with the bias (and the
              padded key's logit) as attn_mask, which reaches PyTorch's CPU flash kernel.
   triton     real tokens only; the kernels below (forward and backward), the padded key merged into
              the kernel's (out, lse) in PyTorch (`merge_extra_key`).
 """
+
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -292,6 +294,7 @@ def _bwd_dq_kernel(
 # Host side: shape checks, launch, custom ops (torch.compile sees opaque ops with fake shapes)
 
 BLOCK_M, BLOCK_N = 64, 64  # not tuned on a GPU yet (none was available while this was written)
+launches: Counter = Counter()  # Triton launches by pass ("forward", "backward"), for the tests
 
 
 def triton_supported(q, rel_h, rel_w) -> bool:
@@ -328,6 +331,7 @@ def _rel_pos_attention_op(
     Z, nh, N, hs = q.shape
     o = torch.empty_like(q)  # inputs are contiguous (attention_triton), so o is too
     lse = torch.empty((Z, nh, N), device=q.device, dtype=torch.float32)
+    launches["forward"] += 1
     grid = (Z * nh, triton.cdiv(N, BLOCK_M))
     _fwd_kernel[grid](
         q,
@@ -362,6 +366,7 @@ def _rel_pos_attention_bwd_op(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     drh, drw = torch.empty_like(rel_h), torch.empty_like(rel_w)
     c = _consts(q, rel_h, rel_w)
+    launches["backward"] += 1
     args = (q, k, v, rel_h, rel_w, do, lse, delta)
     _bwd_dkdv_kernel[(Z * nh, triton.cdiv(N, BLOCK_N))](*args, dk, dv, N, hs, kh, kw, scale, **c)
     bkh, bkw = max(16, triton.next_power_of_2(kh)), max(16, triton.next_power_of_2(kw))
