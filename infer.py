@@ -424,16 +424,17 @@ def overlay(image: np.ndarray, ids: np.ndarray, prompts: list, alpha: float) -> 
 
 
 def volume_slice(vol: np.ndarray, axis: str, k: int) -> np.ndarray:
-    """Slice k along `axis` of a canonical (X, Y, Z) volume, as an image: rows run from anterior /
-    superior (top) down, columns along the first remaining axis."""
-    return np.take(vol, k, AXES[axis]).T[::-1]  # (H, W)
+    """Slice k along `axis` of a canonical (RAS+) volume as an image, in the radiological view
+    that data.py writes its dataset slices in: rows run anterior/superior -> posterior/inferior,
+    columns patient right -> left (axial, coronal) or anterior -> posterior (sagittal)."""
+    return np.ascontiguousarray(np.take(vol, k, AXES[axis])[::-1, ::-1].T)  # (H, W)
 
 
 def put_slice(vol: np.ndarray, axis: str, k: int, image: np.ndarray) -> None:
     """The inverse of `volume_slice`: write an (H, W) image back as slice k of `vol`."""
     index = [slice(None)] * 3
     index[AXES[axis]] = k
-    vol[tuple(index)] = image[::-1].T
+    vol[tuple(index)] = image.T[::-1, ::-1]
 
 
 def write_nifti(path: Path, canonical: np.ndarray, source: Path) -> None:
@@ -712,36 +713,48 @@ def evaluate(
     limit=None,
     progress=False,
     save_dir=None,
+    split="test",
 ) -> dict:
-    """The SAM-Med2D test protocol over `dataset` (a directory with label2image_test.json).
+    """The SAM-Med2D test protocol over `dataset`: a directory (its `split` manifest) or a
+    data.TestDataset; train.py's validation calls this with split="val".
     Returns {"dice": {mode: mean}, "iou": {...}, "n_masks", "by": breakdowns, "per_mask": rows,
     "prompts": every prompt used, in model space, replayable via `replay=`}; modes are "box",
     "1pt", "3pt", ... Scores are at the original resolution, averaged per mask. `save_dir`: also
     write each scored prediction as save_dir/<mode>/<mask file name> (0/255 PNG)."""
     cfg = InferConfig(seed=seed, protocol=protocol, multimask=multimask, prompt_modes=prompt_modes)
-    if protocol not in ("tight", "official"):
-        raise ValueError(f"protocol must be tight or official, not {protocol!r}")
+    _check_eval_args(sam, cfg, replay)
+    groups = manifest_groups(dataset, split)[:limit]
+    if not groups:
+        raise ValueError(f"{dataset}: the {split} manifest lists no masks")
+    gen = torch.Generator().manual_seed(seed)
+    rows, record, was_training = [], {}, sam.training
+    sam.eval()  # train.py's validation hands over a model in training mode
+    try:
+        for image_path, mask_paths, keys in tqdm(groups, "evaluate", disable=not progress):
+            image = data.read_image(image_path)
+            gt = np.stack([_read_gt(m, image.shape[:2], image_path) for m in mask_paths])
+            replayed = None if replay is None else [_replayed(replay, k) for k in keys]
+            img_rows, used = _evaluate_image(
+                sam, image, gt, keys, prompt_modes, gen, cfg, replayed, save_dir
+            )
+            rows += [{**r, "image": str(image_path), **name_fields(r["mask"])} for r in img_rows]
+            record.update(used)
+    finally:
+        sam.train(was_training)
+    meta = {"seed": seed, "protocol": protocol, "image_size": sam.cfg.image_size, "space": "model"}
+    return {**summarise(rows, prompt_modes), "per_mask": rows, "prompts": {**meta, "masks": record}}
+
+
+def _check_eval_args(sam, cfg: InferConfig, replay) -> None:
+    if cfg.protocol not in ("tight", "official"):
+        raise ValueError(f"protocol must be tight or official, not {cfg.protocol!r}")
+    if any(m != "box" and not (isinstance(m, int) and m >= 1) for m in cfg.prompt_modes):
+        raise ValueError(f"prompt modes are 'box' or click counts >= 1, got {cfg.prompt_modes}")
     if replay is not None and replay.get("image_size") != sam.cfg.image_size:
         raise ValueError(
             f"the prompt file is for image size {replay.get('image_size')}, the model "
             f"works at {sam.cfg.image_size}"
         )
-    gen = torch.Generator().manual_seed(seed)
-    rows, record = [], {}
-    groups = test_groups(dataset)[:limit]
-    for image_path, mask_paths, keys in tqdm(
-        groups, "evaluate", unit="image", disable=not progress
-    ):
-        image = data.read_image(image_path)
-        gt = np.stack([_read_gt(m, image.shape[:2], image_path) for m in mask_paths])  # (P, H, W)
-        replayed = None if replay is None else [_replayed(replay, k) for k in keys]
-        img_rows, used = _evaluate_image(
-            sam, image, gt, keys, prompt_modes, gen, cfg, replayed, save_dir
-        )
-        rows += [{**r, "image": str(image_path), **name_fields(r["mask"])} for r in img_rows]
-        record.update(used)
-    meta = {"seed": seed, "protocol": protocol, "image_size": sam.cfg.image_size, "space": "model"}
-    return {**summarise(rows, prompt_modes), "per_mask": rows, "prompts": {**meta, "masks": record}}
 
 
 def _read_gt(path, hw: tuple, image_path) -> np.ndarray:
@@ -815,32 +828,28 @@ def write_eval(out_dir: Path, results: dict) -> None:
     atomic_write(out_dir / "per_mask.csv", lambda tmp: Path(tmp).write_text(buf.getvalue()))
 
 
-def test_groups(dataset) -> list:
-    """[(image path, [mask paths], [mask keys])]: the test manifest of `dataset` grouped by image,
-    in manifest order, so each image is encoded once. Keys are the manifest's mask names."""
-    root = Path(dataset)
-    manifest = root / "label2image_test.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{root}: no label2image_test.json (build one with data.py)")
+def manifest_groups(dataset, split: str = "test") -> list:
+    """[(image path, [mask paths], [mask keys])] grouped by image in manifest order, so each image
+    is encoded once. dataset: a directory (its image2label_/label2image_{split}.json, read by
+    data.read_manifest) or a data.TestDataset. Keys, used in prompts.json and the CSV, are the
+    mask paths relative to the dataset root where possible."""
+    if isinstance(dataset, data.TestDataset):
+        root, manifest = None, {}
+        for mask, image in dataset.pairs:
+            manifest.setdefault(image, []).append(mask)
+    else:
+        root = Path(dataset)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such dataset directory")
+        manifest = data.read_manifest(root, split)
+    return [(img, masks, [_key(m, root) for m in masks]) for img, masks in manifest.items()]
+
+
+def _key(path, root) -> str:
     try:
-        pairs = json.loads(manifest.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{manifest}: not valid JSON ({err})") from err
-    groups = {}
-    for mask, image in pairs.items():
-        entry = groups.setdefault(image, (_resolve(root, image), [], []))
-        entry[1].append(_resolve(root, mask))
-        entry[2].append(mask)
-    return list(groups.values())
-
-
-def _resolve(root: Path, name: str) -> Path:
-    """Manifest paths are relative to the dataset root (ours) or to its parent (SA-Med2D-20M's
-    "./SAMed2Dv1/masks/..." style)."""
-    for base in (root, root.parent):
-        if (base / name).exists():
-            return base / name
-    return root / name
+        return Path(path).relative_to(root).as_posix()
+    except (TypeError, ValueError):  # no root, or a path outside it
+        return str(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -872,8 +881,9 @@ def official_flow(sam, image: np.ndarray, boxes: list) -> list:
 
 @torch.inference_mode()
 def bench(preset="vit_b", size=512, repeats=5, counts=(1, 2, 4, 8), checkpoint=None) -> dict:
-    """Median seconds for one image with 1..8 box prompts, ours vs the official flow; random
-    weights unless a checkpoint is given (the timing does not depend on them)."""
+    """Median seconds for one image with 1..8 box prompts: ours (fast kernels, batched decode),
+    ours with the reference encoder (what infer.py alone gains), and the official flow (reference
+    encoder, per-prompt decode). Random weights unless a checkpoint is given."""
     if checkpoint:
         sam = model.load_checkpoint(resolve_checkpoint(checkpoint))
     else:
@@ -882,23 +892,29 @@ def bench(preset="vit_b", size=512, repeats=5, counts=(1, 2, 4, 8), checkpoint=N
     image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     xy = rng.uniform(0, size / 2, (max(counts), 2))
     boxes = [[x, y, x + size / 3, y + size / 3] for x, y in xy.tolist()]
-    flows = {
-        "ours": lambda n: segment(sam, image, [Prompt(box=b) for b in boxes[:n]]),
-        "official": lambda n: official_flow(sam, image, boxes[:n]),
+    prompts = [Prompt(box=b) for b in boxes]
+    flows = {  # the encoder's kernels path is switched per flow on the same weights
+        "ours": lambda n: segment(model.use_kernels(sam, "auto"), image, prompts[:n]),
+        "ours_reference_encoder": lambda n: segment(
+            model.use_kernels(sam, "reference"), image, prompts[:n]
+        ),
+        "official": lambda n: official_flow(model.use_kernels(sam, "reference"), image, boxes[:n]),
     }
     out = {"preset": sam.cfg.name, "image": f"{size}x{size}", "threads": torch.get_num_threads()}
-    for name, run in flows.items():
-        run(1)  # warm-up
-        for n in counts:
-            times = []
-            for _ in range(repeats):
+    for run in flows.values():  # warm-up
+        run(1), run(max(counts))
+    times = {(name, n): [] for name in flows for n in counts}
+    for _ in range(repeats):  # interleaved, so load from other processes hits every flow alike
+        for name, run in flows.items():
+            for n in counts:
                 t0 = time.perf_counter()
                 run(n)
-                times.append(time.perf_counter() - t0)
-            out[f"{name}_{n}"] = float(np.median(times))
-        out[f"{name}_per_extra_prompt"] = (out[f"{name}_{counts[-1]}"] - out[f"{name}_1"]) / (
-            counts[-1] - 1
-        )
+                times[name, n].append(time.perf_counter() - t0)
+    for name in flows:
+        med = [float(np.median(times[name, n])) for n in counts]
+        slope = float(np.polyfit(counts, med, 1)[0]) if len(counts) > 1 else float("nan")
+        out[name] = {**{f"{n}_prompts_s": m for n, m in zip(counts, med, strict=True)},
+                     "per_extra_prompt_s": slope}  # fmt: skip
     return out
 
 
@@ -1052,6 +1068,7 @@ def run_eval(args, cfg: InferConfig) -> int:
         args.limit,
         progress=True,
         save_dir=out_dir / "masks" if args.save_masks else None,
+        split=args.split,
     )
     results["checkpoint"] = cfg.checkpoint
     write_eval(out_dir, results)
@@ -1123,6 +1140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--modes", nargs="+", default=["box", "1", "3", "5"], help="box and/or numbers of clicks")
     add("--prompt-file", help="replay the prompts.json of an earlier --eval run")
     add("--seed", type=int, default=0)
+    add("--split", default="test", help="--eval: the manifest split (test, val, train)")
     add("--limit", type=int, help="--eval: only the first N images")
     add("--save-masks", action="store_true", help="--eval: write the predictions (OUT/masks/MODE)")
     add("--download", metavar="NAME", help=f"fetch a checkpoint into {cache_dir()}")

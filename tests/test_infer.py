@@ -479,4 +479,28 @@ def test_evaluate_api_is_seeded_and_returns_means(sam, dataset):
 
 def test_bench_runs_on_tiny():
     res = infer.bench("tiny", size=64, repeats=1, counts=(1, 2))
-    assert res["ours_1"] > 0 and res["official_2"] > 0
+    assert res["ours"]["1_prompts_s"] > 0 and res["official"]["2_prompts_s"] > 0
+
+
+def test_evaluate_takes_a_test_dataset_and_a_split(sam, dataset, tmp_path):
+    by_dir = infer.evaluate(sam, dataset, ("box",))
+    by_ds = infer.evaluate(sam, data.TestDataset(dataset, sam.cfg), ("box",))
+    assert [r["dice"] for r in by_ds["per_mask"]] == [r["dice"] for r in by_dir["per_mask"]]
+    (tmp_path / "label2image_val.json").write_text("{}")
+    with pytest.raises(ValueError, match="val manifest lists no masks"):
+        infer.evaluate(sam, tmp_path, ("box",), split="val")
+
+
+def test_volume_slice_view_and_inverse():
+    vol = np.zeros((6, 5, 4), np.int32)  # canonical RAS+: x -> right, y -> anterior, z -> up
+    vol[5, 4, 2] = 7  # right, anterior, slice 2
+    img = infer.volume_slice(vol, "z", 2)
+    assert img.shape == (5, 6) and img[0, 0] == 7  # radiological: anterior top, right on the left
+    vol = np.random.default_rng(0).integers(0, 9, (6, 5, 4))
+    for axis, ax in infer.AXES.items():
+        out = np.zeros_like(vol)
+        infer.put_slice(out, axis, 1, infer.volume_slice(vol, axis, 1))
+        np.testing.assert_array_equal(np.take(out, 1, ax), np.take(vol, 1, ax))
+        if hasattr(data, "_display"):  # the view data.py writes its dataset slices in
+            want = data._display(np.take(vol, 1, ax))
+            np.testing.assert_array_equal(infer.volume_slice(vol, axis, 1), want)
