@@ -1,0 +1,327 @@
+"""train.py: losses against hand-computed values, the click loop's prompts, the trainable set, an
+overfit run that must learn, DDP (2 gloo processes) == 1 process, exact resume, AMP, and clear
+errors before any work. Datasets are synthetic images written to disk in the SA-Med2D-20M layout.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import model
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """On a shared 2-core machine two OpenMP threads wait on each other: one is several times
+    faster for these tiny models, and results do not depend on it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_dataset(root: Path, n: int = 4, size: int = 64, seed: int = 0) -> Path:
+    """n grey images, each with a bright disk and a dimmer rectangle (its two masks, 0/255 PNGs),
+    image2label_train.json, and label2image_val.json over the same images (overfitting is the
+    point of these tests)."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    yy, xx = np.mgrid[:size, :size]
+    manifest = {}
+    for i in range(n):
+        name = f"ct--synth--case{i:04d}--z_0000"
+        cx, cy = rng.integers(16, size - 16, 2)
+        disk = (xx - cx) ** 2 + (yy - cy) ** 2 <= rng.integers(6, 12) ** 2
+        x0, y0 = rng.integers(0, size - 20, 2)
+        rect = (xx >= x0) & (xx < x0 + 16) & (yy >= y0) & (yy < y0 + 12) & ~disk
+        image = rng.integers(0, 60, (size, size)).astype(np.uint8)
+        image[disk], image[rect] = 200, 130
+        Image.fromarray(image).save(root / "images" / f"{name}.png")
+        masks = []
+        for k, m in enumerate((disk, rect)):
+            masks.append(f"masks/{name}--label_{k}_000.png")
+            Image.fromarray(m.astype(np.uint8) * 255).save(root / masks[-1])
+        manifest[f"images/{name}.png"] = masks
+    (root / "image2label_train.json").write_text(json.dumps(manifest))
+    val = {m: img for img, ms in manifest.items() for m in ms}
+    (root / "label2image_val.json").write_text(json.dumps(val))
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def small(dataset, out, **kw) -> dict:
+    """Settings for a fast tiny run: 64 px, 2 images x 2 masks, 2 click iterations. Adam turns
+    float noise in near-zero gradients into steps of up to lr, so equivalence tests keep lr low
+    (weights move ~1e-3, noise stays ~1e-6)."""
+    args = dict(data=str(dataset), out=str(out), model="tiny", image_size=64, batch_size=2,
+                masks_per_image=2, iter_points=2, steps=3, val_every=0, log_every=1,
+                progress=False, lr=1e-4)  # fmt: skip
+    return {**args, **kw}
+
+
+def weights(path) -> dict:
+    return load_file(str(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses
+
+
+def test_loss_terms_match_hand_computed_values():
+    # Mask 0: logits 0 everywhere (p = 1/2), target [1, 1, 0, 0], predicted IoU 0.5.
+    #   focal: positives -0.25 (1/2)^2 ln(1/2) = 0.0433217, negatives -0.75 (1/2)^2 ln(1/2) =
+    #   0.1299651; mean over 4 pixels = (2 * 0.0433217 + 2 * 0.1299651) / 4 = 0.0866434.
+    #   dice: 1 - (2 * 1 + 1) / (2 + 2 + 1) = 0.4. IoU: 0 > 0 is false -> empty prediction,
+    #   IoU 0 -> (0.5 - 0)^2 = 0.25.
+    # Mask 1: logits [ln 3, -ln 3, -ln 3, -ln 3] (p = 3/4, 1/4, 1/4, 1/4), target [1, 0, 0, 0],
+    #   predicted IoU 0.9.
+    #   focal: pixel 0: -0.25 (1/4)^2 ln(3/4) = 0.0044951; others: -0.75 (1/4)^2 ln(3/4) =
+    #   0.0134853 each; mean = (0.0044951 + 3 * 0.0134853) / 4 = 0.0112378.
+    #   dice: 1 - (2 * 3/4 + 1) / (6/4 + 1 + 1) = 1 - 2.5 / 3.5 = 0.2857143.
+    #   IoU: prediction [1, 0, 0, 0] = target -> 1; (0.9 - 1)^2 = 0.01.
+    l3 = math.log(3)
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [l3, -l3, -l3, -l3]]).reshape(2, 1, 2, 2)
+    gt = torch.tensor([[1.0, 1, 0, 0], [1, 0, 0, 0]]).reshape(2, 1, 2, 2)
+    iou_pred = torch.tensor([0.5, 0.9])
+    loss, terms = train.sam_loss(logits, gt, iou_pred, focal_weight=20.0)
+    torch.testing.assert_close(terms["focal"], torch.tensor([0.0866434, 0.0112378]), atol=1e-6,
+                               rtol=0)  # fmt: skip
+    torch.testing.assert_close(terms["dice"], torch.tensor([0.4, 0.2857143]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(terms["iou"], torch.tensor([0.25, 0.01]), atol=1e-6, rtol=0)
+    per_mask = [20 * 0.0866434 + 0.4 + 0.25, 20 * 0.0112378 + 0.2857143 + 0.01]
+    assert loss.item() == pytest.approx(sum(per_mask) / 2, abs=1e-5)
+
+
+def test_dice_is_averaged_per_mask_not_pooled():
+    # A 1-pixel mask predicted empty and a 99-pixel mask predicted perfectly: per-mask Dice loss
+    # averages ~1 and ~0 to ~0.5; pooling over the batch (the official code) would give ~0.01.
+    gt = torch.zeros(2, 1, 10, 10)
+    gt[0, 0, 0, 0] = 1
+    gt[1, 0].view(-1)[1:] = 1
+    logits = (gt * 2 - 1) * 30  # confident and right, except:
+    logits[0, 0, 0, 0] = -30  # the small mask is missed
+    _, terms = train.sam_loss(logits, gt, torch.ones(2))
+    assert terms["dice"][0].item() == pytest.approx(1 - 1 / 2, abs=1e-3)  # (0 + 1) / (0 + 1 + 1)
+    assert terms["dice"][1].item() == pytest.approx(0, abs=1e-3)
+    # Pooled, as the official code: 1 - (2 * 99 + 1) / (99 + 100 + 1) = 0.005; ours: 0.25.
+    assert terms["dice"].mean().item() == pytest.approx(0.25, abs=1e-3)
+
+
+def test_iou_target_has_no_gradient_and_handles_empty_masks():
+    logits = torch.full((2, 1, 4, 4), -5.0, requires_grad=True)
+    gt = torch.zeros(2, 1, 4, 4)
+    gt[1, 0, 0, 0] = 1
+    iou = train.mask_iou(logits.flatten(1), gt.flatten(1))
+    assert iou.tolist() == [1.0, 0.0]  # both empty counts as perfect; a miss as 0
+    assert not iou.requires_grad
+
+
+# ------------------------------------------------------------------------------------------------
+# Recipe pieces
+
+
+def test_trainable_set_is_adapters_prompt_encoder_and_decoder(capsys):
+    sam = model.Sam(model.SamConfig.from_name("tiny", image_size=64))
+    params = train.select_trainable(sam)
+    counts = model.count_parameters(sam)
+    assert sum(p.numel() for p in params) == (
+        counts["adapters"] + counts["prompt_encoder"] + counts["mask_decoder"]
+    )
+    frozen = [n for n, p in sam.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith("image_encoder.") and ".Adapter." not in n for n in frozen)
+    assert f"frozen image encoder {counts['encoder'] / 1e6:.3f}M" in capsys.readouterr().out
+
+
+def test_lr_schedules():
+    cfg = train.TrainConfig(data="x", lr=1.0, warmup_steps=4, schedule="cosine", min_lr=0.1)
+    assert [train.lr_at(s, cfg, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert train.lr_at(9, cfg, 14) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(pi/2) = 0
+    assert train.lr_at(14, cfg, 14) == pytest.approx(0.1)
+    cfg = train.TrainConfig(data="x", lr=1.0, schedule="step", milestones=(2, 5), gamma=0.5)
+    assert [train.lr_at(s, cfg, 10) for s in range(7)] == [1, 1, 0.5, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_iteration_plan_has_mask_only_steps_at_a_random_one_and_the_last():
+    cfg = train.TrainConfig(data="x", iter_points=8)
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(50):
+        plan = train.plan_iterations(cfg, gen)
+        assert len(plan) == 8 and plan[-1] == 0 and plan[0] != 0
+        assert plan[1:-1].count(0) == 1 and set(plan) <= {0, 1, 3, 5, 9}
+        seen.add(plan.index(0))
+    assert seen == set(range(1, 7))  # the official randint(1, iter_points - 1) range
+
+
+def test_click_iteration_prompts_are_error_clicks_and_probabilities():
+    S, M = 32, 2
+    gt = torch.zeros(M, S, S, dtype=torch.bool)
+    gt[0, 4:12, 4:12] = True  # predicted empty: every click is a false negative (label 1)
+    gt[1, 20:30, 20:30] = True
+    pred = gt.clone()
+    pred[1, 0:4, 0:4] = True  # one false-positive patch: every click is there, label 0
+    low = torch.randn(M, 1, S // 4, S // 4)
+    mb = train.Micro(images=None, gt=gt[:, None].float(), boxes=None, points=None,
+                     gens=[torch.Generator().manual_seed(1)], use_box=None, low=low,
+                     pred=pred & torch.tensor([False, True])[:, None, None])  # fmt: skip
+    [(idx, (coords, labels), boxes, mask_input)] = train.click_groups(mb, 5)
+    assert boxes is None and idx.tolist() == [0]
+    torch.testing.assert_close(mask_input, torch.sigmoid(low))  # probabilities, not logits
+    x, y = coords[..., 0].long(), coords[..., 1].long()
+    assert labels[0].tolist() == [1] * 5 and bool(gt[0, y[0], x[0]].all())
+    assert labels[1].tolist() == [0] * 5 and bool((x[1] < 4).all() and (y[1] < 4).all())
+    [(_, points, _, _)] = train.click_groups(mb, 0)
+    assert points is None  # a mask-only iteration
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_overfit_learns(dataset, tmp_path):
+    """Random weights score far below the threshold; 80 steps on 4 images pass it."""
+    for seed in (0, 1):
+        cfg = train.TrainConfig(**small(dataset, tmp_path / "r0", seed=seed))
+        sam = train.build_model(cfg, torch.device("cpu"))
+        assert train.validate(sam, train.val_view(cfg, tmp_path), cfg)["score"] < 0.4
+    run = tmp_path / "run"
+    res = train.main(small(dataset, run, steps=80, val_every=80, iter_points=3, lr=2e-3))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    assert res["best"] > 0.75 and res["last"]["val"]["dice"]["box"] > 0.75
+    best = model.load_checkpoint(run / "best.safetensors", verbose=False)
+    assert best.cfg.name == "tiny" and best.cfg.image_size == 64
+
+
+def tiny_trainer(**kw) -> train.Trainer:
+    cfg = train.TrainConfig(data="-", iter_points=2, **kw)
+    torch.manual_seed(0)
+    sam = model.Sam(model.SamConfig.from_name("tiny", image_size=64)).train()
+    params = train.select_trainable(sam)
+    return train.Trainer(cfg, sam, train.Forward(sam), params, torch.optim.Adam(params),
+                         torch.amp.GradScaler("cpu", enabled=False), torch.Generator(),
+                         torch.device("cpu"))  # fmt: skip
+
+
+def test_micro_batches_give_the_gradient_of_the_full_batch():
+    """Adam hides a constant gradient scale, so compare the gradients themselves."""
+    tr = tiny_trainer()
+    grads = []
+    tr.optimizer_step = lambda: grads.append(
+        [p.grad.clone() for p in tr.params if p.grad is not None]
+    )
+    batch = train.synthetic_batch(4, 3, 64, seed=0)
+    halves = [{k: v[i : i + 2] for k, v in batch.items()} for i in (0, 2)]
+    for parts in ([batch], halves):
+        micros = [train.make_micro(b, 0, 0, tr.device) for b in parts]
+        train.sub_step(tr, micros, None)
+        for p in tr.params:
+            p.grad = None
+        kinds = torch.cat([m.use_box for m in micros])
+        assert kinds.any() and not kinds.all()  # both prompt kinds, split across the micros
+    assert len(grads[0]) == len(grads[1]) > 10
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_grad_accumulation_matches_the_full_batch(dataset, tmp_path):
+    train.main(small(dataset, tmp_path / "a", batch_size=2))
+    train.main(small(dataset, tmp_path / "b", batch_size=2, grad_accum=2))
+    a, b = (
+        weights(tmp_path / "a" / "last.safetensors"),
+        weights(tmp_path / "b" / "last.safetensors"),
+    )
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+
+
+def test_resume_continues_exactly(dataset, tmp_path):
+    train.main(small(dataset, tmp_path / "straight", steps=5))
+    train.main(small(dataset, tmp_path / "split", steps=5, stop_after=2))
+    state = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
+    assert state["step"] == 2 and state["batch_in_epoch"] == 0 and state["epoch"] == 1
+    train.main(dict(resume=str(tmp_path / "split")))
+    a = weights(tmp_path / "straight" / "last.safetensors")
+    b = weights(tmp_path / "split" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    s1 = torch.load(tmp_path / "straight" / "state.pt", weights_only=True)
+    s2 = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
+    assert s1["step"] == s2["step"] == 5 and torch.equal(s1["generator"], s2["generator"])
+    with pytest.raises(ValueError, match="cannot change"):
+        train.main(dict(resume=str(tmp_path / "split"), lr=1.0))
+
+
+def test_bf16_and_fp16_autocast_run_on_cpu(dataset, tmp_path):
+    for amp in ("bf16", "fp16"):
+        res = train.main(small(dataset, tmp_path / amp, steps=1, amp=amp))
+        assert math.isfinite(res["last"]["loss"])
+    state = torch.load(tmp_path / "fp16" / "state.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0  # the fp16 run used a GradScaler
+
+
+def run_cli(*args, env=None, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=timeout)  # fmt: skip
+
+
+def test_two_gloo_processes_match_one(dataset, tmp_path):
+    flags = ["--data", str(dataset), "--model", "tiny", "--image-size", "64", "--batch-size", "2",
+             "--masks-per-image", "2", "--iter-points", "2", "--steps", "3", "--val-every", "0",
+             "--lr", "1e-4", "--no-progress", "--log-every", "1"]  # fmt: skip
+    ddp = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  "train.py", *flags, "--out", str(tmp_path / "ddp"))  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    train.main(small(dataset, tmp_path / "one"))
+    a, b = (
+        weights(tmp_path / "one" / "last.safetensors"),
+        weights(tmp_path / "ddp" / "last.safetensors"),
+    )
+    moved = 0
+    init = train.build_model(train.TrainConfig(**small(dataset, tmp_path)), "cpu").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+        moved += not torch.equal(a[k], init[k])
+    assert moved > 20  # training changed the weights, so the comparison means something
+    logs = [[json.loads(x)["loss"] for x in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+            for d in ("one", "ddp")]  # fmt: skip
+    np.testing.assert_allclose(logs[0], logs[1], rtol=1e-4)
+
+
+def test_bad_flags_and_unreadable_data_fail_before_any_work(dataset, tmp_path):
+    out = tmp_path / "never"
+    r = run_cli("train.py", "--data", str(dataset), "--amp", "fp8", "--out", str(out))
+    assert r.returncode == 2 and "--amp" in r.stderr and "fp8" in r.stderr
+    r = run_cli("train.py", "--data", str(dataset), "--batch-size", "0", "--out", str(out))
+    assert r.returncode == 2 and "batch_size" in r.stderr
+    r = run_cli("train.py", "--data", str(tmp_path / "missing"), "--out", str(out))
+    assert r.returncode == 2 and "missing" in r.stderr and "image2label_train.json" in r.stderr
+    bad = make_dataset(tmp_path / "bad", n=2)
+    first = next(iter(json.loads((bad / "image2label_train.json").read_text())))
+    (bad / first).write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=Path(first).name):
+        train.main(small(bad, out))
+    assert not out.exists()
+    with pytest.raises(ValueError, match="batch size 3"):
+        train.main(small(dataset, out, batch_size=3, grad_accum=2))
+    assert not out.exists()
+    with pytest.raises(FileNotFoundError, match="resume"):
+        train.main(dict(resume=str(tmp_path / "nothing")))

@@ -1,0 +1,857 @@
+"""Fine-tune SAM-Med2D: the paper's recipe with simulated interactive clicks, in one file.
+
+    python train.py --data DATA_DIR --checkpoint sam-med2d_b.pth --out runs/exp1
+    torchrun --nproc_per_node 4 train.py --data DATA_DIR --checkpoint ... --batch-size 16
+    python train.py --resume runs/exp1                       # continue exactly where it stopped
+    python train.py --bench                                  # one step vs the official step
+
+A step takes B images x M masks. Each image is encoded once and its embedding serves its M masks.
+Step 1 prompts every image's masks with a box or with one point (50/50 per image), backpropagates
+through the adapters and takes an optimizer step. Then come `iter_points` decoder-only steps on the
+detached embedding, as in the official code: each samples new clicks in the error region of the
+previous prediction (1, 3, 5 or 9 of them), feeds the previous low-res mask back as sigmoid
+probabilities, and is an optimizer step of its own; at one random iteration and at the last the
+mask is the only prompt.
+
+Sections: config | losses | the training step | checkpoints and training state | data and
+distributed | validation | the run | benchmark | command line.
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import resource
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import data
+import infer
+import model
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # dataset root in the SA-Med2D-20M layout (image2label_train.json, ...)
+    val_data: str | None = None  # root whose "val" split validates; None: the --data root
+    out: str = "runs/sam_med2d"  # run directory: checkpoints, training state, log.jsonl
+    checkpoint: str | None = None  # SAM / SAM-Med2D .pth or our .safetensors; None: random init
+    model: str = "vit_b"  # preset for random init (ignored with a checkpoint, which names its own)
+    image_size: int = 256  # S; an official SAM checkpoint (1024) is resampled to it
+    adapter: bool = True  # SAM-Med2D's adapters (added freshly if the checkpoint has none)
+    batch_size: int = 2  # B: images per optimizer step over all processes and accumulation steps
+    masks_per_image: int = 5  # M
+    grad_accum: int = 1  # split each process's share of the batch into this many micro-batches
+    epochs: int = 15  # used when steps is None
+    steps: int | None = None  # total steps (each 1 + iter_points optimizer steps)
+    stop_after: int | None = None  # stop this run after so many steps (state saved; resume later)
+    iter_points: int = 8  # decoder-only click iterations after step 1 (official: 8)
+    point_choices: tuple = (1, 3, 5, 9)  # clicks per iteration, drawn uniformly (official list)
+    lr: float = 1e-4  # Adam
+    schedule: str = "constant"  # constant | cosine | step; by step, after warmup
+    warmup_steps: int = 0
+    min_lr: float = 0.0  # cosine floor
+    milestones: tuple = ()  # step schedule: multiply lr by gamma at each of these steps
+    gamma: float = 0.5
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    focal_weight: float = 20.0  # loss = focal_weight * focal + dice + MSE(pred IoU, IoU)
+    amp: str = "off"  # off | bf16 | fp16 (fp16 with a GradScaler)
+    compile: bool = False  # torch.compile the encoder and the decoder
+    device: str = "auto"  # auto: cuda when available, else cpu
+    seed: int = 0  # model init, data order, prompts: everything random derives from it
+    workers: int = 0  # DataLoader worker processes
+    val_every: int = 500  # validate (rank 0) every this many steps and at the end; 0: never
+    val_limit: int | None = None  # validate on the first N images of the val split only
+    log_every: int = 10  # JSONL + progress bar update interval, in steps
+    progress: bool = True  # tqdm bar on rank 0
+    resume: str | None = None  # a run directory to continue exactly
+
+    def __post_init__(self):
+        self.point_choices, self.milestones = tuple(self.point_choices), tuple(self.milestones)
+        checks = {
+            "amp must be off, bf16 or fp16": self.amp in ("off", "bf16", "fp16"),
+            "schedule must be constant, cosine or step": self.schedule in SCHEDULES,
+            "batch_size, masks_per_image, grad_accum, epochs must be >= 1": min(
+                self.batch_size, self.masks_per_image, self.grad_accum, self.epochs) >= 1,
+            "steps and stop_after must be >= 1": all(
+                v is None or v >= 1 for v in (self.steps, self.stop_after)),
+            "iter_points, warmup_steps, val_every, workers must be >= 0": min(
+                self.iter_points, self.warmup_steps, self.val_every, self.workers) >= 0,
+            "point_choices must be positive": all(n >= 1 for n in self.point_choices) and bool(
+                self.point_choices),
+            "lr must be > 0 and grad_clip >= 0": self.lr > 0 and self.grad_clip >= 0,
+            "image_size must be a multiple of 16": self.image_size % 16 == 0,
+            "log_every must be >= 1": self.log_every >= 1,
+        }  # fmt: skip
+        bad = [what for what, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
+        if not self.data and not self.resume:
+            raise ValueError("--data is required (a dataset root built by data.py)")
+
+
+SCHEDULES = ("constant", "cosine", "step")
+# What a resumed run may change: everything else must match the run it continues.
+RESUME_OVERRIDES = ("resume", "steps", "epochs", "stop_after", "workers", "progress", "val_every",
+                    "val_limit", "log_every", "device", "val_data")  # fmt: skip
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """The learning rate of a step: linear warmup, then constant, cosine to min_lr, or steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** sum(step >= m for m in cfg.milestones)
+    return cfg.lr
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses. Each term is computed per mask, then averaged over the masks (the official code pools
+# Dice and IoU over the whole batch, so a large mask drowns out a small one).
+# ------------------------------------------------------------------------------------------------
+
+
+def focal_loss(logits, gt, alpha: float = 0.25, gamma: float = 2.0):
+    """(P, L) logits and 0/1 targets -> (P,): mean over pixels of the alpha-balanced focal loss."""
+    p = torch.sigmoid(logits)
+    pos = -alpha * gt * (1 - p) ** gamma * F.logsigmoid(logits)  # log p, stably
+    neg = -(1 - alpha) * (1 - gt) * p**gamma * F.logsigmoid(-logits)  # log(1 - p)
+    return (pos + neg).mean(dim=1)
+
+
+def dice_loss(logits, gt, smooth: float = 1.0):
+    """(P, L) -> (P,): 1 - soft Dice of sigmoid(logits), smoothed by 1 as the official code."""
+    p = torch.sigmoid(logits)
+    return 1 - (2 * (p * gt).sum(1) + smooth) / (p.sum(1) + gt.sum(1) + smooth)
+
+
+def mask_iou(logits, gt):
+    """(P, L) -> (P,): IoU of the thresholded prediction (logits > 0) with the target; two empty
+    masks count as 1. This is the target of the IoU head, so it carries no gradient."""
+    pred, gt = logits.detach() > 0, gt > 0.5
+    inter, union = (pred & gt).sum(1).float(), (pred | gt).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def sam_loss(logits, gt, iou_pred, focal_weight: float = 20.0) -> tuple:
+    """logits (P, 1, S, S), gt (P, 1, S, S) 0/1, iou_pred (P,) -> (loss, {term: (P,)}).
+
+    loss = mean over masks of focal_weight * focal + dice + (iou_pred - IoU)^2, in float32."""
+    x, y = logits.float().flatten(1), gt.float().flatten(1)  # (P, S*S)
+    terms = dict(focal=focal_loss(x, y), dice=dice_loss(x, y),
+                 iou=(iou_pred.float() - mask_iou(x, y)) ** 2)  # fmt: skip
+    per_mask = focal_weight * terms["focal"] + terms["dice"] + terms["iou"]  # (P,)
+    return per_mask.mean(), terms
+
+
+# ------------------------------------------------------------------------------------------------
+# The training step
+# ------------------------------------------------------------------------------------------------
+
+
+def select_trainable(sam: model.Sam) -> list:
+    """Freeze the original image-encoder weights; train the adapters, the prompt encoder and the
+    mask decoder. Decided once, before the optimizer is built. -> the trainable parameters."""
+    named = list(sam.named_parameters())
+    for name, p in named:
+        p.requires_grad_(not name.startswith("image_encoder.") or ".Adapter." in name)
+    part = lambda n: "adapters" if ".Adapter." in n else n.split(".")[0]
+    counts = {}
+    for name, p in named:
+        key = (part(name), p.requires_grad)
+        counts[key] = counts.get(key, 0) + p.numel()
+    train = sum(v for (_, t), v in counts.items() if t)
+    parts = ", ".join(f"{k} {v / 1e6:.3f}M" for (k, t), v in counts.items() if t)
+    frozen = counts.get(("image_encoder", False), 0)
+    print(f"trainable {train / 1e6:.3f}M ({parts}); frozen image encoder {frozen / 1e6:.3f}M")
+    return [p for _, p in named if p.requires_grad]
+
+
+class Forward(nn.Module):
+    """The differentiable part of a sub-step, as one module call so DDP can wrap it: encode the
+    images (step 1 only) and decode groups of images with their prompts.
+
+    groups: [(image rows (k,), points or None, boxes or None, mask_input or None)], the prompts of
+    a group's k images stacked image-major (k*M rows). Returns emb (B, D, h, w), logits of the
+    best mask (P, 1, S/4, S/4) and its predicted IoU (P,), rows in image-major order."""
+
+    def __init__(self, sam: model.Sam):
+        super().__init__()
+        self.sam = sam
+        self.encoder_trains = any(p.requires_grad for p in sam.image_encoder.parameters())
+
+    def forward(self, groups: list, images=None, emb=None, prompt_grad: bool = True):
+        if emb is None:
+            with torch.set_grad_enabled(self.encoder_trains and torch.is_grad_enabled()):
+                emb = self.sam.encode(images)  # (B, D, h, w)
+        lows, ious, rows = [], [], []
+        for idx, points, boxes, mask_input in groups:
+            sub = emb[idx]  # (k, D, h, w)
+            # The official iterations run the prompt encoder without gradient: decoder-only steps.
+            with torch.set_grad_enabled(prompt_grad and torch.is_grad_enabled()):
+                sparse, dense = self.sam.prompt_encoder(points, boxes, mask_input)
+            M = sparse.shape[0] // len(idx)
+            image = sub.repeat_interleave(M, dim=0)  # (k*M, D, h, w): image b serves rows b*M..
+            pe = self.sam.prompt_encoder.dense_pe()  # (1, D, h, w)
+            low, iou = self.sam.mask_decoder(image, pe, sparse, dense, multimask=True)
+            low, iou = model.select_best(low, iou)  # (k*M, 1, S/4, S/4), (k*M,)
+            lows.append(low)
+            ious.append(iou)
+            rows.append((idx[:, None] * M + torch.arange(M, device=idx.device)).flatten())
+        order = torch.cat(rows).argsort()  # back to image-major order of the whole batch
+        return emb, torch.cat(lows)[order], torch.cat(ious)[order]
+
+
+@dataclass
+class Micro:
+    """One micro-batch as it goes through the 1 + iter_points sub-steps."""
+
+    images: torch.Tensor  # (b, 3, S, S)
+    gt: torch.Tensor  # (P, 1, S, S) float 0/1, P = b*M
+    boxes: torch.Tensor  # (P, 4) jittered, model pixels
+    points: tuple  # coords (P, 1, 2), labels (P, 1): one foreground point per mask
+    gens: list  # one torch.Generator per image, seeded by (seed, step, dataset index)
+    use_box: torch.Tensor  # (b,) bool: this image's masks get a box in step 1, else a point
+    emb: torch.Tensor | None = None  # (b, D, h, w), detached after step 1
+    low: torch.Tensor | None = None  # (P, 1, S/4, S/4) previous logits
+    pred: torch.Tensor | None = None  # (P, S, S) bool previous prediction
+
+
+def make_micro(batch: dict, step: int, seed: int, device) -> Micro:
+    images = batch["image"].to(device, non_blocking=True)  # (b, 3, S, S)
+    b, M, S, _ = batch["masks"].shape
+    gt = batch["masks"].to(device).reshape(b * M, 1, S, S)  # (P, 1, S, S)
+    gens, use_box = [], []
+    for index in batch["index"].tolist():  # per image, so the draws never depend on the split
+        seq = np.random.SeedSequence([seed, 0x5A17, step, index]).generate_state(1)[0]
+        g = torch.Generator(device).manual_seed(int(seq))
+        use_box.append(bool(torch.rand(1, generator=g, device=device) < 0.5))
+        gens.append(g)
+    points = (batch["point_coords"].to(device).reshape(b * M, -1, 2),
+              batch["point_labels"].to(device).reshape(b * M, -1))  # fmt: skip
+    boxes = batch["boxes"].to(device).reshape(b * M, 4)
+    return Micro(images, gt, boxes, points, gens, torch.tensor(use_box, device=device))
+
+
+def first_groups(mb: Micro) -> list:
+    """Step 1 prompts: the images drawn as "box" get their boxes, the others one point."""
+    M = mb.gt.shape[0] // len(mb.gens)
+    groups = []
+    for box in (True, False):
+        idx = (mb.use_box == box).nonzero().flatten()  # (k,)
+        if len(idx):
+            rows = (idx[:, None] * M + torch.arange(M, device=idx.device)).flatten()  # (k*M,)
+            if box:
+                groups.append((idx, None, mb.boxes[rows], None))
+            else:
+                groups.append((idx, (mb.points[0][rows], mb.points[1][rows]), None, None))
+    return groups
+
+
+def click_groups(mb: Micro, n_clicks: int) -> list:
+    """An iteration's prompts: the previous mask as probabilities, and n new error-region clicks
+    per mask (n_clicks 0: the mask alone)."""
+    mask_input = torch.sigmoid(mb.low.float())  # (P, 1, S/4, S/4): what the weights expect
+    idx = torch.arange(len(mb.gens), device=mb.gt.device)
+    if n_clicks == 0:
+        return [(idx, None, None, mask_input)]
+    M, gt = mb.gt.shape[0] // len(mb.gens), mb.gt[:, 0] > 0.5  # (P, S, S)
+    clicks = [data.error_clicks(mb.pred[i * M : (i + 1) * M], gt[i * M : (i + 1) * M],
+                                n_clicks, g) for i, g in enumerate(mb.gens)]  # fmt: skip
+    coords = torch.cat([c for c, _ in clicks]).float()  # (P, n, 2)
+    labels = torch.cat([lab for _, lab in clicks]).long()  # (P, n)
+    return [(idx, (coords, labels), None, mask_input)]
+
+
+@dataclass
+class Trainer:
+    """What a step needs: the model, its (maybe DDP-wrapped) forward, optimizer, AMP state."""
+
+    cfg: TrainConfig
+    sam: model.Sam
+    forward: nn.Module  # Forward, or DistributedDataParallel(Forward)
+    params: list
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    gen: torch.Generator  # step-level draws (clicks per iteration, the mask-only iteration)
+    device: torch.device
+
+    def autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def optimizer_step(self) -> float:
+        self.scaler.unscale_(self.opt)
+        norm = nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or float("inf"))
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        return float(norm)
+
+
+def plan_iterations(cfg: TrainConfig, gen: torch.Generator) -> list:
+    """Clicks per iteration; 0 at the mask-only iterations (a random one, as the official
+    randint(1, iter_points - 1), and the last)."""
+    n = cfg.iter_points
+    pick = torch.randint(len(cfg.point_choices), (n,), generator=gen).tolist()
+    plan = [cfg.point_choices[i] for i in pick]
+    if n >= 3:
+        plan[int(torch.randint(1, n - 1, (1,), generator=gen))] = 0
+    if n >= 1:
+        plan[-1] = 0
+    return plan
+
+
+def sub_step(tr: Trainer, micros: list, clicks: int | None) -> float:
+    """One optimizer step over all micro-batches (clicks None: step 1). -> summed mean loss."""
+    total, S = 0.0, tr.sam.cfg.image_size
+    for j, mb in enumerate(micros):
+        sync = j == len(micros) - 1 or not isinstance(tr.forward, DistributedDataParallel)
+        with nullcontext() if sync else tr.forward.no_sync():
+            with tr.autocast():
+                if clicks is None:
+                    emb, low, iou = tr.forward(first_groups(mb), images=mb.images)
+                else:
+                    emb, low, iou = tr.forward(click_groups(mb, clicks), emb=mb.emb,
+                                               prompt_grad=False)  # fmt: skip
+            up = F.interpolate(low.float(), (S, S), mode="bilinear", align_corners=False)
+            loss, _ = sam_loss(up, mb.gt, iou, tr.cfg.focal_weight)  # up: (P, 1, S, S)
+            tr.scaler.scale(loss / len(micros)).backward()
+        mb.emb, mb.low, mb.pred = emb.detach(), low.detach(), up.detach()[:, 0] > 0
+        total += loss.item() / len(micros)
+    tr.optimizer_step()
+    return total
+
+
+def train_step(tr: Trainer, batches: list, step: int) -> dict:
+    """Step 1 plus the click iterations on the micro-batches of one global batch."""
+    micros = [make_micro(b, step, tr.cfg.seed, tr.device) for b in batches]
+    losses = [sub_step(tr, micros, None)]
+    for clicks in plan_iterations(tr.cfg, tr.gen):
+        losses.append(sub_step(tr, micros, clicks))
+    return dict(loss=float(np.mean(losses)), loss_first=losses[0], loss_last=losses[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints and training state. last.safetensors and best.safetensors hold the whole model (with
+# its config); state.pt holds what changes while training, so it alone decides where a resumed run
+# continues: the trainable weights, Adam, the GradScaler, the step-level generator, the step (the
+# data position and learning rate follow from it), the best score. It loads with weights_only.
+# ------------------------------------------------------------------------------------------------
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_state(tr: Trainer, out: Path, step: int, best: float, spe: int) -> None:
+    model.save_checkpoint(tr.sam, out / "last.safetensors")
+    trainable = {n: p.detach().cpu() for n, p in tr.sam.named_parameters() if p.requires_grad}
+    state = dict(step=step, epoch=step // spe, batch_in_epoch=step % spe, steps_per_epoch=spe,
+                 best=best, trainable=trainable, optimizer=tr.opt.state_dict(),
+                 scaler=tr.scaler.state_dict(), generator=tr.gen.get_state(),
+                 config=asdict(tr.cfg))  # fmt: skip
+    atomic_torch_save(state, out / "state.pt")
+
+
+def read_state(run_dir: Path) -> dict:
+    path = run_dir / "state.pt"
+    if not path.is_file() or not (run_dir / "last.safetensors").is_file():
+        raise FileNotFoundError(f"{run_dir}: no state.pt and last.safetensors to resume from")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read training state: {e}") from None
+
+
+def restore(tr: Trainer, state: dict) -> None:
+    named = {n: p for n, p in tr.sam.named_parameters() if p.requires_grad}
+    if set(named) != set(state["trainable"]):
+        raise ValueError("state.pt: its trainable parameters do not match the model's")
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(state["trainable"][n])
+    tr.opt.load_state_dict(state["optimizer"])
+    tr.scaler.load_state_dict(state["scaler"])
+    tr.gen.set_state(state["generator"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Data and distributed
+# ------------------------------------------------------------------------------------------------
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """Fail before any work: the manifests exist and parse, the first image and mask read."""
+    train = data.read_manifest(cfg.data, "train")
+    if not train:
+        raise ValueError(f"{cfg.data}: the train split is empty")
+    image, masks = next(iter(train.items()))
+    data.read_image(image)
+    for m in masks[:1]:
+        data.read_mask(m)
+    if cfg.val_every:
+        data.read_manifest(cfg.val_data or cfg.data, "val")  # raises if there is no val split
+
+
+def setup_distributed(device: str) -> tuple:
+    """-> (rank, world size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs,
+    gloo on CPUs."""
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return int(os.environ.get("RANK", "0")), world, device
+
+
+def batches(ds, cfg: TrainConfig, rank: int, world: int, step: int, spe: int):
+    """The micro-batches of every step from `step` to the end of its epoch, on this process.
+
+    The DistributedSampler's permutation depends on (seed, epoch) only, and process r takes every
+    world-th index: so the images of a global step are the same whatever the number of processes."""
+    epoch, first = divmod(step, spe)
+    ds.set_epoch(epoch)
+    sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    local = cfg.batch_size // world
+    indices = list(sampler)[first * local : spe * local]
+    loader = DataLoader(ds, batch_size=local // cfg.grad_accum, sampler=indices,
+                        num_workers=cfg.workers, drop_last=True)  # fmt: skip
+    it = iter(loader)
+    for _ in range(spe - first):
+        yield [next(it) for _ in range(cfg.grad_accum)]
+
+
+def build_model(cfg: TrainConfig, device) -> model.Sam:
+    if cfg.checkpoint:
+        return model.load_checkpoint(cfg.checkpoint, image_size=cfg.image_size,
+                                     adapter=cfg.adapter, device=device)  # fmt: skip
+    mcfg = model.SamConfig.from_name(cfg.model, image_size=cfg.image_size, adapter=cfg.adapter)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+        torch.manual_seed(cfg.seed)
+        return model.Sam(mcfg).to(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation: infer.py's evaluation (the paper's protocol) on the val split
+# ------------------------------------------------------------------------------------------------
+
+
+def val_view(cfg: TrainConfig, out: Path) -> Path:
+    """infer.evaluate reads a root's label2image_test.json; give it the val split in that form
+    (absolute paths) in OUT/val/. Returns that root."""
+    pairs = data.read_manifest(cfg.val_data or cfg.data, "val")
+    mapping = {str(Path(m).resolve()): str(Path(img).resolve())
+               for img, ms in pairs.items() for m in ms}  # fmt: skip
+    root = out / "val"
+    root.mkdir(exist_ok=True)
+    tmp = root / f".label2image_test.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(mapping, indent=1))
+    os.replace(tmp, root / "label2image_test.json")
+    return root
+
+
+def validate(sam: model.Sam, root: Path, cfg: TrainConfig) -> dict:
+    """Dice for box, 1, 3 and 5 points; "score" = their mean decides best.safetensors."""
+    sam.eval()
+    res = infer.evaluate(sam, root, prompt_modes=("box", 1, 3, 5), seed=cfg.seed,
+                         limit=cfg.val_limit)  # fmt: skip
+    sam.train()
+    dice = {k: float(v) for k, v in res["dice"].items()}
+    return dict(dice=dice, score=float(np.mean(list(dice.values()))), n_masks=res["n_masks"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+def resolve_config(args: dict) -> tuple:
+    """-> (config, saved state or None). A resumed run takes its config from state.pt; only the
+    RESUME_OVERRIDES may differ."""
+    if not args.get("resume"):
+        return TrainConfig(**args), None
+    state = read_state(Path(args["resume"]))
+    fixed = [k for k in args if k not in RESUME_OVERRIDES]
+    if fixed:
+        raise ValueError(f"--resume continues a run as it was configured; cannot change {fixed}")
+    # stop_after belongs to the run that set it; the resumed one goes on unless told otherwise
+    cfg = TrainConfig(**{**state["config"], "stop_after": None, **args, "out": args["resume"]})
+    return cfg, state
+
+
+def log_line(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def setup(args: dict) -> tuple:
+    """Everything before the first step: config, data checks, processes, model, optimizer."""
+    cfg, state = resolve_config(args)
+    check_data(cfg)
+    out = Path(cfg.out)
+    if state is None and (out / "state.pt").exists():
+        raise FileExistsError(f"{out}: holds a run already; --resume {out} or pick another --out")
+    rank, world, device = setup_distributed(cfg.device)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch size {cfg.batch_size} does not split into {world} processes x "
+                         f"{cfg.grad_accum} accumulation steps")  # fmt: skip
+    if state is not None:
+        sam = model.load_checkpoint(out / "last.safetensors", device=device, verbose=rank == 0)
+    else:
+        sam = build_model(cfg, device)
+    params = select_trainable(sam)  # before the optimizer: the trainable set never changes
+    fwd = Forward(sam)
+    if cfg.compile:
+        sam.image_encoder.compile()
+        sam.mask_decoder.compile()
+    if world > 1:
+        fwd = DistributedDataParallel(fwd, find_unused_parameters=True)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tr = Trainer(cfg, sam.train(), fwd, params, opt, scaler, gen, device)
+    if state is not None:
+        restore(tr, state)
+    return tr, state, rank, world
+
+
+def main(args: dict) -> dict:
+    """Train with the given settings (TrainConfig field names; only those given on the command
+    line, so a resumed run can tell what changed). Returns the last validation and log records."""
+    tr, state, rank, world = setup(args)
+    cfg, out = tr.cfg, Path(tr.cfg.out)
+    ds = data.TrainDataset(cfg.data, tr.sam.cfg, masks_per_image=cfg.masks_per_image,
+                           seed=cfg.seed)  # fmt: skip
+    spe = len(ds) // cfg.batch_size
+    if spe == 0:
+        raise ValueError(f"{cfg.data}: {len(ds)} training images, fewer than the batch size")
+    total = cfg.steps or cfg.epochs * spe
+    start, best = (state["step"], state["best"]) if state else (0, -1.0)
+    if state and state["steps_per_epoch"] != spe:
+        raise ValueError(f"{cfg.data}: the dataset changed since the run started ({spe} steps "
+                         f"per epoch, not {state['steps_per_epoch']})")  # fmt: skip
+    end = min(total, start + cfg.stop_after) if cfg.stop_after else total
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    val_root = val_view(cfg, out) if rank == 0 and cfg.val_every else None
+    bar = tqdm(total=end, initial=start, disable=rank != 0 or not cfg.progress, unit="step")
+    data_it, last = None, {}
+    t0, seen = time.perf_counter(), 0
+    for step in range(start, end):
+        if data_it is None or step % spe == 0:
+            data_it = batches(ds, cfg, rank, world, step, spe)
+        for g in tr.opt.param_groups:
+            g["lr"] = lr_at(step, cfg, total)
+        rec = train_step(tr, next(data_it), step)
+        seen += cfg.batch_size
+        done = step + 1
+        if world > 1:  # log the mean over processes
+            t = torch.tensor([rec["loss"], rec["loss_first"], rec["loss_last"]], device=tr.device)
+            dist.all_reduce(t)
+            rec.update(zip(("loss", "loss_first", "loss_last"), (t / world).tolist(), strict=True))
+        if done % cfg.log_every == 0 or done == end:
+            dt = time.perf_counter() - t0
+            last = dict(step=done, epoch=step // spe, lr=lr_at(step, cfg, total), **rec,
+                        images_per_s=seen / dt, memory_mb=memory_mb(tr.device))  # fmt: skip
+            t0, seen = time.perf_counter(), 0
+            if rank == 0:
+                log_line(out / "log.jsonl", last)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{last['images_per_s']:.2f}")
+        bar.update(1)
+        if (cfg.val_every and done % cfg.val_every == 0) or done == end:
+            best = checkpoint(tr, cfg, out, done, best, spe, val_root, rank, world, last)
+            t0 = time.perf_counter()  # images/s counts training only
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return dict(best=best, last=last, step=end)
+
+
+def checkpoint(tr, cfg, out, step, best, spe, val_root, rank, world, last) -> float:
+    """Rank 0 validates, keeps best.safetensors by mean Dice, writes last + state; all wait."""
+    if rank == 0:
+        if val_root is not None:
+            val = validate(tr.sam, val_root, cfg)
+            if val["score"] > best:
+                best = val["score"]
+                model.save_checkpoint(tr.sam, out / "best.safetensors")
+            log_line(out / "log.jsonl", dict(step=step, val=val, best=best))
+            last["val"] = val
+        save_state(tr, out, step, best, spe)
+    if world > 1:
+        dist.barrier()
+        b = torch.tensor([best], dtype=torch.float64, device=tr.device)
+        dist.broadcast(b, 0)
+        best = float(b)
+    return best
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark (python train.py --bench): our step against a straightforward port of the official
+# SAM-Med2D step, same weights, same process. Never runs in the tests.
+# ------------------------------------------------------------------------------------------------
+
+
+def official_loss(masks, labels, iou_pred):
+    """SAM-Med2D's FocalDiceloss_IoULoss: focal and Dice pooled over the whole batch, the IoU term
+    against a soft IoU that is also pooled (and differentiated)."""
+    p = torch.sigmoid(masks)
+    n_pos = labels.sum()
+    n_neg = labels.numel() - n_pos
+    pos = -0.25 * labels * (1 - p) ** 2 * torch.log(p + 1e-12)
+    neg = -0.75 * (1 - labels) * p**2 * torch.log(1 - p + 1e-12)
+    focal = (pos.sum() + neg.sum()) / (n_pos + n_neg + 1e-12)
+    dice = 1 - (2 * (p * labels).sum() + 1) / (p.sum() + labels.sum() + 1)
+    inter = (p * labels).sum()
+    iou = (inter + 1e-7) / (p.sum() + labels.sum() - inter + 1e-7)
+    return 20 * focal + dice + torch.mean((iou - iou_pred) ** 2)
+
+
+def official_decode(sam, emb, prompt: dict, decoder_iter: bool, size: int):
+    """The official prompt_and_decoder: the prompt encoder without gradient in the iterations, the
+    best mask picked in a Python loop, upsampled to the input size."""
+    points = (prompt["coords"], prompt["labels"]) if prompt["coords"] is not None else None
+    with torch.no_grad() if decoder_iter else nullcontext():
+        sparse, dense = sam.prompt_encoder(points, prompt["boxes"], prompt["mask"])
+    low, iou = sam.mask_decoder(emb, sam.prompt_encoder.dense_pe(), sparse, dense, True)
+    best_iou, best = torch.max(iou, dim=1)
+    low = torch.stack([low[i : i + 1, j] for i, j in enumerate(best)], 0)  # (P, 1, h, w)
+    masks = F.interpolate(low, (size, size), mode="bilinear", align_corners=False)
+    return masks, low, best_iou[:, None]
+
+
+def official_points(masks, labels, low, n: int, rng) -> dict:
+    """The official generate_point: n clicks per mask in the error region (numpy, one mask and one
+    point at a time), the previous mask as probabilities, boxes dropped."""
+    pred = (torch.sigmoid(masks) > 0.5).float().cpu().numpy()
+    gt = labels.cpu().numpy()
+    coords, point_labels = [], []
+    for j in range(pred.shape[0]):
+        err = np.argwhere(pred[j, 0] != gt[j, 0])
+        if len(err) == 0:
+            err = rng.integers(0, pred.shape[-1], size=(n, 2))
+        pick = err[rng.choice(len(err), n, replace=True)]
+        coords.append([(x, y) for y, x in pick])
+        point_labels.append([int(gt[j, 0, y, x] == 1) for y, x in pick])
+    dev = masks.device
+    return dict(coords=torch.tensor(coords, dtype=torch.float, device=dev),
+                labels=torch.tensor(point_labels, device=dev), boxes=None,
+                mask=torch.sigmoid(low.detach()))  # fmt: skip
+
+
+def official_step(sam, opt, batch: dict, iter_points: int, choices, rng) -> float:
+    """SAM-Med2D's train_one_epoch body for one batch, ported as it is."""
+    images, (B, M, S, _) = batch["image"], batch["masks"].shape
+    labels = batch["masks"].reshape(B * M, 1, S, S)
+    box = rng.random() > 0.5
+    prompt = dict(coords=None if box else batch["point_coords"].reshape(B * M, -1, 2),
+                  labels=None if box else batch["point_labels"].reshape(B * M, -1),
+                  boxes=batch["boxes"].reshape(B * M, 4) if box else None, mask=None)  # fmt: skip
+    for n, p in sam.image_encoder.named_parameters():
+        p.requires_grad = "Adapter" in n
+    emb = sam.image_encoder(images)
+    emb = torch.cat([emb[i].repeat(M, 1, 1, 1) for i in range(B)], dim=0)  # (P, D, h, w)
+    masks, low, iou = official_decode(sam, emb, prompt, False, S)
+    official_loss(masks, labels, iou).backward()
+    opt.step()
+    opt.zero_grad()
+    prompt = official_points(masks, labels, low, int(rng.choice(choices)), rng)
+    emb = emb.detach().clone()
+    for n, p in sam.named_parameters():
+        p.requires_grad = "image_encoder" not in n
+    mask_only = rng.integers(1, iter_points - 1)
+    for it in range(iter_points):
+        if it in (mask_only, iter_points - 1):
+            prompt.update(coords=None, labels=None, boxes=None)
+        masks, low, iou = official_decode(sam, emb, prompt, True, S)
+        loss = official_loss(masks, labels, iou)
+        loss.backward(retain_graph=True)
+        opt.step()
+        opt.zero_grad()
+        if it != iter_points - 1:
+            prompt = official_points(masks, labels, low, int(rng.choice(choices)), rng)
+    return loss.item()
+
+
+def synthetic_batch(B: int, M: int, S: int, seed: int) -> dict:
+    """B images with M random rectangles each, as data.TrainDataset would give them."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(B, M, S, S)
+    for b in range(B):
+        for m in range(M):
+            x0, y0 = torch.randint(0, S // 2, (2,), generator=g).tolist()
+            w, h = torch.randint(S // 16, S // 2, (2,), generator=g).tolist()
+            masks[b, m, y0 : y0 + h, x0 : x0 + w] = 1
+    flat = masks.reshape(B * M, S, S).bool()
+    coords, labels = data.sample_points(flat, 1, g)
+    return dict(image=torch.randn(B, 3, S, S, generator=g), masks=masks,
+                boxes=data.boxes_from_masks(flat, jitter=True, generator=g).reshape(B, M, 4),
+                point_coords=coords.reshape(B, M, 1, 2), point_labels=labels.reshape(B, M, 1),
+                index=torch.arange(B))  # fmt: skip
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every millisecond."""
+
+    def __enter__(self):
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back so the baseline is fair
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.delta_mb = (self.peak - self.base) / 2**20
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench(preset="vit_b", size=256, images=2, masks=5, iter_points=8, runs=2) -> dict:
+    """Time and peak memory of one training step, ours vs the official port, on the same weights
+    and batch; then the images/s of the tiny preset."""
+    cfg = TrainConfig(data="-", batch_size=images, masks_per_image=masks, iter_points=iter_points)
+    mcfg = model.SamConfig.from_name(preset, image_size=size, adapter=True)
+    torch.manual_seed(0)
+    ours = model.Sam(mcfg).train()
+    ref = model.Sam(replace(mcfg, kernels="reference")).train()
+    ref.load_state_dict(ours.state_dict())
+    batch = synthetic_batch(images, masks, size, seed=0)
+    params = select_trainable(ours)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    tr = Trainer(cfg, ours, Forward(ours), params, opt, scaler, torch.Generator().manual_seed(0),
+                 torch.device("cpu"))  # fmt: skip
+    ref_opt, rng = torch.optim.Adam(ref.parameters(), lr=cfg.lr), np.random.default_rng(0)
+    result = {"ours": [], "official": []}
+    for i in range(runs + 1):  # the first round warms up; alternate so load hits both alike
+        for name in ("official", "ours"):
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                if name == "ours":
+                    train_step(tr, [batch], i)
+                else:
+                    official_step(ref, ref_opt, batch, iter_points, cfg.point_choices, rng)
+                dt = time.perf_counter() - t0
+            if i:
+                result[name].append((dt, mem.delta_mb))
+    return result
+
+
+def bench_tiny(size=256, images=2, masks=5, iter_points=8, runs=3) -> float:
+    cfg = TrainConfig(data="-", batch_size=images, masks_per_image=masks, iter_points=iter_points)
+    torch.manual_seed(0)
+    sam = model.Sam(model.SamConfig.from_name("tiny", image_size=size)).train()
+    params = select_trainable(sam)
+    tr = Trainer(cfg, sam, Forward(sam), params, torch.optim.Adam(params, lr=cfg.lr),
+                 torch.amp.GradScaler("cpu", enabled=False), torch.Generator().manual_seed(0),
+                 torch.device("cpu"))  # fmt: skip
+    batch = synthetic_batch(images, masks, size, seed=0)
+    train_step(tr, [batch], 0)
+    t0 = time.perf_counter()
+    for i in range(runs):
+        train_step(tr, [batch], i + 1)
+    return runs * images / (time.perf_counter() - t0)
+
+
+def run_bench(args) -> None:
+    print(f"threads={torch.get_num_threads()} load={os.getloadavg()}")
+    res = bench(args.bench_preset, runs=args.bench_runs)
+    for name, rows in res.items():
+        t = sorted(r[0] for r in rows)
+        print(f"{name:9s} step {t[len(t) // 2]:.2f} s (min {t[0]:.2f}), "
+              f"peak +{max(r[1] for r in rows):.0f} MiB RSS")  # fmt: skip
+    med = lambda rows: sorted(r[0] for r in rows)[len(rows) // 2]
+    print(f"speed-up {med(res['official']) / med(res['ours']):.2f}x")
+    print(f"tiny@256: {bench_tiny():.2f} images/s (2 images x 5 masks, 1 + 8 iterations)")
+    print(f"load after: {os.getloadavg()}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+
+if __name__ == "__main__":
+    # Defaults stay out of the namespace (SUPPRESS): the dataclass holds them, and --resume can
+    # tell which settings were given.
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                argument_default=argparse.SUPPRESS)  # fmt: skip
+    typed = dict(data=str, val_data=str, out=str, checkpoint=str, image_size=int,
+                 batch_size=int, masks_per_image=int, grad_accum=int, epochs=int, steps=int,
+                 stop_after=int, iter_points=int, lr=float, warmup_steps=int, min_lr=float,
+                 gamma=float, grad_clip=float, focal_weight=float, device=str, seed=int,
+                 workers=int, val_every=int, val_limit=int, log_every=int, resume=str)  # fmt: skip
+    for name, kind in typed.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
+    p.add_argument("--model", dest="model", choices=list(model.PRESETS))
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"])
+    p.add_argument("--schedule", choices=list(SCHEDULES))
+    p.add_argument("--point-choices", dest="point_choices", type=int, nargs="+")
+    p.add_argument("--milestones", type=int, nargs="+")
+    for name in ("adapter", "compile", "progress"):
+        p.add_argument("--" + name, action=argparse.BooleanOptionalAction)
+    p.add_argument("--bench", action="store_true", help="time one step vs the official port")
+    p.add_argument("--bench-preset", default="vit_b", choices=list(model.PRESETS))
+    p.add_argument("--bench-runs", type=int, default=2)
+    ns = vars(p.parse_args())
+    if ns.pop("bench", False):
+        run_bench(argparse.Namespace(**ns))
+        sys.exit()
+    ns.pop("bench_preset", None), ns.pop("bench_runs", None)
+    try:
+        main(ns)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        p.error(str(e))
