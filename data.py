@@ -44,11 +44,9 @@ class DataConfig:
     modality: str = "mr"  # first name field, e.g. ct, mr_t1, xray
     dataset: str = "dataset"  # second name field
     axes: tuple[str, ...] = ("x", "y", "z")  # volumes: slice axes (x sagittal, y coronal, z axial)
-    window: str | tuple[float, float] | None = (
-        None  # CT preset or (level, width); None: percentiles
-    )
+    window: str | tuple | None = None  # CT preset or (level, width); None: percentiles
     instances: bool = False  # split every label into connected components (instance masks)
-    min_area: float = 0.00153  # the paper's filter: drop masks below this fraction of the image
+    min_area: float = 0.00153  # the paper's filter: masks below 0.153% of the image are dropped
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/val/test fractions, by case
     seed: int = 0  # seed of the case-level split
     case_pattern: str = ""  # 2D: regex on the file stem whose group 1 is the case (patient) id
@@ -56,8 +54,6 @@ class DataConfig:
     shard: tuple[int, int] = (0, 1)  # (i, n): this run handles cases i, i+n, i+2n, ... (0-based)
     skip_bad: bool = False  # continue past bad inputs and list them at the end
 
-
-MIN_AREA_FRACTION = 0.00153  # SAM-Med2D paper: masks below 0.153% of the image are dropped
 
 # CT window presets: name -> (level, width) in Hounsfield units
 WINDOWS = {
@@ -82,13 +78,11 @@ def _load_pil(path) -> Image.Image:
         raise DataError(f"{path}: no such file")
     try:
         im = Image.open(path)
-        if getattr(im, "n_frames", 1) > 1:
-            raise DataError(f"{path}: multi-frame image ({im.n_frames} frames); convert to NIfTI")
         im.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        if isinstance(e, DataError):
-            raise
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+    if getattr(im, "n_frames", 1) > 1:
+        raise DataError(f"{path}: multi-frame image ({im.n_frames} frames); convert to NIfTI")
     return im
 
 
@@ -264,11 +258,10 @@ class Geometry:
 
 
 def _like(a, values):
-    return (
-        torch.tensor(values, dtype=a.dtype, device=a.device)
-        if torch.is_tensor(a)
-        else (np.asarray(values, dtype=np.result_type(a, np.float32)))
-    )
+    """`values` as an array of a's kind (torch on a's device, or numpy) to broadcast against a."""
+    if torch.is_tensor(a):
+        return torch.tensor(values, dtype=a.dtype, device=a.device)
+    return np.asarray(values, dtype=np.result_type(a, np.float32))
 
 
 def geometry(height: int, width: int, size: int, resize_mode: str) -> Geometry:
@@ -324,7 +317,8 @@ def label_components(masks: torch.Tensor) -> torch.Tensor:
 
     Every foreground pixel starts as its own tree. Each round hooks the larger of two adjacent
     roots under the smaller (scatter-min), then pointer jumping flattens the trees. Roots are the
-    smallest pixel index of their component, and the number of roots at least halves per round."""
+    smallest pixel index of their component; every root with a different neighbour merges in
+    each round, so the rounds grow like log(N), not like the component's diameter."""
     shape, (H, W) = masks.shape, masks.shape[-2:]
     flat = masks.reshape(-1).bool()  # (B*H*W,)
     fg = flat.nonzero().squeeze(1)  # (N,)
@@ -417,7 +411,7 @@ _largest = largest_component  # boxes_from_masks has an argument of the same nam
 
 def _sample_in(region: torch.Tensor, k: int, generator) -> torch.Tensor:
     """(P, HW) bool -> (P, k) flat indices drawn uniformly (with replacement) from each row's True
-    pixels. Rows without any True pixel give index 0; the caller handles them."""
+    pixels. Rows without any True pixel give a meaningless index; the caller avoids them."""
     cum = region.long().cumsum(1)  # (P, HW)
     count = cum[:, -1:]  # (P, 1)
     u = torch.rand(region.shape[0], k, generator=generator, device=region.device)  # (P, k)
@@ -684,6 +678,10 @@ def find_cases(cfg: DataConfig) -> list[Case]:
         if cfg.kind == "volumes" and len(case.pairs) > 1:
             error = f"{f}: case name {case.name} is also used by {case.pairs[0][0]}"
         case.error = case.error or error
+    used = {lab for c in cases.values() for _, lab in c.pairs}
+    unused = sorted(str(p) for ps in labels.values() for p in ps if p not in used)
+    if unused:  # not an error, but never silent
+        print(f"{len(unused)} label files have no image: {', '.join(unused)}")
     return [cases[k] for k in sorted(cases)]
 
 
@@ -1030,7 +1028,7 @@ if __name__ == "__main__":
         "--min-area",
         dest="min_area",
         type=float,
-        default=MIN_AREA_FRACTION,
+        default=DataConfig.min_area,
         help="drop masks below this fraction of the image (paper: 0.00153)",
     )
     p.add_argument(

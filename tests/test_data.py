@@ -13,7 +13,6 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -26,15 +25,9 @@ from model import SamConfig
 
 
 def cfg_like(**kw):
-    """The fields of model.SamConfig that data.py reads."""
-    base = dict(
-        image_size=256,
-        pixel_mean=(123.675, 116.28, 103.53),
-        pixel_std=(58.395, 57.12, 57.375),
-        channel_order="BGR",
-        resize_mode="stretch",
-    )
-    return SimpleNamespace(**{**base, **kw})
+    """The model config data.py reads (image_size, pixel_mean/std, channel_order, resize_mode);
+    SAM-Med2D's released weights expect BGR."""
+    return SamConfig.from_name("tiny", **{"channel_order": "BGR", **kw})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,6 +605,7 @@ def test_cli_bad_inputs_named_and_skipped(tmp_path, capsys):
     bad["corrupt"] = "corrupt.nii.gz: cannot read NIfTI"
     _save_nifti(img / "nolabel.nii.gz", image, np.eye(4))
     bad["nolabel"] = "nolabel.nii.gz: no label files named nolabel"
+    _save_nifti(lab / "orphan.nii.gz", labels, np.eye(4))  # a label without an image: noted
     for name, msg in bad.items():
         one = tmp_path / f"only_{name}"
         (one / "img").mkdir(parents=True)
@@ -625,6 +619,7 @@ def test_cli_bad_inputs_named_and_skipped(tmp_path, capsys):
     summary = data.run(volume_cfg(tmp_path, tmp_path / "out", skip_bad=True, workers=2))
     assert len(summary["skipped"]) == len(bad) and summary["slices"] == 5
     printed = capsys.readouterr().out
+    assert "1 label files have no image: " in printed and "orphan.nii.gz" in printed
     for msg in bad.values():
         assert msg in printed and any(msg in s for s in summary["skipped"])
 
