@@ -469,8 +469,12 @@ def test_cli_marker_orientation_all_axes(tmp_path):
     labels[X - 4 :, Y - 4 :, Z - 3 :] = 9  # slices through the marker need a mask to be kept
     save_lps(tmp_path / "lab" / "case0000.nii.gz", labels)
     out = tmp_path / "out"
-    # a window [0, 1000] keeps the body below 60 and the marker alone at 255
-    data.run(volume_cfg(tmp_path, out, axes=("x", "y", "z"), min_area=0.0, window=(500, 1000)))
+    # through the command line; a window [0, 1000] keeps the body below 60, the marker at 255
+    cmd = [sys.executable, data.__file__, "volumes", "--images", str(tmp_path / "img"),
+           "--labels", str(tmp_path / "lab"), "--out", str(out), "--modality", "MR_T1",
+           "--dataset", "SYN", "--min-area", "0", "--window", "500", "1000"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "case0000: intensity CT window -> [0, 1000] mapped to 0-255" in res.stderr + res.stdout
     # marker at RAS voxel (X-2, Y-2, Z-2): patient right, anterior, superior -> in every view
     # one pixel from the top-left corner (radiological: right on the left; sagittal: anterior
     # on the left; superior/anterior at the top)
@@ -670,6 +674,11 @@ def test_cli_2d_folders(tmp_path):
     np.testing.assert_array_equal(
         read_png(out / "masks/xray--T--p01--p01_b--label_1_000.png"), m * 255
     )
+    (img / "p03_a.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # corrupt, skipped
+    Image.fromarray(m).save(lab / "p03_a.png")
+    summary = data.run(data.DataConfig(**{**cfg.__dict__, "out": str(tmp_path / "o1"),
+                                          "skip_bad": True}))  # fmt: skip
+    assert len(summary["skipped"]) == 1 and "p03_a.png: cannot read image" in summary["skipped"][0]
     Image.fromarray(np.zeros((41, 50), np.uint8)).save(lab / "p02_a.png")
     with pytest.raises(data.DataError, match=r"p02_a.png: mask shape \(41, 50\) does not match"):
         data.run(data.DataConfig(**{**cfg.__dict__, "out": str(tmp_path / "o2")}))
