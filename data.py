@@ -701,10 +701,13 @@ def _write_png(path: Path, a: np.ndarray) -> None:
     _write_atomic(path, lambda tmp: Image.fromarray(a).save(tmp, format="PNG"))
 
 
-def _display(s: np.ndarray) -> np.ndarray:
-    """A slice of a RAS+ volume -> the radiological view: rows run anterior/superior -> posterior/
-    inferior, columns patient right -> left (axial, coronal), anterior -> posterior (sagittal)."""
-    return np.ascontiguousarray(s[::-1, ::-1].T)
+def volume_slice(volume: np.ndarray, axis: str, k: int) -> np.ndarray:
+    """Slice k along "x" (sagittal), "y" (coronal) or "z" (axial) of a canonical RAS+ volume (as
+    read_volume gives it) -> (H, W) in the radiological view of the dataset slices: rows run
+    anterior/superior -> posterior/inferior, columns patient right -> left (sagittal: anterior ->
+    posterior)."""
+    s = volume[(slice(None),) * "xyz".index(axis) + (k,)]  # a view, axes in RAS order
+    return np.ascontiguousarray(s[::-1, ::-1].T)  # (H, W)
 
 
 def _slice_masks(lab: np.ndarray, cfg: DataConfig) -> list[tuple[int, int, np.ndarray]]:
@@ -784,11 +787,11 @@ def _volume_unit(case: Case, cfg: DataConfig, axis: str, part: int, parts: int):
     ks = np.array_split(np.arange(labels.shape[ax]), parts)[part]
     entries = []
     for k in ks:
-        lab = _display(labels[(slice(None),) * ax + (k,)])  # (H, W)
+        lab = volume_slice(labels, axis, k)  # (H, W)
         masks = _slice_masks(lab, cfg) if lab.any() else []
         if masks:
             name = _image_name(cfg, case, f"{axis}_{k:04d}")
-            img = _display(image[(slice(None),) * ax + (k,)])
+            img = volume_slice(image, axis, k)
             entries.append(_write_slice(Path(cfg.out), name, img, masks))
     return entries, note
 

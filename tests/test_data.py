@@ -483,6 +483,10 @@ def test_cli_marker_orientation_all_axes(tmp_path):
         assert img[1, 1] == 255 and (img == 255).sum() == 1, axis
     sag = read_png(out / "images/MR_T1--SYN--case0000--x_0015.png")
     assert sag.shape == (Z, Y)  # sagittal: rows superior->inferior, columns anterior->posterior
+    vol = data.read_volume(tmp_path / "img" / "case0000_0000.nii.gz").data
+    for axis, k in (("x", X - 2), ("y", Y - 2), ("z", Z - 2)):
+        view = data.volume_slice(vol, axis, k)  # the raw marker is the unique maximum
+        assert np.unravel_index(view.argmax(), view.shape) == (1, 1)
 
 
 def test_cli_instances_and_area_filter(tmp_path):
