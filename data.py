@@ -21,6 +21,7 @@ import re
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -522,6 +523,19 @@ def read_manifest(root, split: str = "train") -> dict[str, list[str]]:
     return {resolve(img): [resolve(m) for m in masks] for img, masks in pairs.items()}
 
 
+@contextmanager
+def _one_thread():
+    """A sample's tensors are small: torch's intra-op threads only add synchronisation, and on a
+    busy machine that made __getitem__ 10x slower (measured, README). DataLoader workers run on
+    one thread already; this gives the main process (num_workers=0) the same, for the call."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _item_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
@@ -558,6 +572,10 @@ class TrainDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
+        with _one_thread():
+            return self._item(index)
+
+    def _item(self, index: int) -> dict:
         g = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
         image_path, mask_paths = self.items[index]
         n = len(mask_paths)
@@ -594,6 +612,10 @@ class TestDataset(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict:
+        with _one_thread():
+            return self._item(index)
+
+    def _item(self, index: int) -> dict:
         mask_path, image_path = self.pairs[index]
         if self._last[0] != image_path:
             image = read_image(image_path)

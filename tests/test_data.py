@@ -774,7 +774,9 @@ def test_train_dataset(built):
     assert len(ds) == len(manifest)
     many = next(i for i, (_, ms) in enumerate(ds.items) if len(ms) >= 3)
     few = next(i for i, (_, ms) in enumerate(ds.items) if len(ms) == 1)
+    threads = torch.get_num_threads()
     item = ds[many]
+    assert torch.get_num_threads() == threads  # one thread inside __getitem__, then restored
     assert set(item) == {"image", "masks", "boxes", "point_coords", "point_labels", "index"}
     assert item["image"].shape == (3, 256, 256) and item["masks"].shape == (3, 256, 256)
     assert item["boxes"].shape == (3, 4) and item["point_coords"].shape == (3, 3, 2)
