@@ -244,21 +244,9 @@ def _gate_op(
         torch.empty(B, w_down.shape[0], **f32),
     )
     _gate_fwd_kernel[(B,)](
-        x,
-        w_down,
-        w_up,
-        xg,
-        g,
-        mean,
-        hid,
-        L,
-        C,
-        w_down.shape[0],
-        BLOCK_L=8,
-        BLOCK_C=_block_c(C),
-        BLOCK_R=8,
-        num_warps=8,
-    )
+        x, w_down, w_up, xg, g, mean, hid, L, C, w_down.shape[0], BLOCK_L=8, BLOCK_C=_block_c(C),
+        BLOCK_R=8, num_warps=8,
+    )  # fmt: skip
     return xg, g, mean, hid
 
 
@@ -287,7 +275,7 @@ def _gate_bwd_op(
     dx = torch.empty_like(x)
     _gate_bwd_dx_kernel[(B, triton.cdiv(L, 8))](
         dxg, g, dmean, dx, L, C, BLOCK_L=8, BLOCK_C=_block_c(C)
-    )
+    )  # fmt: skip
     return dx, dw_down.to(w_down.dtype), dw_up.to(w_up.dtype)
 
 
@@ -321,21 +309,9 @@ def _epilogue_op(
     launches["epilogue_forward"] += 1
     mean, rstd = (torch.empty(R, device=x.device, dtype=torch.float32) for _ in range(2))
     _epilogue_fwd_kernel[(R,)](
-        x,
-        d,
-        res if res is not None else x,
-        mlp if mlp is not None else x,
-        ln_w,
-        ln_b,
-        out,
-        mean,
-        rstd,
-        C,
-        eps,
-        HAS_RES=res is not None,
-        HAS_MLP=mlp is not None,
-        BLOCK_C=_block_c(C),
-    )
+        x, d, res if res is not None else x, mlp if mlp is not None else x, ln_w, ln_b, out, mean,
+        rstd, C, eps, HAS_RES=res is not None, HAS_MLP=mlp is not None, BLOCK_C=_block_c(C),
+    )  # fmt: skip
     return out, mean, rstd
 
 
@@ -357,22 +333,9 @@ def _epilogue_bwd_op(
     launches["epilogue_backward"] += 1
     parts = torch.empty(2, progs, C, device=x.device, dtype=torch.float32)
     _epilogue_bwd_kernel[(progs,)](
-        dout,
-        x,
-        d,
-        ln_w,
-        mean,
-        rstd,
-        dx,
-        dd,
-        parts[0],
-        parts[1],
-        R,
-        C,
-        eps,
-        rows,
+        dout, x, d, ln_w, mean, rstd, dx, dd, parts[0], parts[1], R, C, eps, rows,
         BLOCK_C=_block_c(C),
-    )
+    )  # fmt: skip
     dw, db = parts[0].sum(0), parts[1].sum(0)  # (C,) each
     return dx, dd, dw.to(ln_w.dtype), db.to(ln_w.dtype)
 

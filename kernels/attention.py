@@ -293,7 +293,6 @@ def _bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------------
 # Host side: shape checks, launch, custom ops (torch.compile sees opaque ops with fake shapes)
 
-BLOCK_M, BLOCK_N = 64, 64  # not tuned on a GPU yet (none was available while this was written)
 launches: Counter = Counter()  # Triton launches by pass ("forward", "backward"), for the tests
 
 
@@ -317,10 +316,13 @@ def _check(q, k, v, rel_h, rel_w):
     assert q.dtype == k.dtype == v.dtype, "q, k, v must share a dtype"
 
 
-def _consts(q, rel_h, rel_w):
+def _consts(q):
+    """Launch constants. Not tuned on a GPU yet (none was available while this was written): 64 x 64
+    tiles, halved when fp32 tiles of a wide head (vit_h: hs 80 -> 128) would crowd shared memory."""
     prec = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 parity with the reference
     bd = max(16, triton.next_power_of_2(q.shape[-1]))
-    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=bd, PREC=prec)
+    block = 32 if q.dtype == torch.float32 and bd > 64 else 64
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=bd, PREC=prec, num_warps=4, num_stages=2)
 
 
 @torch.library.custom_op("sam_med2d::rel_pos_attention", mutates_args=())
@@ -332,22 +334,11 @@ def _rel_pos_attention_op(
     o = torch.empty_like(q)  # inputs are contiguous (attention_triton), so o is too
     lse = torch.empty((Z, nh, N), device=q.device, dtype=torch.float32)
     launches["forward"] += 1
-    grid = (Z * nh, triton.cdiv(N, BLOCK_M))
+    c = _consts(q)
+    grid = (Z * nh, triton.cdiv(N, c["BLOCK_M"]))
     _fwd_kernel[grid](
-        q,
-        k,
-        v,
-        rel_h,
-        rel_w,
-        o,
-        lse,
-        N,
-        hs,
-        rel_h.shape[-1],
-        rel_w.shape[-1],
-        scale,
-        **_consts(q, rel_h, rel_w),
-    )
+        q, k, v, rel_h, rel_w, o, lse, N, hs, rel_h.shape[-1], rel_w.shape[-1], scale, **c,
+    )  # fmt: skip
     return o, lse
 
 
@@ -365,14 +356,16 @@ def _rel_pos_attention_bwd_op(
     kh, kw = rel_h.shape[-1], rel_w.shape[-1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     drh, drw = torch.empty_like(rel_h), torch.empty_like(rel_w)
-    c = _consts(q, rel_h, rel_w)
+    c = _consts(q)
     launches["backward"] += 1
     args = (q, k, v, rel_h, rel_w, do, lse, delta)
-    _bwd_dkdv_kernel[(Z * nh, triton.cdiv(N, BLOCK_N))](*args, dk, dv, N, hs, kh, kw, scale, **c)
+    _bwd_dkdv_kernel[(Z * nh, triton.cdiv(N, c["BLOCK_N"]))](
+        *args, dk, dv, N, hs, kh, kw, scale, **c
+    )  # fmt: skip
     bkh, bkw = max(16, triton.next_power_of_2(kh)), max(16, triton.next_power_of_2(kw))
-    _bwd_dq_kernel[(Z * nh, triton.cdiv(N, BLOCK_M))](
+    _bwd_dq_kernel[(Z * nh, triton.cdiv(N, c["BLOCK_M"]))](
         *args, dq, drh, drw, N, hs, kh, kw, scale, BLOCK_KH=bkh, BLOCK_KW=bkw, **c
-    )
+    )  # fmt: skip
     return dq, dk, dv, drh, drw
 
 
