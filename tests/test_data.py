@@ -572,7 +572,7 @@ def test_cli_killed_process_then_rerun(tmp_path):
             "--modality", "mr", "--dataset", "SYN", "--workers", "2"]  # fmt: skip
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     cli = [sys.executable, str(Path(data.__file__))]
-    subprocess.run([*cli, *args, "--out", str(clean)], check=True, capture_output=True)
+    data.run(volume_cfg(tmp_path, clean, modality="mr", axes=("x", "y", "z"), workers=2))
     proc = subprocess.Popen([*cli, *args, "--out", str(killed)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 60
