@@ -906,7 +906,14 @@ def _is_complete(out: Path, case: Case, cfg: DataConfig) -> bool:
 def _process(cases: list[Case], cfg: DataConfig, out: Path) -> tuple[int, dict[str, str]]:
     """Run every unit of `cases`; write each case's record when its last unit is done.
     -> (number of slices written, {case: error} for bad cases when skipping them)."""
-    units = _units(cases, cfg)
+    _VOLUME_CACHE.clear()  # inputs may have changed since an earlier run in this process
+    try:
+        return _process_units(_units(cases, cfg), cases, cfg, out)
+    finally:
+        _VOLUME_CACHE.clear()  # a big CT should not stay in memory after the run
+
+
+def _process_units(units, cases, cfg: DataConfig, out: Path) -> tuple[int, dict[str, str]]:
     done: dict[str, dict] = {c.name: {} for c in cases}  # case -> {unit index: (entries, note)}
     need = {c.name: sum(u[0].name == c.name for u in units) for c in cases}
     bad, n_slices = {}, 0
