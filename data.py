@@ -1018,7 +1018,10 @@ def main(args) -> dict:
     if window is not None:
         values["window"] = window[0] if len(window) == 1 else (float(window[0]), float(window[1]))
     if isinstance(values.get("shard"), str):
-        values["shard"] = tuple(int(v) for v in values["shard"].split("/"))
+        match = re.fullmatch(r"(\d+)/(\d+)", values["shard"])
+        if not match:
+            raise ValueError(f"--shard takes i/n, e.g. 0/4, got {values['shard']!r}")
+        values["shard"] = (int(match.group(1)), int(match.group(2)))
     for key in ("axes", "split"):
         if key in values:
             values[key] = tuple(values[key])
@@ -1089,5 +1092,5 @@ if __name__ == "__main__":
     )
     try:
         main(p.parse_args())
-    except DataError as e:
+    except ValueError as e:  # DataError (a bad input file) included
         sys.exit(f"error: {e}")
