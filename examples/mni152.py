@@ -47,7 +47,7 @@ def template_dir() -> Path:
 
 
 def atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # keeps the suffix (nibabel needs it)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -91,20 +91,18 @@ def write_volumes(src: Path) -> None:
         atomic_write(src / "labels" / f"{case}.nii.gz", lambda p, lb=label: nib.save(lb, p))
 
 
-def split(root: Path, train=0.6, val=0.1, gap=6, test_every=2) -> dict:
-    """Rewrite the manifests: per axis, the slices with masks in index order are cut into train
+def split(root: Path, train=0.6, val=0.1, gap=6, test_every=4) -> dict:
+    """Write the manifests: per axis, the slices with masks in index order are cut into train
     (first `train`), val (next `val`) and test (the rest), `gap` slices dropped between parts;
     every `test_every`-th test slice is kept (evaluation time on a CPU). -> counts per split."""
-    pairs = data.read_manifest(root, "train")  # data.py put both cases in train
     by_slice, image_of = defaultdict(list), {}  # (axis, k) -> masks; -> the MNI152 image
-    for img, masks in pairs.items():
-        m = SLICE.search(img)
+    for path in sorted((root / "masks").glob("*--label_*.png")):  # from disk: reruns start over
+        m = SLICE.search(path.name.split("--label_")[0] + ".png")
         if m is None:
-            sys.exit(f"{img}: not a slice of the MNI152 cases")
-        key = (m["axis"], int(m["k"]))
-        by_slice[key] += [str(Path(p).relative_to(root)) for p in masks]
+            sys.exit(f"{path}: not a mask of the MNI152 cases")
+        by_slice[m["axis"], int(m["k"])].append(f"masks/{path.name}")
         if m["case"] == "MNI152":
-            image_of[key] = str(Path(img).relative_to(root))
+            image_of[m["axis"], int(m["k"])] = f"images/{path.name.split('--label_')[0]}.png"
     parts = {"train": {}, "val": {}, "test": {}}
     for axis in "xyz":
         ks = sorted(k for a, k in by_slice if a == axis and (a, k) in image_of)
