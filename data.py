@@ -728,8 +728,12 @@ def volume_slice(volume: np.ndarray, axis: str, k: int) -> np.ndarray:
     read_volume gives it) -> (H, W) in the radiological view of the dataset slices: rows run
     anterior/superior -> posterior/inferior, columns patient right -> left (sagittal: anterior ->
     posterior)."""
-    s = volume[(slice(None),) * "xyz".index(axis) + (k,)]  # a view, axes in RAS order
-    return np.ascontiguousarray(s[::-1, ::-1].T)  # (H, W)
+    return _display(volume[(slice(None),) * "xyz".index(axis) + (k,)])  # (H, W)
+
+
+def _display(s: np.ndarray) -> np.ndarray:
+    """A 2D slice in RAS order (a view of the volume) -> the radiological view, contiguous."""
+    return np.ascontiguousarray(s[::-1, ::-1].T)
 
 
 def _slice_masks(lab: np.ndarray, cfg: DataConfig) -> list[tuple[int, int, np.ndarray]]:
