@@ -295,7 +295,7 @@ class Segmentation:
     masks: np.ndarray  # (P, H, W) bool at the original size
     logits: np.ndarray  # (P, H, W) float32, the chosen mask's logits at the original size
     iou: np.ndarray  # (P,) predicted IoU of the chosen masks
-    timings: dict  # seconds: preprocess, encode, decode
+    timings: dict  # seconds: encode (preprocessing included), decode (postprocessing included)
 
 
 def _model_io(sam) -> tuple:
@@ -304,27 +304,45 @@ def _model_io(sam) -> tuple:
 
 
 @torch.inference_mode()
-def segment(sam, image: np.ndarray, prompts: list, multimask: bool = True, where: str = "image"):
-    """Segment one (H, W, 3) uint8 RGB image with a list of `Prompt`s -> `Segmentation`."""
-    H, W = image.shape[:2]
-    check_prompts(prompts, (H, W), where)
-    device, dtype = _model_io(sam)
+def segment(sam, image, prompts=None, boxes=None, points=None, multimask=True, where="image"):
+    """Segment one (H, W, 3) uint8 RGB image -> `Segmentation`, one mask per object: each of
+    `prompts` (a list of `Prompt`), then each of `boxes` ([[x0, y0, x1, y1], ...]), then `points`
+    ((xy [[x, y], ...], labels [1|0, ...]): one object) if given."""
+    prompts = list(prompts or []) + [Prompt(box=[float(v) for v in b]) for b in boxes or []]
+    if points is not None:
+        xy, labels = points
+        prompts.append(Prompt(points=[[float(x), float(y)] for x, y in xy], labels=list(labels)))
+    check_prompts(prompts, image.shape[:2], where)
     t0 = time.perf_counter()
-    x, geom = data.preprocess(image, sam.cfg)  # (1, 3, S, S)
+    emb, geom = encode_image(sam, image)
     t1 = time.perf_counter()
-    emb = sam.encode(x.to(device, dtype))  # (1, D, S/16, S/16)
-    t2 = time.perf_counter()
+    seg = decode_prompts(sam, emb, geom, prompts, multimask)
+    seg.timings = {"encode": t1 - t0, "decode": time.perf_counter() - t1}
+    return seg
+
+
+@torch.inference_mode()
+def encode_image(sam, image: np.ndarray) -> tuple:
+    """(H, W, 3) uint8 RGB -> embedding (1, D, S/16, S/16) and its data.Geometry. Encode once,
+    then decode any number of prompts against it (e.g. as a user adds clicks)."""
+    device, dtype = _model_io(sam)
+    x, geom = data.preprocess(image, sam.cfg)  # (1, 3, S, S)
+    return sam.encode(x.to(device, dtype)), geom  # (1, D, S/16, S/16)
+
+
+@torch.inference_mode()
+def decode_prompts(sam, emb, geom, prompts: list, multimask: bool = True) -> "Segmentation":
+    """Checked prompts in original pixels -> masks at the original size, one batch per kind."""
+    H, W = geom.original
     logits = torch.empty(len(prompts), H, W)  # (P, H, W)
     iou = torch.empty(len(prompts))
     for idx in _prompt_groups(prompts).values():
-        points, boxes = _prompt_tensors([prompts[i] for i in idx], geom, device)
+        points, boxes = _prompt_tensors([prompts[i] for i in idx], geom, emb.device)
         low, pred_iou = _decode_best(sam, emb, points, boxes, multimask=multimask)  # (p,1,h,w)
         logits[idx] = geom.logits_to_original(low.float().cpu())[:, 0]  # (p, H, W)
         iou[idx] = pred_iou.float().cpu().reshape(-1)
-    t3 = time.perf_counter()
-    timings = {"preprocess": t1 - t0, "encode": t2 - t1, "decode": t3 - t2}
     masks = logits > sam.cfg.mask_threshold
-    return Segmentation(masks.numpy(), logits.numpy(), iou.numpy(), timings)
+    return Segmentation(masks.numpy(), logits.numpy(), iou.numpy(), {})
 
 
 def label_ids(seg: Segmentation) -> np.ndarray:
@@ -506,7 +524,7 @@ def run_job(sam, job: Job, outs: dict, cfg: InferConfig) -> dict:
         if job.slice is not None or job.box3d is not None:
             raise ValueError(f"{job.path}: --slice and --box3d are for NIfTI volumes")
         image = data.read_image(job.path)
-        seg = segment(sam, image, job.prompts, cfg.multimask, where=str(job.path))
+        seg = segment(sam, image, job.prompts, multimask=cfg.multimask, where=str(job.path))
         ids, prompts = label_ids(seg), job.prompts
         write_png(outs["mask"], mask_image(seg))
         record = {"predicted_iou": seg.iou.tolist(), "timings_s": seg.timings}
@@ -553,11 +571,11 @@ def _run_volume(sam, job: Job, out_path: Path, cfg: InferConfig) -> tuple:
     u8 = data.normalize_intensity(vol.data, window)  # (X, Y, Z) uint8
     ks, prompts = _job_slices(job, u8.shape[AXES[job.axis]])
     out = np.zeros(u8.shape, np.uint8 if len(prompts) < 256 else np.uint16)  # label ids
-    slices, timings = [], {"preprocess": 0.0, "encode": 0.0, "decode": 0.0}
+    slices, timings = [], {"encode": 0.0, "decode": 0.0}
     for k in tqdm(ks, "slices", unit="slice", disable=len(ks) == 1):
         gray = volume_slice(u8, job.axis, k)  # (H, W)
         image = np.repeat(gray[..., None], 3, axis=2)  # (H, W, 3)
-        seg = segment(sam, image, prompts, cfg.multimask, where=f"{job.path} slice {k}")
+        seg = segment(sam, image, prompts, multimask=cfg.multimask, where=f"{job.path} slice {k}")
         ids = label_ids(seg)
         put_slice(out, job.axis, k, ids)
         slices.append({"slice": k, "predicted_iou": seg.iou.tolist()})
@@ -661,9 +679,8 @@ def _click_prompts(sam, emb, gt_model, n: int, gen, multimask: bool, replayed) -
 def _evaluate_image(sam, image, gt, keys, modes, gen, cfg: InferConfig, replayed, save_dir):
     """All masks of one image: one encoder pass, each prompt mode decoded as one batch.
     -> per-mask rows (without names) and the prompts used, {mask key: {mode: prompt}}."""
-    device, dtype = _model_io(sam)
-    x, geom = data.preprocess(image, sam.cfg)  # (1, 3, S, S)
-    emb = sam.encode(x.to(device, dtype))  # (1, D, S/16, S/16)
+    device, _ = _model_io(sam)
+    emb, geom = encode_image(sam, image)  # (1, D, S/16, S/16)
     gt_t = torch.from_numpy(gt)  # (P, H, W) bool at the original size: what is scored
     gt_model = torch.stack([torch.as_tensor(geom.mask_to_model(m)) for m in gt]).bool()  # (P,S,S)
     rows, used = [], {k: {} for k in keys}
@@ -858,32 +875,52 @@ def _key(path, root) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def official_flow(sam, image: np.ndarray, boxes: list) -> list:
-    """SAM-Med2D's SammedPredictor, ported: float64 numpy normalisation at the original size,
-    nearest resize to S (OpenCV's INTER_NEAREST = torch "nearest"), one encoder pass, then one
-    prompt-encoder + decoder call per box, all three masks upsampled to the original size
-    (bilinear to S, then to (H, W)), the best by predicted IoU kept."""
-    cfg, (H, W) = sam.cfg, image.shape[:2]
-    S = cfg.image_size
+def _slope(x, y) -> float:
+    return float(np.polyfit(x, y, 1)[0]) if len(x) > 1 else float("nan")
+
+
+def official_encode(sam, image: np.ndarray):
+    """SAM-Med2D's SammedPredictor.set_image, ported: float64 numpy normalisation at the original
+    size, then nearest resize to S (OpenCV's INTER_NEAREST = torch "nearest"), the encoder."""
+    cfg, S = sam.cfg, sam.cfg.image_size
     img = image[..., ::-1] if cfg.channel_order == "BGR" else image
     x = (img - np.array(cfg.pixel_mean)) / np.array(cfg.pixel_std)  # (H, W, 3) float64
     t = torch.from_numpy(x).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
-    emb = sam.encode(F.interpolate(t, (S, S), mode="nearest"))  # (1, D, S/16, S/16)
+    return sam.encode(F.interpolate(t, (S, S), mode="nearest"))  # (1, D, S/16, S/16)
+
+
+def official_decode(sam, emb, hw: tuple, boxes: list) -> list:
+    """SammedPredictor.predict, once per box: prompt encoder + decoder, all three masks upsampled
+    to the original size (bilinear to S, then to (H, W)), the best by predicted IoU kept."""
+    (H, W), S = hw, sam.cfg.image_size
     masks = []
     for x0, y0, x1, y1 in boxes:
         box = torch.tensor([[x0 * S / W, y0 * S / H, x1 * S / W, y1 * S / H]])  # (1, 4)
         low, iou = sam.decode(emb, boxes=box, multimask=True)  # (1, 3, S/4, S/4), (1, 3)
         up = F.interpolate(low, (S, S), mode="bilinear", align_corners=False)
         up = F.interpolate(up, (H, W), mode="bilinear", align_corners=False)  # (1, 3, H, W)
-        masks.append(up[0, iou[0].argmax()] > cfg.mask_threshold)
+        masks.append(up[0, iou[0].argmax()] > sam.cfg.mask_threshold)
     return masks
+
+
+def _best_of(fn, repeats: int) -> tuple:
+    """(min, median) wall seconds of fn() over `repeats` runs. The minimum is the figure least
+    disturbed by other processes on a shared machine; the median is reported beside it."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), float(np.median(times))
 
 
 @torch.inference_mode()
 def bench(preset="vit_b", size=512, repeats=5, counts=(1, 2, 4, 8), checkpoint=None) -> dict:
-    """Median seconds for one image with 1..8 box prompts: ours (fast kernels, batched decode),
-    ours with the reference encoder (what infer.py alone gains), and the official flow (reference
-    encoder, per-prompt decode). Random weights unless a checkpoint is given."""
+    """Seconds (min and median of `repeats`) for one size x size image: the encoder pass
+    (preprocessing included) and the decoding of 1..8 box prompts (postprocessing to the original
+    size included), for ours (fast kernels, batched decode), ours on the reference encoder, and
+    the official flow (reference encoder, per-prompt decode). Random weights unless a checkpoint
+    is given (the timing does not depend on them)."""
     if checkpoint:
         sam = model.load_checkpoint(resolve_checkpoint(checkpoint))
     else:
@@ -893,28 +930,27 @@ def bench(preset="vit_b", size=512, repeats=5, counts=(1, 2, 4, 8), checkpoint=N
     xy = rng.uniform(0, size / 2, (max(counts), 2))
     boxes = [[x, y, x + size / 3, y + size / 3] for x, y in xy.tolist()]
     prompts = [Prompt(box=b) for b in boxes]
-    flows = {  # the encoder's kernels path is switched per flow on the same weights
-        "ours": lambda n: segment(model.use_kernels(sam, "auto"), image, prompts[:n]),
-        "ours_reference_encoder": lambda n: segment(
-            model.use_kernels(sam, "reference"), image, prompts[:n]
-        ),
-        "official": lambda n: official_flow(model.use_kernels(sam, "reference"), image, boxes[:n]),
-    }
+    emb, geom = encode_image(sam, image)
+    flows = {  # name: (kernels path of the encoder, encode(), decode(n))
+        "ours": ("auto", lambda: encode_image(sam, image),
+                 lambda n: decode_prompts(sam, emb, geom, prompts[:n])),
+        "ours_reference_encoder": ("reference", lambda: encode_image(sam, image), None),
+        "official": ("reference", lambda: official_encode(sam, image),
+                     lambda n: official_decode(sam, emb, (size, size), boxes[:n])),
+    }  # fmt: skip
     out = {"preset": sam.cfg.name, "image": f"{size}x{size}", "threads": torch.get_num_threads()}
-    for run in flows.values():  # warm-up
-        run(1), run(max(counts))
-    times = {(name, n): [] for name in flows for n in counts}
-    for _ in range(repeats):  # interleaved, so load from other processes hits every flow alike
-        for name, run in flows.items():
-            for n in counts:
-                t0 = time.perf_counter()
-                run(n)
-                times[name, n].append(time.perf_counter() - t0)
-    for name in flows:
-        med = [float(np.median(times[name, n])) for n in counts]
-        slope = float(np.polyfit(counts, med, 1)[0]) if len(counts) > 1 else float("nan")
-        out[name] = {**{f"{n}_prompts_s": m for n, m in zip(counts, med, strict=True)},
-                     "per_extra_prompt_s": slope}  # fmt: skip
+    for name, (impl, enc, dec) in flows.items():
+        model.use_kernels(sam, impl)
+        enc()  # warm-up
+        res = {"encode_s": _best_of(enc, repeats)}
+        if dec is not None:
+            dec(max(counts))
+            res["decode_s"] = {n: _best_of(lambda n=n, d=dec: d(n), 4 * repeats) for n in counts}
+            mins = [res["decode_s"][n][0] for n in counts]
+            res["one_box_s"] = res["encode_s"][0] + mins[0]
+            res["per_extra_prompt_s"] = _slope(counts, mins)
+        out[name] = res
+    model.use_kernels(sam, "auto")
     return out
 
 
