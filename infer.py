@@ -441,15 +441,9 @@ def overlay(image: np.ndarray, ids: np.ndarray, prompts: list, alpha: float) -> 
     return np.asarray(pil)
 
 
-def volume_slice(vol: np.ndarray, axis: str, k: int) -> np.ndarray:
-    """Slice k along `axis` of a canonical (RAS+) volume as an image, in the radiological view
-    that data.py writes its dataset slices in: rows run anterior/superior -> posterior/inferior,
-    columns patient right -> left (axial, coronal) or anterior -> posterior (sagittal)."""
-    return np.ascontiguousarray(np.take(vol, k, AXES[axis])[::-1, ::-1].T)  # (H, W)
-
-
 def put_slice(vol: np.ndarray, axis: str, k: int, image: np.ndarray) -> None:
-    """The inverse of `volume_slice`: write an (H, W) image back as slice k of `vol`."""
+    """The inverse of data.volume_slice (the radiological view data.py writes its dataset slices
+    in, so coordinates on a slice match the dataset's): write an (H, W) image back as slice k."""
     index = [slice(None)] * 3
     index[AXES[axis]] = k
     vol[tuple(index)] = image.T[::-1, ::-1]
@@ -573,7 +567,7 @@ def _run_volume(sam, job: Job, out_path: Path, cfg: InferConfig) -> tuple:
     out = np.zeros(u8.shape, np.uint8 if len(prompts) < 256 else np.uint16)  # label ids
     slices, timings = [], {"encode": 0.0, "decode": 0.0}
     for k in tqdm(ks, "slices", unit="slice", disable=len(ks) == 1):
-        gray = volume_slice(u8, job.axis, k)  # (H, W)
+        gray = data.volume_slice(u8, job.axis, k)  # (H, W)
         image = np.repeat(gray[..., None], 3, axis=2)  # (H, W, 3)
         seg = segment(sam, image, prompts, multimask=cfg.multimask, where=f"{job.path} slice {k}")
         ids = label_ids(seg)
