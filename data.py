@@ -872,8 +872,13 @@ def _unit_results(units, cfg: DataConfig):
             except DataError as e:
                 yield j, e
         return
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    if fork and cfg.kind == "volumes" and len({id(u[0]) for u in units}) == 1:
+        try:  # one volume: read it once here; forked workers share it instead of each reading it
+            _read_case_volume(units[0][0], cfg)
+        except DataError:
+            pass  # every unit meets the same error and reports it
+    ctx = multiprocessing.get_context("fork" if fork else "spawn")
     pool = ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=torch.set_num_threads,
                                initargs=(1,))  # fmt: skip
     try:
