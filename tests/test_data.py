@@ -461,6 +461,9 @@ def test_cli_synthetic_volume_exact(tmp_path):
     assert got.dtype == np.uint8 and got.ndim == 2
     np.testing.assert_array_equal(got, want_img)
     assert got[1, 1] == 255  # the marker, top-left
+    # a pool of workers sharing the one volume writes the same files
+    data.run(volume_cfg(tmp_path, tmp_path / "pool", workers=2))
+    assert tree(tmp_path / "pool") == tree(out)
 
 
 def test_cli_marker_orientation_all_axes(tmp_path):
