@@ -874,11 +874,12 @@ def _slope(x, y) -> float:
 
 
 def official_encode(sam, image: np.ndarray):
-    """SAM-Med2D's SammedPredictor.set_image, ported: float64 numpy normalisation at the original
-    size, then nearest resize to S (OpenCV's INTER_NEAREST = torch "nearest"), the encoder."""
+    """SAM-Med2D's SammedPredictor.set_image, ported: numpy normalisation at the original size,
+    then nearest resize to S (OpenCV's INTER_NEAREST = torch "nearest"), then the encoder."""
     cfg, S = sam.cfg, sam.cfg.image_size
     img = image[..., ::-1] if cfg.channel_order == "BGR" else image
-    x = (img - np.array(cfg.pixel_mean)) / np.array(cfg.pixel_std)  # (H, W, 3) float64
+    mean, std = np.float32(cfg.pixel_mean), np.float32(cfg.pixel_std)  # its float32 buffers
+    x = (img - mean) / std  # (H, W, 3) float32, at the original size
     t = torch.from_numpy(x).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
     return sam.encode(F.interpolate(t, (S, S), mode="nearest"))  # (1, D, S/16, S/16)
 
