@@ -476,9 +476,9 @@ class Job:
     window: object = None  # NIfTI intensity: CT preset name or (level, width); None: percentiles
 
 
-def parse_entry(path: Path, entry, where: str) -> Job:
+def parse_entry(path: Path, entry, where: str, defaults: dict | None = None) -> Job:
     """A --prompts entry: a list of prompts, or {"prompts": [...], "slice", "axis", "box3d",
-    "window"} for NIfTI volumes."""
+    "window"} for NIfTI volumes. Keys it lacks come from `defaults` (the command line's)."""
     if isinstance(entry, list):
         entry = {"prompts": entry}
     keys = {"prompts", "slice", "axis", "box3d", "window"}
@@ -486,19 +486,19 @@ def parse_entry(path: Path, entry, where: str) -> Job:
         raise ValueError(
             f"{where}: an entry is a list of prompts or a dict with keys {sorted(keys)}"
         )
+    if is_nifti(path):  # the command line's NIfTI options do not apply to 2D files
+        entry = {**{k: v for k, v in (defaults or {}).items() if v is not None}, **entry}
     prompts = [
         parse_prompt(p, f"{where} prompt {i}") for i, p in enumerate(entry.get("prompts", []))
     ]
-    job = Job(
-        path,
-        prompts,
-        entry.get("slice"),
-        entry.get("axis", "z"),
-        entry.get("box3d"),
-        entry.get("window"),
-    )
+    get = entry.get
+    job = Job(path, prompts, get("slice"), get("axis", "z"), get("box3d"), get("window"))
     if job.axis not in AXES:
         raise ValueError(f"{where}: axis must be x, y or z, not {job.axis!r}")
+    w = job.window
+    named = isinstance(w, str) and w in data.WINDOWS
+    if not (w is None or named or (isinstance(w, list | tuple) and len(w) == 2)):
+        raise ValueError(f"{where}: window is one of {', '.join(data.WINDOWS)} or [level, width]")
     if job.box3d is not None and (len(job.box3d) != 6 or prompts):
         raise ValueError(f"{where}: box3d is [x0, y0, z0, x1, y1, z1] and replaces other prompts")
     return job
@@ -1002,12 +1002,19 @@ def config_from_args(args) -> InferConfig:
     )
 
 
+def _cli_defaults(args, cfg: InferConfig) -> dict:
+    """The NIfTI options of the command line, defaults for --prompts entries that lack them."""
+    return {"slice": args.slice, "axis": args.axis, "box3d": args.box3d, "window": cfg.window}
+
+
 def job_from_args(args, path: Path, cfg: InferConfig) -> Job:
     """The one-file job: a --prompts JSON (a list of prompts), or --box/--point/--neg, where each
     box is one object and points refine the single box they come with (or form one object)."""
     if args.prompts:
         entry = _load_json(args.prompts)
-        return parse_entry(path, entry, str(args.prompts))
+        if args.box or args.point or args.neg:
+            raise ValueError("give the prompts either in --prompts or as --box/--point/--neg")
+        return parse_entry(path, entry, str(args.prompts), _cli_defaults(args, cfg))
     points = [list(p) for p in (args.point or [])] + [list(p) for p in (args.neg or [])]
     labels = [1] * len(args.point or []) + [0] * len(args.neg or [])
     boxes = args.box or []
@@ -1063,12 +1070,15 @@ def run_folder(args, cfg: InferConfig) -> int:
             "overlay": ov,
             "json": Path(f"{stem}.json"),
         }
+    masks = [o["mask"] for o in outs.values()]
+    if len(set(masks)) < len(masks):
+        raise ValueError(f"{args.prompts}: two files share a name stem; their outputs would clash")
     paths = [p for o in outs.values() for p in o.values()] + [out_dir / "summary.json"]
     check_outputs(paths, cfg.force)
-    sam, bad = load_model(cfg), []
+    sam, bad, defaults = load_model(cfg), [], _cli_defaults(args, cfg)
     for name, entry in tqdm(spec.items(), "segment", unit="file"):
         try:
-            job = parse_entry(root / name, entry, f"{args.prompts}: {name}")
+            job = parse_entry(root / name, entry, f"{args.prompts}: {name}", defaults)
             if not job.path.is_file():
                 raise FileNotFoundError(f"{job.path}: no such file")
             run_job(sam, job, outs[name], cfg)

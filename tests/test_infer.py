@@ -315,6 +315,9 @@ def test_bad_inputs_give_clear_errors(ckpt, tmp_path):
              tmp_path / "b.png"])  # fmt: skip
     with pytest.raises(ValueError, match="no prompts"):
         run(base)
+    (tmp_path / "p.json").write_text(json.dumps([{"box": [1, 1, 5, 5]}]))
+    with pytest.raises(ValueError, match="either in --prompts"):
+        run([*base, "--prompts", tmp_path / "p.json", "--box", 1, 1, 5, 5])
     cmd = [sys.executable, str(ROOT / "infer.py"), *map(str, base), "--box", "0", "0", "0", "5"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "infer.py: error:" in proc.stderr and "box 0" in proc.stderr
@@ -327,20 +330,34 @@ def test_folder_mode_skips_and_lists_bad_files(ckpt, tmp_path):
     Image.fromarray(blob_image(64, 64, 1)).save(src / "a.png")
     Image.fromarray(blob_image(50, 70, 2)).save(src / "b.png")
     (src / "c.png").write_bytes(b"not an image")
-    spec = {"a.png": [{"box": [5, 5, 40, 40]}], "b.png": [{"box": [1, 1, 30, 30]}, {"box": [30, 10,
-            69, 49]}], "c.png": [{"box": [1, 1, 5, 5]}], "gone.png": [{"box": [1, 1, 5, 5]}],
-            "a_bad_box.png": [{"box": [5, 5, 1, 1]}]}  # fmt: skip
     Image.fromarray(blob_image(30, 30, 3)).save(src / "a_bad_box.png")
+    vol = np.stack([blob_image(40, 36, k) for k in range(6)], -1).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), src / "v.nii.gz")
+    spec = {
+        "a.png": [{"box": [5, 5, 40, 40]}],
+        "b.png": [{"box": [1, 1, 30, 30]}, {"box": [30, 10, 69, 49]}],
+        "c.png": [{"box": [1, 1, 5, 5]}],
+        "gone.png": [{"box": [1, 1, 5, 5]}],
+        "a_bad_box.png": [{"box": [5, 5, 1, 1]}],
+        "v.nii.gz": {"prompts": [{"box": [2, 2, 30, 30]}]},  # --slice 3 from the command line
+        "w.nii.gz": {"slice": 1, "window": "no_such_window", "prompts": [{"box": [1, 1, 5, 5]}]},
+    }
     (tmp_path / "p.json").write_text(json.dumps(spec))
     out = tmp_path / "out"
-    code = run([src, "--prompts", tmp_path / "p.json", "--out-dir", out, "--checkpoint", ckpt])
+    code = run([src, "--prompts", tmp_path / "p.json", "--out-dir", out, "--checkpoint", ckpt,
+                "--slice", 3])  # fmt: skip
     assert code == 1
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["segmented"] == 2
-    assert [b["file"] for b in summary["skipped"]] == ["c.png", "gone.png", "a_bad_box.png"]
+    assert summary["segmented"] == 3
+    skipped = {b["file"]: b["error"] for b in summary["skipped"]}
+    assert list(skipped) == ["c.png", "gone.png", "a_bad_box.png", "w.nii.gz"]
+    assert "c.png" in skipped["c.png"] and "no such file" in skipped["gone.png"]
+    assert "box 0" in skipped["a_bad_box.png"] and "window" in skipped["w.nii.gz"]
     assert np.asarray(Image.open(out / "b_mask.png")).shape == (50, 70)
     assert (out / "a_overlay.png").exists() and (out / "a.json").exists()
     assert not (out / "c_mask.png").exists()
+    assert json.loads((out / "v.json").read_text())["slices"][0]["slice"] == 3
+    assert nib.load(out / "v_mask.nii.gz").shape == vol.shape
 
 
 def test_no_adapter_dtype_and_single_mask(ckpt, tmp_path):
