@@ -19,6 +19,7 @@ distributed | validation | the run | benchmark | command line.
 
 import argparse
 import ctypes
+import datetime
 import gc
 import json
 import math
@@ -75,7 +76,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     focal_weight: float = 20.0  # loss = focal_weight * focal + dice + MSE(pred IoU, IoU)
     amp: str = "off"  # off | bf16 | fp16 (fp16 with a GradScaler)
-    compile: bool = False  # torch.compile the encoder and the decoder
+    compile: bool = False  # torch.compile the image encoder (fixed shapes; the decoder stays eager)
     device: str = "auto"  # auto: cuda when available, else cpu
     seed: int = 0  # model init, data order, prompts: everything random derives from it
     workers: int = 0  # DataLoader worker processes
@@ -171,7 +172,7 @@ def sam_loss(logits, gt, iou_pred, focal_weight: float = 20.0) -> tuple:
 # ------------------------------------------------------------------------------------------------
 
 
-def select_trainable(sam: model.Sam) -> list:
+def select_trainable(sam: model.Sam, verbose: bool = True) -> list:
     """Freeze the original image-encoder weights; train the adapters, the prompt encoder and the
     mask decoder. Decided once, before the optimizer is built. -> the trainable parameters."""
     named = list(sam.named_parameters())
@@ -185,7 +186,8 @@ def select_trainable(sam: model.Sam) -> list:
     train = sum(v for (_, t), v in counts.items() if t)
     parts = ", ".join(f"{k} {v / 1e6:.3f}M" for (k, t), v in counts.items() if t)
     frozen = counts.get(("image_encoder", False), 0)
-    print(f"trainable {train / 1e6:.3f}M ({parts}); frozen image encoder {frozen / 1e6:.3f}M")
+    if verbose:
+        print(f"trainable {train / 1e6:.3f}M ({parts}); frozen image encoder {frozen / 1e6:.3f}M")
     return [p for _, p in named if p.requires_grad]
 
 
@@ -285,6 +287,13 @@ def click_groups(mb: Micro, n_clicks: int) -> list:
     return [(idx, (coords, labels), None, mask_input)]
 
 
+def make_optimizer(params: list, cfg: TrainConfig, device) -> torch.optim.Adam:
+    # The fused kernel updates all tensors in one pass: on a CPU ~7x faster than the default
+    # per-tensor loop over vit_b's 185M trainable weights (mostly adapter convolutions).
+    fused = torch.device(device).type in ("cpu", "cuda")
+    return torch.optim.Adam(params, lr=cfg.lr, fused=fused or None)
+
+
 @dataclass
 class Trainer:
     """What a step needs: the model, its (maybe DDP-wrapped) forward, optimizer, AMP state."""
@@ -297,6 +306,8 @@ class Trainer:
     scaler: torch.amp.GradScaler
     gen: torch.Generator  # step-level draws (clicks per iteration, the mask-only iteration)
     device: torch.device
+    rank: int = 0  # this process; rank 0 logs, validates and saves
+    world: int = 1  # processes
 
     def autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
@@ -362,10 +373,11 @@ def train_step(tr: Trainer, batches: list, step: int) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def atomic_torch_save(obj, path: Path) -> None:
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) to a temp file beside path, then rename: a killed run leaves the old file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -378,7 +390,7 @@ def save_state(tr: Trainer, out: Path, step: int, best: float, spe: int) -> None
                  best=best, trainable=trainable, optimizer=tr.opt.state_dict(),
                  scaler=tr.scaler.state_dict(), generator=tr.gen.get_state(),
                  config=asdict(tr.cfg))  # fmt: skip
-    atomic_torch_save(state, out / "state.pt")
+    atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))
 
 
 def read_state(run_dir: Path) -> dict:
@@ -431,7 +443,9 @@ def setup_distributed(device: str) -> tuple:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Generous timeout: the other processes wait while rank 0 validates.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2))  # fmt: skip
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return int(os.environ.get("RANK", "0")), world, device
@@ -470,25 +484,11 @@ def build_model(cfg: TrainConfig, device) -> model.Sam:
 # ------------------------------------------------------------------------------------------------
 
 
-def val_view(cfg: TrainConfig, out: Path) -> Path:
-    """infer.evaluate reads a root's label2image_test.json; give it the val split in that form
-    (absolute paths) in OUT/val/. Returns that root."""
-    pairs = data.read_manifest(cfg.val_data or cfg.data, "val")
-    mapping = {str(Path(m).resolve()): str(Path(img).resolve())
-               for img, ms in pairs.items() for m in ms}  # fmt: skip
-    root = out / "val"
-    root.mkdir(exist_ok=True)
-    tmp = root / f".label2image_test.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(mapping, indent=1))
-    os.replace(tmp, root / "label2image_test.json")
-    return root
-
-
-def validate(sam: model.Sam, root: Path, cfg: TrainConfig) -> dict:
-    """Dice for box, 1, 3 and 5 points; "score" = their mean decides best.safetensors."""
-    sam.eval()
-    res = infer.evaluate(sam, root, prompt_modes=("box", 1, 3, 5), seed=cfg.seed,
-                         limit=cfg.val_limit)  # fmt: skip
+def validate(sam: model.Sam, cfg: TrainConfig) -> dict:
+    """Dice for box, 1, 3 and 5 points on the val split; "score", their mean, decides
+    best.safetensors."""
+    res = infer.evaluate(sam, cfg.val_data or cfg.data, prompt_modes=("box", 1, 3, 5),
+                         seed=cfg.seed, limit=cfg.val_limit, split="val")  # fmt: skip
     sam.train()
     dice = {k: float(v) for k, v in res["dice"].items()}
     return dict(dice=dice, score=float(np.mean(list(dice.values()))), n_masks=res["n_masks"])
@@ -539,90 +539,90 @@ def setup(args: dict) -> tuple:
         sam = model.load_checkpoint(out / "last.safetensors", device=device, verbose=rank == 0)
     else:
         sam = build_model(cfg, device)
-    params = select_trainable(sam)  # before the optimizer: the trainable set never changes
+    params = select_trainable(sam, verbose=rank == 0)  # before the optimizer, once
     fwd = Forward(sam)
-    if cfg.compile:
+    if cfg.compile:  # the encoder only: the decoder's prompt shapes change every iteration
         sam.image_encoder.compile()
-        sam.mask_decoder.compile()
     if world > 1:
         fwd = DistributedDataParallel(fwd, find_unused_parameters=True)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = make_optimizer(params, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     gen = torch.Generator().manual_seed(cfg.seed)
-    tr = Trainer(cfg, sam.train(), fwd, params, opt, scaler, gen, device)
+    tr = Trainer(cfg, sam.train(), fwd, params, opt, scaler, gen, device, rank, world)
     if state is not None:
         restore(tr, state)
-    return tr, state, rank, world
+    return tr, state
 
 
 def main(args: dict) -> dict:
     """Train with the given settings (TrainConfig field names; only those given on the command
-    line, so a resumed run can tell what changed). Returns the last validation and log records."""
-    tr, state, rank, world = setup(args)
+    line, so a resumed run can tell what changed). -> the best score and the last log record."""
+    tr, state = setup(args)
     cfg, out = tr.cfg, Path(tr.cfg.out)
     ds = data.TrainDataset(cfg.data, tr.sam.cfg, masks_per_image=cfg.masks_per_image,
                            seed=cfg.seed)  # fmt: skip
-    spe = len(ds) // cfg.batch_size
+    spe = len(ds) // cfg.batch_size  # steps per epoch; the data position is (step // spe, ...)
     if spe == 0:
         raise ValueError(f"{cfg.data}: {len(ds)} training images, fewer than the batch size")
-    total = cfg.steps or cfg.epochs * spe
-    start, best = (state["step"], state["best"]) if state else (0, -1.0)
     if state and state["steps_per_epoch"] != spe:
         raise ValueError(f"{cfg.data}: the dataset changed since the run started ({spe} steps "
                          f"per epoch, not {state['steps_per_epoch']})")  # fmt: skip
+    total = cfg.steps or cfg.epochs * spe
+    start, best = (state["step"], state["best"]) if state else (0, -1.0)
     end = min(total, start + cfg.stop_after) if cfg.stop_after else total
-    if rank == 0:
+    if tr.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    val_root = val_view(cfg, out) if rank == 0 and cfg.val_every else None
-    bar = tqdm(total=end, initial=start, disable=rank != 0 or not cfg.progress, unit="step")
-    data_it, last = None, {}
-    t0, seen = time.perf_counter(), 0
+        atomic_write(out / "config.json", lambda t: t.write_text(json.dumps(asdict(cfg), indent=1)))
+    bar = tqdm(total=end, initial=start, disable=tr.rank != 0 or not cfg.progress, unit="step")
+    data_it, record, t0, seen = None, {}, time.perf_counter(), 0
     for step in range(start, end):
         if data_it is None or step % spe == 0:
-            data_it = batches(ds, cfg, rank, world, step, spe)
+            data_it = batches(ds, cfg, tr.rank, tr.world, step, spe)
         for g in tr.opt.param_groups:
             g["lr"] = lr_at(step, cfg, total)
-        rec = train_step(tr, next(data_it), step)
-        seen += cfg.batch_size
-        done = step + 1
-        if world > 1:  # log the mean over processes
-            t = torch.tensor([rec["loss"], rec["loss_first"], rec["loss_last"]], device=tr.device)
-            dist.all_reduce(t)
-            rec.update(zip(("loss", "loss_first", "loss_last"), (t / world).tolist(), strict=True))
+        losses = mean_over_processes(tr, train_step(tr, next(data_it), step))
+        seen, done = seen + cfg.batch_size, step + 1
         if done % cfg.log_every == 0 or done == end:
-            dt = time.perf_counter() - t0
-            last = dict(step=done, epoch=step // spe, lr=lr_at(step, cfg, total), **rec,
-                        images_per_s=seen / dt, memory_mb=memory_mb(tr.device))  # fmt: skip
+            record = dict(step=done, epoch=step // spe, lr=lr_at(step, cfg, total), **losses,
+                          images_per_s=seen / (time.perf_counter() - t0),
+                          memory_mb=memory_mb(tr.device))  # fmt: skip
+            if tr.rank == 0:
+                log_line(out / "log.jsonl", record)
+                bar.set_postfix(loss=f"{losses['loss']:.4f}", img_s=f"{record['images_per_s']:.2f}")
             t0, seen = time.perf_counter(), 0
-            if rank == 0:
-                log_line(out / "log.jsonl", last)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{last['images_per_s']:.2f}")
         bar.update(1)
         if (cfg.val_every and done % cfg.val_every == 0) or done == end:
-            best = checkpoint(tr, cfg, out, done, best, spe, val_root, rank, world, last)
+            best = checkpoint(tr, done, best, spe, record)
             t0 = time.perf_counter()  # images/s counts training only
     bar.close()
-    if world > 1:
+    if tr.world > 1:
         dist.destroy_process_group()
-    return dict(best=best, last=last, step=end)
+    return dict(best=best, last=record, step=end)
 
 
-def checkpoint(tr, cfg, out, step, best, spe, val_root, rank, world, last) -> float:
+def mean_over_processes(tr: Trainer, losses: dict) -> dict:
+    if tr.world == 1:
+        return losses
+    t = torch.tensor(list(losses.values()), dtype=torch.float64, device=tr.device)
+    dist.all_reduce(t)
+    return dict(zip(losses, (t / tr.world).tolist(), strict=True))
+
+
+def checkpoint(tr: Trainer, step: int, best: float, spe: int, record: dict) -> float:
     """Rank 0 validates, keeps best.safetensors by mean Dice, writes last + state; all wait."""
-    if rank == 0:
-        if val_root is not None:
-            val = validate(tr.sam, val_root, cfg)
+    out = Path(tr.cfg.out)
+    if tr.rank == 0:
+        if tr.cfg.val_every:
+            val = validate(tr.sam, tr.cfg)
             if val["score"] > best:
                 best = val["score"]
                 model.save_checkpoint(tr.sam, out / "best.safetensors")
             log_line(out / "log.jsonl", dict(step=step, val=val, best=best))
-            last["val"] = val
+            record["val"] = val
         save_state(tr, out, step, best, spe)
-    if world > 1:
-        dist.barrier()
+    if tr.world > 1:
         b = torch.tensor([best], dtype=torch.float64, device=tr.device)
-        dist.broadcast(b, 0)
+        dist.broadcast(b, 0)  # also makes every process wait for rank 0
         best = float(b)
     return best
 
@@ -770,7 +770,7 @@ def bench(preset="vit_b", size=256, images=2, masks=5, iter_points=8, runs=2) ->
     ref.load_state_dict(ours.state_dict())
     batch = synthetic_batch(images, masks, size, seed=0)
     params = select_trainable(ours)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = make_optimizer(params, cfg, "cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     tr = Trainer(cfg, ours, Forward(ours), params, opt, scaler, torch.Generator().manual_seed(0),
                  torch.device("cpu"))  # fmt: skip
@@ -795,7 +795,7 @@ def bench_tiny(size=256, images=2, masks=5, iter_points=8, runs=3) -> float:
     torch.manual_seed(0)
     sam = model.Sam(model.SamConfig.from_name("tiny", image_size=size)).train()
     params = select_trainable(sam)
-    tr = Trainer(cfg, sam, Forward(sam), params, torch.optim.Adam(params, lr=cfg.lr),
+    tr = Trainer(cfg, sam, Forward(sam), params, make_optimizer(params, cfg, "cpu"),
                  torch.amp.GradScaler("cpu", enabled=False), torch.Generator().manual_seed(0),
                  torch.device("cpu"))  # fmt: skip
     batch = synthetic_batch(images, masks, size, seed=0)
