@@ -47,17 +47,18 @@ def adapter_reference(x, w_down, w_up, w_conv, w_deconv, ln_w, ln_b, eps: float 
 
 
 def conv3x3_s2(x, w):
-    """conv2d(x, w, stride=2, padding=1) for channels-last x (B, H, W, C) -> (B, C', H/2, W/2)."""
-    B, H, W, C = x.shape
-    cols = F.unfold(x.permute(0, 3, 1, 2), 3, padding=1, stride=2)  # (B, C*9, L/4)
-    return (w.flatten(1) @ cols).unflatten(2, ((H + 1) // 2, (W + 1) // 2))  # (B, C', H/2, W/2)
+    """conv2d(x, w, stride=2, padding=1) for channels-last x (B, H, W, C) -> rows (B*h*w, C').
+
+    im2col (F.unfold) and one matmul for the whole batch; the result is channels-last already."""
+    cols = F.unfold(x.permute(0, 3, 1, 2), 3, padding=1, stride=2)  # (B, C*9, h*w)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1]) @ w.flatten(1).T  # (B*h*w, C')
 
 
-def deconv4x4_s2(x, w, out_hw):
-    """conv_transpose2d(x, w, stride=2, padding=1): x (B, C, h, w), w (C, C', 4, 4) -> (B, C', H, W)
-
-    Every input pixel scatters a 4 x 4 patch: one matmul makes all patches, F.fold sums them."""
-    cols = x.flatten(2).transpose(1, 2) @ w.flatten(1)  # (B, h*w, C'*16)
+def deconv4x4_s2(rows, w, batch: int, out_hw):
+    """conv_transpose2d(x, w, stride=2, padding=1) for x as rows (B*h*w, C), w (C, C', 4, 4)
+    -> (B, C', H, W). Every input pixel scatters a 4 x 4 patch: one matmul makes all the patches,
+    F.fold (col2im) sums them where they overlap."""
+    cols = (rows @ w.flatten(1)).view(batch, rows.shape[0] // batch, -1)  # (B, h*w, C'*16)
     return F.fold(cols.transpose(1, 2), out_hw, 4, padding=1, stride=2)  # (B, C', H, W)
 
 
@@ -65,8 +66,8 @@ def adapter_torch(x, w_down, w_up, w_conv, w_deconv, ln_w, ln_b, eps=1e-5, resid
     """adapter(x) (+ residual + mlp) with the matmul convolutions; x (B, H, W, C)."""
     B, H, W, C = x.shape
     g = torch.sigmoid(F.linear(F.relu(F.linear(x.mean((1, 2)), w_down)), w_up))  # (B, C)
-    s = F.relu(conv3x3_s2(x * g[:, None, None, :], w_conv))  # (B, C, H/2, W/2)
-    d = deconv4x4_s2(s, w_deconv, (H, W)).permute(0, 2, 3, 1)  # (B, H, W, C)
+    s = F.relu(conv3x3_s2(x * g[:, None, None, :], w_conv))  # (B*h*w, C)
+    d = deconv4x4_s2(s, w_deconv, B, (H, W)).permute(0, 2, 3, 1)  # (B, H, W, C)
     out = F.layer_norm(x + F.relu(d), (C,), ln_w, ln_b, eps)  # (B, H, W, C)
     for extra in (residual, mlp):
         out = out + extra if extra is not None else out
