@@ -237,8 +237,12 @@ def parse_prompt(obj, where: str) -> Prompt:
         raise ValueError(f"{where}: points must be [[x, y], ...] with one label each")
     if any(lab not in (0, 1) for lab in labels):
         raise ValueError(f"{where}: point labels are 1 (foreground) or 0 (background)")
-    box = None if box is None else [float(v) for v in box]
-    return Prompt(box, [[float(x), float(y)] for x, y in points], [int(v) for v in labels])
+    try:
+        box = None if box is None else [float(v) for v in box]
+        points = [[float(x), float(y)] for x, y in points]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: coordinates must be numbers, got {obj!r}") from None
+    return Prompt(box, points, [int(v) for v in labels])
 
 
 def check_prompts(prompts: list, hw: tuple, where: str) -> None:
@@ -614,7 +618,7 @@ def mode_title(mode) -> str:
 def name_fields(mask_path: str) -> dict:
     """Modality, dataset and label from an SA-Med2D-20M style name,
     e.g. `mr_t1--MNI152--case0000--z_0090--label_2_000.png` (the trailing _000 is the instance)."""
-    parts = Path(mask_path).name.split(".")[0].split("--")
+    parts = Path(mask_path).stem.split("--")
     if len(parts) < 3:
         return {"modality": "unknown", "dataset": "unknown", "label": "unknown"}
     label = parts[-1].rsplit("_", 1)[0] if parts[-1].rsplit("_", 1)[-1].isdigit() else parts[-1]
