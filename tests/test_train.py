@@ -124,6 +124,12 @@ def test_dice_is_averaged_per_mask_not_pooled():
     assert terms["dice"].mean().item() == pytest.approx(0.25, abs=1e-3)
 
 
+def test_upsample_is_bilinear_interpolation():
+    low = torch.randn(3, 1, 16, 12, dtype=torch.float64).float()
+    ref = torch.nn.functional.interpolate(low, (64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(train.upsample(low, 64), ref, atol=1e-6, rtol=1e-5)
+
+
 def test_iou_target_has_no_gradient_and_handles_empty_masks():
     logits = torch.full((2, 1, 4, 4), -5.0, requires_grad=True)
     gt = torch.zeros(2, 1, 4, 4)
@@ -212,13 +218,9 @@ def test_overfit_learns(dataset, tmp_path):
 
 
 def tiny_trainer(**kw) -> train.Trainer:
-    cfg = train.TrainConfig(data="-", iter_points=2, **kw)
     torch.manual_seed(0)
     sam = model.Sam(model.SamConfig.from_name("tiny", image_size=64)).train()
-    params = train.select_trainable(sam)
-    return train.Trainer(cfg, sam, train.Forward(sam), params, torch.optim.Adam(params),
-                         torch.amp.GradScaler("cpu", enabled=False), torch.Generator(),
-                         torch.device("cpu"))  # fmt: skip
+    return train.cpu_trainer(sam, train.TrainConfig(data="-", iter_points=2, **kw))
 
 
 def test_micro_batches_give_the_gradient_of_the_full_batch():
