@@ -9,8 +9,8 @@
 Coordinates are (x, y) pixels of the original image. One image is encoded once, however many
 prompts it has; its prompts are decoded as one batch (per kind: box or not, number of points).
 
-Sections: config | checkpoints by name and downloads | prompts | segmenting | output files |
-metrics and the evaluation protocol | benchmark | command line.
+Sections: config | checkpoints by name and downloads | prompts | segmenting | output files and
+jobs | metrics and the evaluation protocol | benchmark | command line.
 """
 
 import argparse
@@ -381,7 +381,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------------------
-# Output files: written to a temp file in the same directory, then renamed (atomic)
+# Output files (temp file in the same directory, then rename), NIfTI volumes, one job per file
 # ------------------------------------------------------------------------------------------------
 
 PALETTE = [
