@@ -335,13 +335,13 @@ class Trainer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def optimizer_step(self) -> float:
-        self.scaler.unscale_(self.opt)
-        norm = nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or float("inf"))
+    def optimizer_step(self) -> None:
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.opt)  # clip the true gradients, not the fp16-scaled ones
+            nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
-        return float(norm)
 
 
 def plan_iterations(cfg: TrainConfig, gen: torch.Generator) -> list:
@@ -357,8 +357,8 @@ def plan_iterations(cfg: TrainConfig, gen: torch.Generator) -> list:
     return plan
 
 
-def sub_step(tr: Trainer, micros: list, clicks: int | None) -> float:
-    """One optimizer step over all micro-batches (clicks None: step 1). -> summed mean loss."""
+def sub_step(tr: Trainer, micros: list, clicks: int | None) -> torch.Tensor:
+    """One optimizer step over all micro-batches (clicks None: step 1). -> the batch's loss."""
     total, S = 0.0, tr.sam.cfg.image_size
     for j, mb in enumerate(micros):
         sync = j == len(micros) - 1 or not isinstance(tr.forward, DistributedDataParallel)
@@ -370,10 +370,10 @@ def sub_step(tr: Trainer, micros: list, clicks: int | None) -> float:
                     emb, low, iou = tr.forward(click_groups(mb, clicks), emb=mb.emb,
                                                prompt_grad=False)  # fmt: skip
             up = upsample(low.float(), S)  # (P, 1, S, S): the loss compares at the input size
-            loss, _ = sam_loss(up, mb.gt, iou, tr.cfg.focal_weight)  # up: (P, 1, S, S)
+            loss, _ = sam_loss(up, mb.gt, iou, tr.cfg.focal_weight)
             tr.scaler.scale(loss / len(micros)).backward()
         mb.emb, mb.low, mb.pred = emb.detach(), low.detach(), up.detach()[:, 0] > 0
-        total += loss.item() / len(micros)
+        total = total + loss.detach() / len(micros)  # no .item(): no device sync per sub-step
     tr.optimizer_step()
     return total
 
@@ -384,6 +384,7 @@ def train_step(tr: Trainer, batches: list, step: int) -> dict:
     losses = [sub_step(tr, micros, None)]
     for clicks in plan_iterations(tr.cfg, tr.gen):
         losses.append(sub_step(tr, micros, clicks))
+    losses = torch.stack(losses).tolist()
     return dict(loss=float(np.mean(losses)), loss_first=losses[0], loss_last=losses[-1])
 
 
