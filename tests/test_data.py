@@ -181,13 +181,17 @@ def test_preprocess_matches_official_stretch(shape):
 
 
 def test_stretch_is_not_pillow_nearest():
-    """The convention matters: Pillow's NEAREST samples pixel centres and picks other pixels."""
+    """The convention matters: Pillow's NEAREST and torch's nearest-exact sample pixel centres
+    and pick other pixels."""
     rgb = np.random.default_rng(3).integers(0, 256, (300, 300, 3), dtype=np.uint8)
     x, _ = data.preprocess(
         rgb, cfg_like(channel_order="RGB", pixel_mean=(0,) * 3, pixel_std=(1,) * 3)
     )
     pil = np.asarray(Image.fromarray(rgb).resize((256, 256), Image.NEAREST)).transpose(2, 0, 1)
     assert (x[0].numpy() != pil).any(axis=0).mean() > 0.1
+    t = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+    exact = torch.nn.functional.interpolate(t, (256, 256), mode="nearest-exact")[0]
+    assert (x[0] != exact).any(0).float().mean() > 0.1  # torch's other nearest: also different
 
 
 def test_preprocess_rgb_order_and_longest():
