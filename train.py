@@ -794,18 +794,16 @@ def bench_steps(preset: str, size: int, cfg: TrainConfig, which=("official", "ou
     """name -> a function running one training step (argument: its index). Same initial weights
     (same seed) and batch; "official" is the port above on the reference kernels (materialised
     rel-pos bias, padded windows) with the official Adam over model.parameters()."""
-    mcfg = model.SamConfig.from_name(preset, image_size=size, adapter=True)
     batch = synthetic_batch(cfg.batch_size, cfg.masks_per_image, size, seed=0)
     steps = {}
     if "official" in which:
-        torch.manual_seed(0)
-        ref = model.Sam(replace(mcfg, kernels="reference")).train()
+        ref = build_model(replace(cfg, model=preset, image_size=size), "cpu")
+        model.use_kernels(ref, "reference").train()
         opt, rng = torch.optim.Adam(ref.parameters(), lr=cfg.lr), np.random.default_rng(0)
         steps["official"] = lambda i: official_step(ref, opt, batch, cfg.iter_points,
                                                     cfg.point_choices, rng)  # fmt: skip
     if "ours" in which:
-        torch.manual_seed(0)
-        tr = cpu_trainer(model.Sam(mcfg).train(), cfg)
+        tr = cpu_trainer(build_model(replace(cfg, model=preset, image_size=size), "cpu"), cfg)
         steps["ours"] = lambda i: train_step(tr, [batch], i)
     return steps
 
