@@ -341,3 +341,21 @@ def test_compile_matches_eager(dataset, tmp_path):
     np.testing.assert_allclose(logs[0], logs[1], rtol=1e-3)
     sam = model.load_checkpoint(tmp_path / "compiled" / "last.safetensors", verbose=False)
     assert sam.cfg.name == "tiny"  # saved uncompiled: plain parameter names, strict load
+
+
+def test_a_save_killed_midway_leaves_the_previous_state(dataset, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train.main(small(dataset, run, steps=2))
+    before = (run / "state.pt").read_bytes()
+    tr, state = train.setup(dict(resume=str(run)))
+
+    def dies_halfway(obj, f):
+        Path(f).write_bytes(before[: len(before) // 2])
+        raise KeyboardInterrupt  # the process is killed while writing
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_state(tr, run, 3, state["best"], state["steps_per_epoch"])
+    assert (run / "state.pt").read_bytes() == before
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == 2
