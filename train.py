@@ -22,9 +22,11 @@ import ctypes
 import datetime
 import functools
 import gc
+import inspect
 import json
 import math
 import os
+import re
 import resource
 import sys
 import threading
@@ -61,19 +63,19 @@ class TrainConfig:
     image_size: int = 256  # S; an official SAM checkpoint (1024) is resampled to it
     adapter: bool = True  # SAM-Med2D's adapters (added freshly if the checkpoint has none)
     batch_size: int = 2  # B: images per optimizer step over all processes and accumulation steps
-    masks_per_image: int = 5  # M
+    masks_per_image: int = 5  # M: masks per image (sampled without replacement when it has M)
     grad_accum: int = 1  # split each process's share of the batch into this many micro-batches
-    epochs: int = 15  # used when steps is None
+    epochs: int = 15  # used when steps is not given
     steps: int | None = None  # total steps (each 1 + iter_points optimizer steps)
     stop_after: int | None = None  # stop this run after so many steps (state saved; resume later)
     iter_points: int = 8  # decoder-only click iterations after step 1 (official: 8)
     point_choices: tuple = (1, 3, 5, 9)  # clicks per iteration, drawn uniformly (official list)
     lr: float = 1e-4  # Adam
     schedule: str = "constant"  # constant | cosine | step; by step, after warmup
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
     min_lr: float = 0.0  # cosine floor
     milestones: tuple = ()  # step schedule: multiply lr by gamma at each of these steps
-    gamma: float = 0.5
+    gamma: float = 0.5  # step schedule factor
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     focal_weight: float = 20.0  # loss = focal_weight * focal + dice + MSE(pred IoU, IoU)
     amp: str = "off"  # off | bf16 | fp16 (fp16 with a GradScaler)
@@ -857,20 +859,24 @@ if __name__ == "__main__":
     # tell which settings were given.
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 argument_default=argparse.SUPPRESS)  # fmt: skip
+    # --help shows each field's comment from TrainConfig: the settings are documented once.
+    src = inspect.getsource(TrainConfig)
+    helps = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.*)$", src, flags=re.M))
     typed = dict(data=str, val_data=str, out=str, checkpoint=str, image_size=int,
                  batch_size=int, masks_per_image=int, grad_accum=int, epochs=int, steps=int,
                  stop_after=int, iter_points=int, lr=float, warmup_steps=int, min_lr=float,
                  gamma=float, grad_clip=float, focal_weight=float, device=str, seed=int,
                  workers=int, val_every=int, val_limit=int, log_every=int, resume=str)  # fmt: skip
     for name, kind in typed.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
-    p.add_argument("--model", dest="model", choices=list(model.PRESETS))
-    p.add_argument("--amp", choices=["off", "bf16", "fp16"])
-    p.add_argument("--schedule", choices=list(SCHEDULES))
-    p.add_argument("--point-choices", dest="point_choices", type=int, nargs="+")
-    p.add_argument("--milestones", type=int, nargs="+")
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=helps.get(name))
+    p.add_argument("--model", choices=list(model.PRESETS), help=helps["model"])
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"], help=helps["amp"])
+    p.add_argument("--schedule", choices=list(SCHEDULES), help=helps["schedule"])
+    p.add_argument("--point-choices", dest="point_choices", type=int, nargs="+",
+                   help=helps["point_choices"])  # fmt: skip
+    p.add_argument("--milestones", type=int, nargs="+", help=helps["milestones"])
     for name in ("adapter", "compile", "progress"):
-        p.add_argument("--" + name, action=argparse.BooleanOptionalAction)
+        p.add_argument("--" + name, action=argparse.BooleanOptionalAction, help=helps[name])
     p.add_argument("--bench", action="store_true", help="time one step vs the official port")
     p.add_argument("--bench-preset", default="vit_b", choices=list(model.PRESETS))
     p.add_argument("--bench-runs", type=int, default=3)
