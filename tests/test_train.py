@@ -244,6 +244,24 @@ def test_micro_batches_give_the_gradient_of_the_full_batch():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_step_one_trains_adapters_then_iterations_train_the_decoder_alone():
+    tr = tiny_trainer()
+    names = {id(p): n for n, p in tr.sam.named_parameters()}
+    with_grad = []
+    step = tr.optimizer_step
+
+    def record():
+        with_grad.append({names[id(p)].split(".")[0] + (".Adapter" * (".Adapter." in names[id(p)]))
+                          for p in tr.params if p.grad is not None})  # fmt: skip
+        step()
+
+    tr.optimizer_step = record
+    train.train_step(tr, [train.synthetic_batch(2, 3, 64, seed=0)], 0)
+    assert len(with_grad) == 1 + 2  # step 1 + iter_points optimizer steps
+    assert with_grad[0] == {"image_encoder.Adapter", "prompt_encoder", "mask_decoder"}
+    assert all(g == {"mask_decoder"} for g in with_grad[1:])
+
+
 def test_grad_accumulation_matches_the_full_batch(dataset, tmp_path):
     train.main(small(dataset, tmp_path / "a", batch_size=2))
     train.main(small(dataset, tmp_path / "b", batch_size=2, grad_accum=2))
