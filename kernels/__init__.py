@@ -67,8 +67,7 @@ def attention_layer(
         )
     hs = C // num_heads
     win = window_size if window_size > 0 else max(H, W)
-    ok = x.dtype in (torch.float32, torch.float16, torch.bfloat16) and hs <= 128 and win <= 128
-    path = _choose("attention", impl, x, ok)
+    path = _choose("attention", impl, x, attention_kernels.triton_supported(x.dtype, hs, win))
     args = (x, qkv_weight, qkv_bias, proj_weight, proj_bias, rel_pos_h, rel_pos_w, num_heads)
     if path == "reference":
         return attention_kernels.attention_layer_reference(*args, window_size)

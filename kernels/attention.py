@@ -27,7 +27,8 @@ math; the roundings differ from the official order only in the last bits.
 Paths (chosen by kernels.attention_layer):
   reference  the official computation: pad, partition, qkv on every token, materialised bias.
   torch      real tokens only; F.scaled_dot_product_attention on 4-D q/k/v with the bias (and the
-             padded key's logit) as attn_mask, which reaches PyTorch's CPU flash kernel.
+             padded key's logit) as attn_mask, which reaches PyTorch's CPU flash kernel (when no
+             gradient flows into the mask; in training PyTorch takes its math path).
   triton     real tokens only; the kernels below (forward and backward), the padded key merged into
              the kernel's (out, lse) in PyTorch (`merge_extra_key`).
 """
@@ -296,14 +297,10 @@ def _bwd_dq_kernel(
 launches: Counter = Counter()  # Triton launches by pass ("forward", "backward"), for the tests
 
 
-def triton_supported(q, rel_h, rel_w) -> bool:
-    """Shapes and dtypes the kernels handle; the dispatcher falls back to PyTorch otherwise."""
-    return (
-        q.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and q.shape[-1] <= 128
-        and max(rel_h.shape[-1], rel_w.shape[-1]) <= 128
-        and q.shape[0] * q.shape[1] < 2**31
-    )
+def triton_supported(dtype: torch.dtype, head_size: int, window: int) -> bool:
+    """What the kernels handle (one tile holds a head; the one-hot rel-pos gradient holds a window
+    side); the dispatcher falls back to PyTorch otherwise."""
+    return dtype in (torch.float32, torch.float16, torch.bfloat16) and max(head_size, window) <= 128
 
 
 def _check(q, k, v, rel_h, rel_w):
@@ -436,14 +433,8 @@ def attention_fast(x, qkv_w, qkv_b, proj_w, proj_b, rel_pos_h, rel_pos_w, num_he
     out = x.new_empty(B, H, W, C)
     for y0, y1, x0, x1, rh, rw in window_groups(H, W, win_h, win_w):
         win = qkv[:, y0:y1, x0:x1]  # (B, ny*rh, nx*rw, 3C)
-        q, k, v = rearrange(
-            win,
-            "b (ny h) (nx w) (t nh hs) -> t (b ny nx) nh (h w) hs",
-            h=rh,
-            w=rw,
-            t=3,
-            nh=num_heads,
-        )  # each (Z, nh, rh*rw, hs)
+        split = "b (ny h) (nx w) (t nh hs) -> t (b ny nx) nh (h w) hs"  # windows, heads
+        q, k, v = rearrange(win, split, h=rh, w=rw, t=3, nh=num_heads)  # each (Z, nh, rh*rw, hs)
         rel_h, rel_w = rel_pos_terms(q, (rh, rw), rh_table[:rh], rw_table[:rw])  # (Z,nh,N,win_h|w)
         extra = pad_key_logit(rel_h, rel_w, rh, rw)  # (Z, nh, N) or None
         rel_h, rel_w = rel_h[..., :rh], rel_w[..., :rw]  # terms of the real keys
