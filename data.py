@@ -289,7 +289,9 @@ def preprocess(image: np.ndarray, cfg) -> tuple[torch.Tensor, Geometry]:
     is OpenCV's INTER_NEAREST and torch's mode="nearest"; Pillow's NEAREST samples pixel centres
     and differs) or pads centred with zeros after normalising. With cfg.channel_order "BGR" we
     flip to BGR and then apply cfg.pixel_mean/std position by position, exactly like that.
-    SAM ("longest"): bilinear resize of the 8-bit image, normalise, pad bottom/right."""
+    SAM ("longest"): bilinear resize of the 8-bit image, normalise, pad bottom/right.
+    MedSAM / LiteMedSAM (cfg.intensity "min_max"): the same resize, then each image scaled to
+    [0, 1] by its own min and max instead of mean/std, then the pad."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"preprocess expects (H, W, 3) uint8, got {image.dtype} {image.shape}")
     H, W = image.shape[:2]
@@ -302,9 +304,12 @@ def preprocess(image: np.ndarray, cfg) -> tuple[torch.Tensor, Geometry]:
     if geom.resize_mode == "longest" and geom.content != (H, W):
         x = F.interpolate(x, geom.content, mode="bilinear", antialias=True, align_corners=False)
         x = x.round().clamp(0, 255)  # SAM resizes the 8-bit image
-    mean = torch.tensor(cfg.pixel_mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.pixel_std, dtype=torch.float32).view(1, 3, 1, 1)
-    x = (x - mean) / std  # (1, 3, h, w)
+    if getattr(cfg, "intensity", "mean_std") == "min_max":  # MedSAM: per image, to [0, 1]
+        x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-8)  # (1, 3, h, w)
+    else:
+        mean = torch.tensor(cfg.pixel_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.pixel_std, dtype=torch.float32).view(1, 3, 1, 1)
+        x = (x - mean) / std  # (1, 3, h, w)
     return geom._place(x, "nearest"), geom  # (1, 3, S, S)
 
 
