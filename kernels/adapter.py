@@ -96,7 +96,8 @@ def _gate_fwd_kernel(
     for l0 in range(0, L, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         mask = (offs_l < L)[:, None] & c_ok[None, :]
-        total += tl.sum(tl.load(x_img + offs_l[:, None] * C + offs_c[None, :], mask, 0.0), 0)
+        xt = tl.load(x_img + offs_l[:, None] * C + offs_c[None, :], mask, 0.0).to(tl.float32)
+        total += tl.sum(xt, 0)  # fp32 sums whatever the input dtype
     mean = total / L
     # Both matvecs in one sweep over the hidden units: each slice of h = relu(W_down m) is used
     # as soon as it is made.
