@@ -1052,8 +1052,9 @@ def main(args):
         print(f"wrote {args.dst} ({sam.cfg.name} at {sam.cfg.image_size} px)")
         return
     cfg = SamConfig.from_name(
-        args.name, image_size=args.image_size, adapter=args.adapter is not False
-    )
+        args.name, image_size=args.image_size, adapter=args.adapter is not False,
+        kernels=getattr(args, "kernels", "auto"),
+    )  # fmt: skip
     sam = Sam(cfg).eval()
     counts = count_parameters(sam)
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
@@ -1094,4 +1095,10 @@ if __name__ == "__main__":
             s.add_argument("--runs", type=int, default=7)
             s.add_argument("--warmup", type=int, default=2)
             s.add_argument("--threads", type=int, default=None)
+            s.add_argument(
+                "--kernels",
+                choices=("auto", "reference"),
+                default="auto",
+                help="reference: the official computation (materialised bias, padding)",
+            )
     main(p.parse_args())

@@ -1,7 +1,8 @@
 """Shared test setup.
 
 TRITON_INTERPRET must be set before `kernels` (imported by model.py) defines its Triton kernels, so
-that the kernels run on the CPU through Triton's interpreter: it is set here, at collection time.
+that on a machine without a GPU the kernels run on the CPU through Triton's interpreter: it is set
+here, at collection time, before any test module imports model or kernels.
 """
 
 import importlib
@@ -10,10 +11,14 @@ import sys
 import types
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytest
+import torch
 
-import pytest  # noqa: E402
+# Without a GPU the Triton kernels run through Triton's interpreter; with one, natively (unless the
+# caller sets TRITON_INTERPRET itself).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _install_torchvision_stand_in():

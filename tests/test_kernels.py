@@ -4,23 +4,18 @@ segment_anything, the fast CPU path against the reference at full vit_b@256 shap
 included), the dispatcher's choices, and torch.compile over the custom ops.
 
 On a CPU the Triton kernels run through Triton's interpreter: TRITON_INTERPRET=1 must be set before
-`kernels` is imported (tests/conftest.py does it; so does the line below when this file runs
-alone). On a CUDA machine run `TRITON_INTERPRET=0 python -m pytest tests/test_kernels.py`: the same
-tests then run compiled, at full sizes, with bf16 added (the interpreter's bf16 tl.dot is broken,
+`kernels` is imported, which tests/conftest.py does when no GPU is present. On a CUDA machine the
+same tests run compiled, at full sizes, with bf16 added (the interpreter's bf16 tl.dot is broken,
 triton-lang/triton#11584).
 """
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import kernels  # noqa: E402
-import model  # noqa: E402
-from kernels import adapter as ad  # noqa: E402
-from kernels import attention as at  # noqa: E402
+import kernels
+import model
+from kernels import adapter as ad
+from kernels import attention as at
 
 ON_GPU = torch.cuda.is_available() and not kernels.INTERPRET
 DEVICE = "cuda" if ON_GPU else "cpu"
