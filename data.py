@@ -296,7 +296,7 @@ def preprocess(image: np.ndarray, cfg) -> tuple[torch.Tensor, Geometry]:
         raise ValueError(f"preprocess expects (H, W, 3) uint8, got {image.dtype} {image.shape}")
     H, W = image.shape[:2]
     geom = geometry(H, W, cfg.image_size, cfg.resize_mode)
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()  # (1,3,H,W)
+    x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]  # (1, 3, H, W), a copy
     if cfg.channel_order == "BGR":
         x = x.flip(1)
     elif cfg.channel_order != "RGB":
