@@ -471,20 +471,28 @@ def error_clicks(pred, gt, n: int, generator=None):
 # Manifests (ours and the official SA-Med2D-20M json files) and datasets
 
 
-def _write_atomic(path: Path, write) -> None:
-    """write(tmp) into a temp file beside `path`, then rename: readers never see half a file."""
+def atomic_write(path, write) -> None:
+    """write(tmp) into a hidden temp file beside `path`, then rename: readers never see half a file,
+    and a killed run leaves the previous file (or none). The temp name ends with the target's
+    suffixes, so writers that pick the format from the name (nibabel's .nii.gz) work. Every stage
+    writes through this one function."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes)}")
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
 
 
-def _write_json(path: Path, obj) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
+def write_json(path, obj, indent=1) -> None:
+    text = json.dumps(obj, indent=indent, default=float)  # default: numpy scalars
+    atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
+
+
+def write_png(path, a: np.ndarray) -> None:
+    atomic_write(path, lambda tmp: Image.fromarray(a).save(tmp, format="PNG"))
 
 
 def _load_json(path: Path):
@@ -645,7 +653,7 @@ class TestDataset(torch.utils.data.Dataset):
 #   OUT/cases/{case}.json   what one case produced; written last, so it marks the case complete
 #
 # Work is split into units (a case's axis, in parts when several workers share one volume); a
-# case's record is written once all its units are done. Every file goes through _write_atomic.
+# case's record is written once all its units are done. Every file goes through atomic_write.
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -724,10 +732,6 @@ def split_cases(names, fractions, seed: int) -> dict[str, str]:
     return {names[i]: s for i, s in zip(order, split, strict=True)}
 
 
-def _write_png(path: Path, a: np.ndarray) -> None:
-    _write_atomic(path, lambda tmp: Image.fromarray(a).save(tmp, format="PNG"))
-
-
 def volume_slice(volume: np.ndarray, axis: str, k: int) -> np.ndarray:
     """Slice k along "x" (sagittal), "y" (coronal) or "z" (axial) of a canonical RAS+ volume (as
     read_volume gives it) -> (H, W) in the radiological view of the dataset slices: rows run
@@ -768,11 +772,11 @@ def _image_name(cfg: DataConfig, case: Case, slice_id: str) -> str:
 
 def _write_slice(out: Path, name: str, image: np.ndarray, masks) -> tuple[str, list[str]]:
     image_rel = f"images/{name}.png"
-    _write_png(out / image_rel, image)
+    write_png(out / image_rel, image)
     mask_rels = []
     for label, k, m in masks:
         mask_rels.append(f"masks/{name}--label_{label}_{k:03d}.png")
-        _write_png(out / mask_rels[-1], m.astype(np.uint8) * 255)
+        write_png(out / mask_rels[-1], m.astype(np.uint8) * 255)
     return image_rel, mask_rels
 
 
@@ -948,7 +952,7 @@ def _process_units(units, cases, cfg: DataConfig, out: Path) -> tuple[int, dict[
             note = f"{parts[0][1]}; {len(images)} slices"
             record = dict(case=case.name, fingerprint=_fingerprint(cfg, case), note=note,
                           images=images)  # fmt: skip
-            _write_json(out / "cases" / f"{case.name}.json", record)
+            write_json(out / "cases" / f"{case.name}.json", record)
             n_slices += len(images)
             bar.write(note)
     bar.close()
@@ -968,8 +972,8 @@ def write_manifests(out: Path, cases: list[Case], splits: dict[str, str]) -> int
         for img, masks in _load_json(path)["images"]:
             i2l[splits[case.name]][img] = masks
     for s in SPLITS:
-        _write_json(out / f"image2label_{s}.json", i2l[s])
-        _write_json(out / f"label2image_{s}.json", {m: i for i, ms in i2l[s].items() for m in ms})
+        write_json(out / f"image2label_{s}.json", i2l[s])
+        write_json(out / f"label2image_{s}.json", {m: i for i, ms in i2l[s].items() for m in ms})
     return missing
 
 
@@ -1002,7 +1006,7 @@ def run(cfg: DataConfig) -> dict:
     for d in ("images", "masks", "cases"):
         (out / d).mkdir(parents=True, exist_ok=True)
     if n == 1:  # alone on this output: leftovers of a killed run can go
-        for tmp in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:
+        for tmp in [*out.glob(".*.tmp*"), *out.glob("*/.*.tmp*")]:
             tmp.unlink(missing_ok=True)
     bad = {c.name: c.error for c in mine if c.error}
     if bad and not cfg.skip_bad:

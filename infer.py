@@ -24,7 +24,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -411,31 +410,6 @@ PALETTE = [
 ]
 
 
-def atomic_write(path: Path, write) -> None:
-    """`write(tmp)` then rename onto `path`: a killed run never leaves half a file behind. The temp
-    name keeps the suffixes so PIL and nibabel pick the format (and gzip) from it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_png(path: Path, array: np.ndarray) -> None:
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
-
-
-def write_json(path: Path, obj, indent=1) -> None:
-    text = json.dumps(obj, indent=indent, default=float)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
-
-
 def check_outputs(paths: list, force: bool) -> None:
     """Refuse, before any work, to overwrite an existing output unless --force."""
     exists = [str(p) for p in paths if p is not None and Path(p).exists()]
@@ -482,7 +456,7 @@ def write_nifti(path: Path, canonical: np.ndarray, source: Path) -> None:
     header.set_data_dtype(arr.dtype)
     img = nib.Nifti1Image(arr, src.affine, header)
     img.header.set_slope_inter(1, 0)
-    atomic_write(path, lambda tmp: nib.save(img, tmp))
+    data.atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 @dataclass
@@ -541,10 +515,10 @@ def run_job(sam, job: Job, outs: dict, cfg: InferConfig) -> dict:
         image = data.read_image(job.path)
         seg = segment(sam, image, job.prompts, multimask=cfg.multimask, where=str(job.path))
         ids, prompts = label_ids(seg), job.prompts
-        write_png(outs["mask"], mask_image(seg))
+        data.write_png(outs["mask"], mask_image(seg))
         record = {"predicted_iou": seg.iou.tolist(), "timings_s": seg.timings}
     if outs.get("overlay") is not None:
-        write_png(outs["overlay"], overlay(image, ids, prompts, cfg.overlay_alpha))
+        data.write_png(outs["overlay"], overlay(image, ids, prompts, cfg.overlay_alpha))
     record = {
         "input": str(job.path),
         "height": int(image.shape[0]),
@@ -557,7 +531,7 @@ def run_job(sam, job: Job, outs: dict, cfg: InferConfig) -> dict:
     }
     record["timings_s"]["total"] = time.perf_counter() - t0
     if outs.get("json") is not None:
-        write_json(outs["json"], record)
+        data.write_json(outs["json"], record)
     return record
 
 
@@ -717,7 +691,7 @@ def _evaluate_image(sam, image, gt, keys, modes, gen, cfg: InferConfig, replayed
         dice, iou_true = dice_iou(pred, gt_t)
         for j, k in enumerate(keys):
             if save_dir is not None:  # the predictions scored here, for inspection and checks
-                write_png(
+                data.write_png(
                     Path(save_dir) / key / Path(k).name, pred[j].numpy().astype(np.uint8) * 255
                 )
             used[k][key] = prompts[j]
@@ -850,14 +824,14 @@ def format_table(results: dict, modes) -> str:
 def write_eval(out_dir: Path, results: dict) -> None:
     """results.json (means and breakdowns), per_mask.csv, prompts.json (for --prompt-file)."""
     summary = {k: v for k, v in results.items() if k not in ("per_mask", "prompts")}
-    write_json(out_dir / "results.json", summary)
-    write_json(out_dir / "prompts.json", results["prompts"], indent=None)  # machine data: compact
+    data.write_json(out_dir / "results.json", summary)
+    data.write_json(out_dir / "prompts.json", results["prompts"], indent=None)  # compact
     buf = io.StringIO()
     cols = ["mask", "image", "modality", "dataset", "label", "mode", "dice", "iou", "pred_iou"]
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(results["per_mask"])
-    atomic_write(out_dir / "per_mask.csv", lambda tmp: Path(tmp).write_text(buf.getvalue()))
+    data.atomic_write(out_dir / "per_mask.csv", lambda tmp: Path(tmp).write_text(buf.getvalue()))
 
 
 def manifest_groups(dataset, split: str = "test") -> list:
@@ -1106,7 +1080,7 @@ def run_folder(args, cfg: InferConfig) -> int:
         except (ValueError, OSError) as err:  # data.DataError is a ValueError
             bad.append({"file": name, "error": str(err)})
             tqdm.write(f"skipped {name}: {err}")
-    write_json(out_dir / "summary.json", {"segmented": len(spec) - len(bad), "skipped": bad})
+    data.write_json(out_dir / "summary.json", {"segmented": len(spec) - len(bad), "skipped": bad})
     print(f"segmented {len(spec) - len(bad)} of {len(spec)} files into {out_dir}")
     for b in bad:
         print(f"  skipped {b['file']}: {b['error']}")

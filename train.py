@@ -398,16 +398,6 @@ def train_step(tr: Trainer, batches: list, step: int) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp) to a temp file beside path, then rename: a killed run leaves the old file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_state(tr: Trainer, out: Path, step: int, best: float, spe: int) -> None:
     model.save_checkpoint(tr.sam, out / "last.safetensors")
     trainable = {n: p.detach().cpu() for n, p in tr.sam.named_parameters() if p.requires_grad}
@@ -415,7 +405,7 @@ def save_state(tr: Trainer, out: Path, step: int, best: float, spe: int) -> None
                  best=best, trainable=trainable, optimizer=tr.opt.state_dict(),
                  scaler=tr.scaler.state_dict(), generator=tr.gen.get_state(),
                  config=asdict(tr.cfg))  # fmt: skip
-    atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))
+    data.atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))
 
 
 def read_state(run_dir: Path) -> dict:
@@ -597,7 +587,7 @@ def main(args: dict) -> dict:
     end = min(total, start + cfg.stop_after) if cfg.stop_after else total
     if tr.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.json", lambda t: t.write_text(json.dumps(asdict(cfg), indent=1)))
+        data.write_json(out / "config.json", asdict(cfg))
     bar = tqdm(total=end, initial=start, disable=tr.rank != 0 or not cfg.progress, unit="step")
     data_it, record, t0, seen = None, {}, time.perf_counter(), 0
     for step in range(start, end):

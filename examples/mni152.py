@@ -19,8 +19,6 @@ the test slices are not independent of the training ones the way another subject
 
 import argparse
 import importlib.util
-import json
-import os
 import re
 import sys
 from collections import defaultdict
@@ -28,7 +26,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
@@ -46,30 +43,16 @@ def template_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
 
 
-def atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # keeps the suffix (nibabel needs it)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def radiological(s: np.ndarray) -> np.ndarray:
-    """A slice of a RAS+ volume in data.py's radiological view (its `_display`)."""
-    return np.ascontiguousarray(s[::-1, ::-1].T)
-
-
 def example(out: Path) -> None:
     """The README's example image: axial slice EXAMPLE_SLICE of the T1, 8-bit, as data.py scales
     MR (0.5-99.5 percentiles of the non-zero voxels)."""
     vol = data.read_volume(template_dir() / FILES.format("t1"))
-    t1 = radiological(data.normalize_intensity(vol.data)[:, :, EXAMPLE_SLICE])  # (H, W) uint8
+    t1 = data.volume_slice(data.normalize_intensity(vol.data), "z", EXAMPLE_SLICE)  # (H, W)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "mni152_axial.png"
-    atomic_write(path, lambda p: Image.fromarray(t1).save(p, format="PNG"))
+    data.write_png(path, t1)
     gm, wm = (data.read_volume(template_dir() / FILES.format(k)).data for k in ("gm", "wm"))
-    brain = radiological((gm + wm)[:, :, EXAMPLE_SLICE]) >= 128
+    brain = data.volume_slice(gm + wm, "z", EXAMPLE_SLICE) >= 128
     ys, xs = np.nonzero(brain)
     print(f"wrote {path} ({t1.shape[1]}x{t1.shape[0]}); brain box: "
           f"--box {xs.min()} {ys.min()} {xs.max()} {ys.max()}")  # fmt: skip
@@ -87,8 +70,8 @@ def write_volumes(src: Path) -> None:
     for case, labels in (("MNI152", tissue), ("MNI152brain", brain)):
         image = nib.Nifti1Image(np.asarray(t1.dataobj), t1.affine, t1.header)
         label = nib.Nifti1Image(labels, t1.affine)
-        atomic_write(src / "images" / f"{case}.nii.gz", lambda p, im=image: nib.save(im, p))
-        atomic_write(src / "labels" / f"{case}.nii.gz", lambda p, lb=label: nib.save(lb, p))
+        data.atomic_write(src / "images" / f"{case}.nii.gz", lambda p, im=image: nib.save(im, p))
+        data.atomic_write(src / "labels" / f"{case}.nii.gz", lambda p, lb=label: nib.save(lb, p))
 
 
 def split(root: Path, train=0.6, val=0.1, gap=6, test_every=4) -> dict:
@@ -115,7 +98,7 @@ def split(root: Path, train=0.6, val=0.1, gap=6, test_every=4) -> dict:
     for name, i2l in parts.items():
         l2i = {m: img for img, ms in i2l.items() for m in ms}
         for fname, obj in ((f"image2label_{name}.json", i2l), (f"label2image_{name}.json", l2i)):
-            atomic_write(root / fname, lambda p, o=obj: p.write_text(json.dumps(o, indent=1)))
+            data.write_json(root / fname, obj)
     return {name: (len(i2l), sum(map(len, i2l.values()))) for name, i2l in parts.items()}
 
 

@@ -553,7 +553,7 @@ def test_cli_interrupted_then_rerun_equals_uninterrupted(tmp_path, monkeypatch):
     clean = tmp_path / "clean"
     data.run(volume_cfg(tmp_path, clean, axes=("x", "z")))
     broken = tmp_path / "broken"
-    real_write, calls = data._write_png, []
+    real_write, calls = data.write_png, []
 
     def dying_write(path, a):  # the process "dies" in the middle of the second case
         calls.append("case0001" in path.name)
@@ -562,10 +562,10 @@ def test_cli_interrupted_then_rerun_equals_uninterrupted(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_write(path, a)
 
-    monkeypatch.setattr(data, "_write_png", dying_write)
+    monkeypatch.setattr(data, "write_png", dying_write)
     with pytest.raises(KeyboardInterrupt):
         data.run(volume_cfg(tmp_path, broken, axes=("x", "z")))
-    monkeypatch.setattr(data, "_write_png", real_write)
+    monkeypatch.setattr(data, "write_png", real_write)
     assert len(list((broken / "cases").iterdir())) == 1  # only the first case is complete
     assert not (broken / "image2label_train.json").exists()
     data.run(volume_cfg(tmp_path, broken, axes=("x", "z")))
