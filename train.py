@@ -751,7 +751,10 @@ class PeakRSS:
 
     def __enter__(self):
         gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back so the baseline is fair
+        try:  # glibc: hand freed memory back to the OS so the baseline is fair
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (macOS, musl): baseline includes free lists
+            pass
         self.base = self.peak = self._rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
