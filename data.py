@@ -125,22 +125,32 @@ def read_label_map(path) -> np.ndarray:
         a = np.asarray(im)[..., 0]  # P keeps its palette indices: they are the labels
     else:
         a = np.asarray(im)
+    _check_labels(a, path)
+    return a.astype(np.int64)
+
+
+def _check_labels(a: np.ndarray, path) -> None:
+    """Labels (a 2D mask file or a label volume) must be finite non-negative integers."""
     if np.issubdtype(a.dtype, np.floating):
         if not np.isfinite(a).all():
-            raise DataError(f"{path}: mask contains NaN or inf")
-        if not (a == np.round(a)).all():
-            raise DataError(f"{path}: non-integer mask values (e.g. {a[a != np.round(a)][0]})")
-    a = a.astype(np.int64)
+            raise DataError(f"{path}: labels contain NaN or inf")
+        frac = a != np.round(a)
+        if frac.any():
+            raise DataError(f"{path}: non-integer labels (e.g. {a[frac][0]:g})")
     if a.size and a.min() < 0:
-        raise DataError(f"{path}: negative mask value {a.min()}")
-    return a
+        raise DataError(f"{path}: negative label {a.min():g}")
+
+
+def _is_binary(labels: np.ndarray) -> bool:
+    """0/1 or 0/255 (an all-zero mask included): the two ways a binary mask is stored."""
+    hi = int(labels.max()) if labels.size else 0
+    return hi in (0, 1, 255) and bool(((labels == 0) | (labels == hi)).all())
 
 
 def read_mask(path) -> np.ndarray:
     """A binary mask file (0/1 or 0/255) -> (H, W) bool; anything else is an error."""
     a = read_label_map(path)
-    hi = int(a.max()) if a.size else 0
-    if hi not in (0, 1, 255) or not ((a == 0) | (a == hi)).all():
+    if not _is_binary(a):
         vals = np.unique(a)[:8].tolist()
         raise DataError(f"{path}: mask values {vals} are not binary (0/1 or 0/255)")
     return a > 0
@@ -234,8 +244,7 @@ class Geometry:
 
     def mask_to_model(self, mask):
         """(H, W) bool/0-1 mask -> (S, S) bool, resized nearest like the image (same array type)."""
-        m = torch.as_tensor(np.asarray(mask) if not torch.is_tensor(mask) else mask)
-        m = self._place(m[None, None].float(), "nearest")[0, 0] > 0.5  # (S, S)
+        m = self._place(torch.as_tensor(mask)[None, None].float())[0, 0] > 0.5  # (S, S)
         return m if torch.is_tensor(mask) else m.numpy()
 
     def logits_to_original(self, logits: torch.Tensor) -> torch.Tensor:
@@ -248,11 +257,12 @@ class Geometry:
             x = F.interpolate(x, self.original, mode="bilinear", align_corners=False)
         return x  # (P, K, H, W)
 
-    def _place(self, x: torch.Tensor, mode: str) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, S, S): resize to the content size, zero-pad around it."""
+    def _place(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, S, S): nearest resize to the content size (a no-op when x has
+        it already), zero-pad around it."""
         (h, w), (left, top), S = self.content, self.pad, self.size
         if (h, w) != tuple(x.shape[-2:]):
-            x = F.interpolate(x, (h, w), mode=mode, antialias=mode == "bilinear")
+            x = F.interpolate(x, (h, w), mode="nearest")
         out = x.new_zeros(*x.shape[:2], S, S)  # (B, C, S, S)
         out[..., top : top + h, left : left + w] = x
         return out
@@ -310,7 +320,7 @@ def preprocess(image: np.ndarray, cfg) -> tuple[torch.Tensor, Geometry]:
         mean = torch.tensor(cfg.pixel_mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(cfg.pixel_std, dtype=torch.float32).view(1, 3, 1, 1)
         x = (x - mean) / std  # (1, 3, h, w)
-    return geom._place(x, "nearest"), geom  # (1, 3, S, S)
+    return geom._place(x), geom  # (1, 3, S, S)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,7 +550,8 @@ def read_manifest(root, split: str = "train") -> dict[str, list[str]]:
 def _one_thread():
     """A sample's tensors are small: torch's intra-op threads only add synchronisation, and on a
     busy machine that made __getitem__ 10x slower (measured, README). DataLoader workers run on
-    one thread already; this gives the main process (num_workers=0) the same, for the call."""
+    one thread already; this gives the main process (num_workers=0) the same, for the call.
+    Used as a decorator on the datasets' __getitem__."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -584,11 +595,8 @@ class TrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    @_one_thread()
     def __getitem__(self, index: int) -> dict:
-        with _one_thread():
-            return self._item(index)
-
-    def _item(self, index: int) -> dict:
         g = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
         image_path, mask_paths = self.items[index]
         n = len(mask_paths)
@@ -624,11 +632,8 @@ class TestDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    @_one_thread()
     def __getitem__(self, index: int) -> dict:
-        with _one_thread():
-            return self._item(index)
-
-    def _item(self, index: int) -> dict:
         mask_path, image_path = self.pairs[index]
         if self._last[0] != image_path:
             image = read_image(image_path)
@@ -798,11 +803,7 @@ def _read_case_volume(case: Case, cfg: DataConfig):
     if not np.allclose(vol.affine, lab.affine, atol=1e-3):
         d = np.abs(vol.affine - lab.affine).max()
         raise DataError(f"{label_path}: affine differs from image {image_path}'s (by {d:.3g})")
-    frac = lab.data != np.round(lab.data)
-    if frac.any():
-        raise DataError(f"{label_path}: non-integer labels (e.g. {lab.data[frac][0]:g})")
-    if lab.data.min() < 0:
-        raise DataError(f"{label_path}: negative label {lab.data.min():g}")
+    _check_labels(lab.data, label_path)
     lo, hi = intensity_range(vol.data, cfg.window)
     how = "percentiles 0.5-99.5 of non-zero voxels" if cfg.window is None else "CT window"
     name = f" {cfg.window}" if isinstance(cfg.window, str) else ""
@@ -841,8 +842,7 @@ def _images_unit(case: Case, cfg: DataConfig):
                 f"{mask_path}: mask shape {lab.shape} does not match image {image_path} "
                 f"{image.shape[:2]}"
             )
-        hi = int(lab.max()) if lab.size else 0
-        if hi in (1, 255) and ((lab == 0) | (lab == hi)).all():
+        if _is_binary(lab):
             lab = (lab > 0).astype(np.int64)
         name = _image_name(cfg, case, _clean(_stem(image_path)))
         if name in names:
