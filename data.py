@@ -564,14 +564,14 @@ def _item_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def _model_masks(paths, geom: Geometry, shape) -> torch.Tensor:
-    out = []
-    for p in paths:
-        m = read_mask(p)
-        if m.shape != tuple(shape):
-            raise DataError(f"{p}: mask shape {m.shape} differs from its image's {tuple(shape)}")
-        out.append(geom.mask_to_model(torch.from_numpy(m)))  # (S, S)
-    return torch.stack(out)  # (M, S, S)
+def _read_mask_of(path, geom: Geometry) -> torch.Tensor:
+    """A dataset mask -> (H, W) bool, checked against the size of its image."""
+    m = torch.from_numpy(read_mask(path))  # (H, W)
+    if tuple(m.shape) != geom.original:
+        raise DataError(
+            f"{path}: mask shape {tuple(m.shape)} differs from its image's {geom.original}"
+        )
+    return m
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -603,9 +603,9 @@ class TrainDataset(torch.utils.data.Dataset):
         pick = torch.randperm(n, generator=g)[: self.M]
         if n < self.M:  # every mask once, then repeats
             pick = torch.cat([pick, torch.randint(n, (self.M - n,), generator=g)])
-        image = read_image(image_path)
-        x, geom = preprocess(image, self.cfg)  # (1, 3, S, S)
-        masks = _model_masks([mask_paths[i] for i in pick], geom, image.shape[:2])  # (M, S, S)
+        x, geom = preprocess(read_image(image_path), self.cfg)  # (1, 3, S, S)
+        masks = [geom.mask_to_model(_read_mask_of(mask_paths[i], geom)) for i in pick]
+        masks = torch.stack(masks)  # (M, S, S)
         boxes = boxes_from_masks(masks, jitter=self.jitter, generator=g)  # (M, 4)
         coords, labels = sample_points(masks, self.points, g)  # (M, n, 2), (M, n)
         return dict(
@@ -639,9 +639,7 @@ class TestDataset(torch.utils.data.Dataset):
             image = read_image(image_path)
             self._last = (image_path, *preprocess(image, self.cfg))
         _, x, geom = self._last
-        mask = torch.from_numpy(read_mask(mask_path))  # (H, W)
-        if tuple(mask.shape) != geom.original:
-            raise DataError(f"{mask_path}: mask shape {tuple(mask.shape)} differs from its image's")
+        mask = _read_mask_of(mask_path, geom)  # (H, W)
         return dict(
             image=x[0], mask=geom.mask_to_model(mask), original_mask=mask,
             original_size=torch.tensor(geom.original), index=torch.tensor(index),
@@ -742,12 +740,8 @@ def volume_slice(volume: np.ndarray, axis: str, k: int) -> np.ndarray:
     read_volume gives it) -> (H, W) in the radiological view of the dataset slices: rows run
     anterior/superior -> posterior/inferior, columns patient right -> left (sagittal: anterior ->
     posterior)."""
-    return _display(volume[(slice(None),) * "xyz".index(axis) + (k,)])  # (H, W)
-
-
-def _display(s: np.ndarray) -> np.ndarray:
-    """A 2D slice in RAS order (a view of the volume) -> the radiological view, contiguous."""
-    return np.ascontiguousarray(s[::-1, ::-1].T)
+    s = volume[(slice(None),) * "xyz".index(axis) + (k,)]  # RAS order, a view of the volume
+    return np.ascontiguousarray(s[::-1, ::-1].T)  # (H, W)
 
 
 def _slice_masks(lab: np.ndarray, cfg: DataConfig) -> list[tuple[int, int, np.ndarray]]:
