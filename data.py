@@ -1049,12 +1049,14 @@ if __name__ == "__main__":
     p.add_argument("--images", required=True, help="folder of images or volumes")
     p.add_argument("--labels", required=True, help="folder of masks/label volumes, same names")
     p.add_argument("--out", required=True, help="output root")
-    p.add_argument("--modality", default="mr", help="name prefix, e.g. ct, mr_t1, xray")
-    p.add_argument("--dataset", default="dataset", help="dataset name in the file names")
+    p.add_argument(
+        "--modality", default=DataConfig.modality, help="name prefix, e.g. ct, mr_t1, xray"
+    )
+    p.add_argument("--dataset", default=DataConfig.dataset, help="dataset name in the file names")
     p.add_argument(
         "--axes",
         nargs="+",
-        default=["x", "y", "z"],
+        default=list(DataConfig.axes),
         choices=["x", "y", "z"],
         help="slice axes (x sagittal, y coronal, z axial); default all three",
     )
@@ -1068,7 +1070,7 @@ if __name__ == "__main__":
     p.add_argument(
         "--instances",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=DataConfig.instances,
         help="split each label into connected components",
     )
     p.add_argument(
@@ -1082,24 +1084,24 @@ if __name__ == "__main__":
         "--split",
         nargs=3,
         type=float,
-        default=[0.8, 0.1, 0.1],
+        default=list(DataConfig.split),
         metavar=("TRAIN", "VAL", "TEST"),
         help="case fractions",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the case split")
+    p.add_argument("--seed", type=int, default=DataConfig.seed, help="seed of the case split")
     p.add_argument(
         "--case-pattern",
         dest="case_pattern",
         default="",
         help="2D: regex on the file name whose group 1 is the patient id",
     )
-    p.add_argument("--workers", type=int, default=1, help="processes")
+    p.add_argument("--workers", type=int, default=DataConfig.workers, help="processes")
     p.add_argument("--shard", default="0/1", help="i/n: this job's share of the cases, 0-based")
     p.add_argument(
         "--skip-bad",
         dest="skip_bad",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=DataConfig.skip_bad,
         help="skip bad inputs and list them at the end",
     )
     try:
