@@ -196,18 +196,20 @@ def rel_pos_table(size: int, table):
     return table[idx[:, None] - idx[None, :] + size - 1]  # (size, size, hs)
 
 
-def rel_pos_bias(q, rel_pos_h, rel_pos_w, hw: tuple):
-    """SAM's decomposed relative-position bias, materialised: (B, L, L) with L = h*w.
+def add_rel_pos(attn, q, rel_pos_h, rel_pos_w, hw: tuple):
+    """attn (B, L, L) + SAM's decomposed relative-position bias, L = h*w tokens:
 
-    bias[(qy,qx), (ky,kx)] = q[qy,qx] . Rh[qy-ky] + q[qy,qx] . Rw[qx-kx]  (q unscaled).
+    attn[(qy,qx), (ky,kx)] += q[qy,qx] . Rh[qy-ky] + q[qy,qx] . Rw[qx-kx]  (q unscaled).
+    The two terms are added one after the other, as Meta's add_decomposed_rel_pos does: in that
+    order the reference path's results are bit for bit the official ones.
     """
     h, w = hw
     Rh, Rw = rel_pos_table(h, rel_pos_h), rel_pos_table(w, rel_pos_w)  # (h, h, hs), (w, w, hs)
     r_q = q.reshape(q.shape[0], h, w, q.shape[-1])  # (B, h, w, hs)
     rel_h = torch.einsum("byxc,ykc->byxk", r_q, Rh)  # (B, h, w, h): one term per key row
     rel_w = torch.einsum("byxc,xkc->byxk", r_q, Rw)  # (B, h, w, w): one term per key column
-    bias = rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]  # (B, h, w, h, w)
-    return bias.reshape(q.shape[0], h * w, h * w)  # (B, L, L)
+    attn = attn.view(-1, h, w, h, w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+    return attn.view(-1, h * w, h * w)  # (B, L, L)
 
 
 class Attention(nn.Module):
@@ -240,7 +242,7 @@ class Attention(nn.Module):
         qkv = rearrange(self.qkv(x), "b y x (k nh hs) -> k (b nh) (y x) hs", k=3, nh=self.heads)
         q, k, v = qkv.unbind(0)  # each (B*nh, L, hs)
         attn = (q * self.scale) @ k.transpose(-2, -1)  # (B*nh, L, L)
-        attn = attn + rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))
+        attn = add_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (h, w))  # (B*nh, L, L)
         out = attn.softmax(dim=-1) @ v  # (B*nh, L, hs)
         out = rearrange(out, "(b nh) (y x) hs -> b y x (nh hs)", nh=self.heads, y=h)
         return self.proj(out)  # (B, h, w, C)
@@ -841,10 +843,13 @@ class _TensorsOnlyUnpickler(pickle.Unpickler):
 
 
 class _TensorsOnlyPickle:
-    """A pickle module for torch.load whose Unpickler rebuilds tensors and skips everything else."""
+    """A pickle module for torch.load whose Unpickler rebuilds tensors and skips everything else.
+
+    torch.load calls both names: Unpickler for the zip format, load for the legacy format's
+    headers, so load must be restricted too (pickle.load would run whatever the file names)."""
 
     Unpickler = _TensorsOnlyUnpickler
-    load = staticmethod(pickle.load)
+    load = staticmethod(lambda f, **kwargs: _TensorsOnlyUnpickler(f, **kwargs).load())
     __name__ = "tensors_only_pickle"
 
 

@@ -92,6 +92,15 @@ def test_image_encoder_matches_meta(segment_anything, cfg):
     assert max_diff(a, b) <= TOL
 
 
+def test_reference_encoder_is_bitwise_meta(segment_anything):
+    """cfg.kernels="reference" is the official computation op for op: not close, identical."""
+    cfg = SamConfig(name="vit_b", image_size=256, kernels="reference", **SMALL)
+    ours, ref = twin_models(segment_anything, cfg)
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours.encode(x), ref.image_encoder(x))
+
+
 def prompts(S, P=3, N=4, seed=2):
     g = torch.Generator().manual_seed(seed)
     coords = torch.rand(P, N, 2, generator=g) * S
@@ -259,6 +268,15 @@ def test_med2d_checkpoint_never_executes_pickled_code(tmp_path):
     sam = load_checkpoint(path, verbose=False)
     assert not marker.exists()
     assert sam.cfg.name == "tiny"
+
+
+def test_restricted_pickle_module_never_executes_legacy_format_code(tmp_path):
+    """torch.load reads a legacy (non-zip) file's headers with pickle_module.load, not Unpickler."""
+    marker, path = tmp_path / "pwned", tmp_path / "legacy.pth"
+    path.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(RuntimeError, match="magic number"):
+        torch.load(path, weights_only=False, pickle_module=model._TensorsOnlyPickle)
+    assert not marker.exists()
 
 
 def test_sam_1024_checkpoint_resized_to_256(tmp_path):
