@@ -231,13 +231,14 @@ def parse_prompt(obj, where: str) -> Prompt:
             f"{where}: a prompt is {{'box': [x0,y0,x1,y1], 'points': [[x,y],...], "
             f"'labels': [1|0,...]}}, got {obj!r}"
         )
-    box = obj.get("box")
-    points = obj.get("points", [])
-    labels = obj.get("labels", [1] * len(points))
+    box, points = obj.get("box"), obj.get("points", [])
     if box is not None and (not isinstance(box, list) or len(box) != 4):
         raise ValueError(f"{where}: box must be [x0, y0, x1, y1], got {box!r}")
-    if any(not isinstance(p, list) or len(p) != 2 for p in points) or len(labels) != len(points):
-        raise ValueError(f"{where}: points must be [[x, y], ...] with one label each")
+    if not isinstance(points, list) or any(not isinstance(p, list) or len(p) != 2 for p in points):
+        raise ValueError(f"{where}: points must be [[x, y], ...], got {points!r}")
+    labels = obj.get("labels", [1] * len(points))
+    if not isinstance(labels, list) or len(labels) != len(points):
+        raise ValueError(f"{where}: labels must be a list with one label per point")
     if any(lab not in (0, 1) for lab in labels):
         raise ValueError(f"{where}: point labels are 1 (foreground) or 0 (background)")
     try:
@@ -483,6 +484,8 @@ def parse_entry(path: Path, entry, where: str, defaults: dict | None = None) -> 
         )
     if is_nifti(path):  # the command line's NIfTI options do not apply to 2D files
         entry = {**{k: v for k, v in (defaults or {}).items() if v is not None}, **entry}
+    if not isinstance(entry.get("prompts", []), list):
+        raise ValueError(f"{where}: prompts must be a list of prompts")
     prompts = [
         parse_prompt(p, f"{where} prompt {i}") for i, p in enumerate(entry.get("prompts", []))
     ]
@@ -490,11 +493,17 @@ def parse_entry(path: Path, entry, where: str, defaults: dict | None = None) -> 
     job = Job(path, prompts, get("slice"), get("axis", "z"), get("box3d"), get("window"))
     if job.axis not in AXES:
         raise ValueError(f"{where}: axis must be x, y or z, not {job.axis!r}")
+    if job.slice is not None and (not isinstance(job.slice, int) or isinstance(job.slice, bool)):
+        raise ValueError(f"{where}: slice must be a whole number, not {job.slice!r}")
     w = job.window
     named = isinstance(w, str) and w in data.WINDOWS
     if not (w is None or named or (isinstance(w, list | tuple) and len(w) == 2)):
         raise ValueError(f"{where}: window is one of {', '.join(data.WINDOWS)} or [level, width]")
-    if job.box3d is not None and (len(job.box3d) != 6 or prompts):
+    b3 = job.box3d
+    if b3 is not None and (
+        not isinstance(b3, list) or len(b3) != 6 or prompts
+        or not all(isinstance(v, int | float) for v in b3)
+    ):  # fmt: skip
         raise ValueError(f"{where}: box3d is [x0, y0, z0, x1, y1, z1] and replaces other prompts")
     return job
 
@@ -733,13 +742,14 @@ def evaluate(
     if not groups:
         raise ValueError(f"{dataset}: the {split} manifest lists no masks")
     gen = torch.Generator().manual_seed(seed)
+    modes = [mode_key(m) for m in prompt_modes]
     rows, record, was_training = [], {}, sam.training
     sam.eval()  # train.py's validation hands over a model in training mode
     try:
         for image_path, mask_paths, keys in tqdm(groups, "evaluate", disable=not progress):
             image = data.read_image(image_path)
             gt = np.stack([_read_gt(m, image.shape[:2], image_path) for m in mask_paths])
-            replayed = None if replay is None else [_replayed(replay, k) for k in keys]
+            replayed = None if replay is None else [_replayed(replay, k, modes) for k in keys]
             img_rows, used = _evaluate_image(
                 sam, image, gt, keys, prompt_modes, gen, cfg, replayed, save_dir
             )
@@ -756,7 +766,11 @@ def _check_eval_args(sam, cfg: InferConfig, replay) -> None:
         raise ValueError(f"protocol must be tight or official, not {cfg.protocol!r}")
     if any(m != "box" and not (isinstance(m, int) and m >= 1) for m in cfg.prompt_modes):
         raise ValueError(f"prompt modes are 'box' or click counts >= 1, got {cfg.prompt_modes}")
-    if replay is not None and replay.get("image_size") != sam.cfg.image_size:
+    if replay is None:
+        return
+    if not isinstance(replay, dict) or not isinstance(replay.get("masks"), dict):
+        raise ValueError("the prompt file is not a prompts.json written by an --eval run")
+    if replay.get("image_size") != sam.cfg.image_size:
         raise ValueError(
             f"the prompt file is for image size {replay.get('image_size')}, the model "
             f"works at {sam.cfg.image_size}"
@@ -773,10 +787,18 @@ def _read_gt(path, hw: tuple, image_path) -> np.ndarray:
     return m
 
 
-def _replayed(replay: dict, key: str) -> dict:
-    if key not in replay.get("masks", {}):
+def _replayed(replay: dict, key: str, modes: list) -> dict:
+    """The recorded prompts of one mask, for every mode this run evaluates."""
+    rec = replay["masks"].get(key)
+    if rec is None:
         raise ValueError(f"the prompt file has no prompts for mask {key}")
-    return replay["masks"][key]
+    missing = [m for m in modes if m not in rec]
+    if missing:
+        raise ValueError(
+            f"the prompt file has no {', '.join(missing)} prompts for mask {key} "
+            f"(it has {', '.join(rec)}): evaluate the modes it was written for"
+        )
+    return rec
 
 
 def summarise(rows: list, modes) -> dict:

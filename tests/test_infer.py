@@ -520,3 +520,36 @@ def test_put_slice_inverts_data_volume_slice():
         out = np.zeros_like(vol)
         infer.put_slice(out, axis, 1, data.volume_slice(vol, axis, 1))
         np.testing.assert_array_equal(np.take(out, 1, ax), np.take(vol, 1, ax))
+
+
+def test_malformed_prompt_files_are_clear_errors(ckpt, tmp_path):
+    """Wrong JSON types are a ValueError naming the entry (so folder mode skips the file), never a
+    TypeError from deep inside."""
+    for entry, msg in [([{"points": 5}], "points must be"), ([{"points": [[1, 2]], "labels": 1}],
+                       "labels must be"), ({"prompts": 7}, "prompts must be a list"),
+                       ({"slice": "3", "prompts": [{"box": [1, 1, 5, 5]}]}, "slice must be"),
+                       ({"box3d": [1, 1, "a", 5, 5, 2]}, "box3d is")]:  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            infer.parse_entry(tmp_path / "v.nii.gz", entry, "p.json: v.nii.gz")
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(blob_image(40, 40)).save(src / "a.png")
+    Image.fromarray(blob_image(40, 40)).save(src / "b.png")
+    spec = {"a.png": [{"points": 5}], "b.png": [{"box": [2, 2, 30, 30]}]}
+    (tmp_path / "p.json").write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    assert run([src, "--prompts", tmp_path / "p.json", "--out-dir", out, "--checkpoint", ckpt]) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["segmented"] == 1 and summary["skipped"][0]["file"] == "a.png"
+
+
+def test_prompt_file_without_a_mode_is_a_clear_error(ckpt, dataset, tmp_path):
+    a = tmp_path / "a"
+    run(["--eval", dataset, "--checkpoint", ckpt, "--out-dir", a, "--modes", "box", "--limit", 1])
+    with pytest.raises(ValueError, match="no 3pt prompts for mask"):
+        run(["--eval", dataset, "--checkpoint", ckpt, "--out-dir", tmp_path / "b", "--modes",
+             "box", "3", "--limit", 1, "--prompt-file", a / "prompts.json"])  # fmt: skip
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a prompts.json"):
+        run(["--eval", dataset, "--checkpoint", ckpt, "--out-dir", tmp_path / "c",
+             "--prompt-file", tmp_path / "list.json"])  # fmt: skip
