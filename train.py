@@ -31,8 +31,9 @@ import resource
 import sys
 import threading
 import time
+import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,7 @@ class TrainConfig:
     def __post_init__(self):
         self.point_choices, self.milestones = tuple(self.point_choices), tuple(self.milestones)
         checks = {
-            "amp must be off, bf16 or fp16": self.amp in ("off", "bf16", "fp16"),
+            "amp must be off, bf16 or fp16": self.amp in AMPS,
             "schedule must be constant, cosine or step": self.schedule in SCHEDULES,
             "batch_size, masks_per_image, grad_accum, epochs must be >= 1": min(
                 self.batch_size, self.masks_per_image, self.grad_accum, self.epochs) >= 1,
@@ -114,6 +115,7 @@ class TrainConfig:
 
 
 SCHEDULES = ("constant", "cosine", "step")
+AMPS = ("off", "bf16", "fp16")
 # What a resumed run may change: everything else must match the run it continues.
 RESUME_OVERRIDES = ("resume", "steps", "epochs", "stop_after", "workers", "progress", "val_every",
                     "val_limit", "log_every", "device", "val_data")  # fmt: skip
@@ -200,28 +202,29 @@ def select_trainable(sam: model.Sam, verbose: bool = True) -> list:
     """Freeze the original image-encoder weights; train the adapters, the prompt encoder and the
     mask decoder. Decided once, before the optimizer is built. -> the trainable parameters."""
     named = list(sam.named_parameters())
+    trainable, frozen = {}, 0
     for name, p in named:
         p.requires_grad_(not name.startswith("image_encoder.") or ".Adapter." in name)
-    part = lambda n: "adapters" if ".Adapter." in n else n.split(".")[0]
-    counts = {}
-    for name, p in named:
-        key = (part(name), p.requires_grad)
-        counts[key] = counts.get(key, 0) + p.numel()
-    train = sum(v for (_, t), v in counts.items() if t)
-    parts = ", ".join(f"{k} {v / 1e6:.3f}M" for (k, t), v in counts.items() if t)
-    frozen = counts.get(("image_encoder", False), 0)
+        if p.requires_grad:
+            part = "adapters" if ".Adapter." in name else name.split(".")[0]
+            trainable[part] = trainable.get(part, 0) + p.numel()
+        else:
+            frozen += p.numel()
     if verbose:
-        print(f"trainable {train / 1e6:.3f}M ({parts}); frozen image encoder {frozen / 1e6:.3f}M")
+        parts = ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in trainable.items())
+        total = sum(trainable.values())
+        print(f"trainable {total / 1e6:.3f}M ({parts}); frozen image encoder {frozen / 1e6:.3f}M")
     return [p for _, p in named if p.requires_grad]
 
 
 class Forward(nn.Module):
     """The differentiable part of a sub-step, as one module call so DDP can wrap it: encode the
-    images (step 1 only) and decode groups of images with their prompts.
+    images (step 1 only) and decode groups of masks with their prompts.
 
-    groups: [(image rows (k,), points or None, boxes or None, mask_input or None)], the prompts of
-    a group's k images stacked image-major (k*M rows). Returns emb (B, D, h, w), logits of the
-    best mask (P, 1, S/4, S/4) and its predicted IoU (P,), rows in image-major order."""
+    groups: [(rows (k,), points or None, boxes or None, mask_input or None)], rows indexing the
+    batch's P = B*M masks (image-major: image b owns rows b*M .. b*M+M-1) and the prompts of those
+    rows. Returns emb (B, D, h, w), logits of the best mask (P, 1, S/4, S/4) and its predicted
+    IoU (P,), rows in image-major order."""
 
     def __init__(self, sam: model.Sam):
         super().__init__()
@@ -232,21 +235,19 @@ class Forward(nn.Module):
         if emb is None:
             with torch.set_grad_enabled(self.encoder_trains and torch.is_grad_enabled()):
                 emb = self.sam.encode(images)  # (B, D, h, w)
-        lows, ious, rows = [], [], []
-        for idx, points, boxes, mask_input in groups:
-            sub = emb[idx]  # (k, D, h, w)
+        M = sum(len(rows) for rows, *_ in groups) // emb.shape[0]
+        per_mask = emb.repeat_interleave(M, dim=0)  # (P, D, h, w): each image serves its M masks
+        pe = self.sam.prompt_encoder.dense_pe()  # (1, D, h, w)
+        lows, ious = [], []
+        for rows, points, boxes, mask_input in groups:
             # The official iterations run the prompt encoder without gradient: decoder-only steps.
             with torch.set_grad_enabled(prompt_grad and torch.is_grad_enabled()):
                 sparse, dense = self.sam.prompt_encoder(points, boxes, mask_input)
-            M = sparse.shape[0] // len(idx)
-            image = sub.repeat_interleave(M, dim=0)  # (k*M, D, h, w): image b serves rows b*M..
-            pe = self.sam.prompt_encoder.dense_pe()  # (1, D, h, w)
-            low, iou = self.sam.mask_decoder(image, pe, sparse, dense, multimask=True)
-            low, iou = model.select_best(low, iou)  # (k*M, 1, S/4, S/4), (k*M,)
+            low, iou = self.sam.mask_decoder(per_mask[rows], pe, sparse, dense, multimask=True)
+            low, iou = model.select_best(low, iou)  # (k, 1, S/4, S/4), (k,)
             lows.append(low)
             ious.append(iou)
-            rows.append((idx[:, None] * M + torch.arange(M, device=idx.device)).flatten())
-        order = torch.cat(rows).argsort()  # back to image-major order of the whole batch
+        order = torch.cat([rows for rows, *_ in groups]).argsort()  # back to image-major order
         return emb, torch.cat(lows)[order], torch.cat(ious)[order]
 
 
@@ -271,6 +272,7 @@ def make_micro(batch: dict, step: int, seed: int, device) -> Micro:
     gt = batch["masks"].to(device).reshape(b * M, 1, S, S)  # (P, 1, S, S)
     gens, use_box = [], []
     for index in batch["index"].tolist():  # per image, so the draws never depend on the split
+        # 0x5A17 keeps this stream apart from the dataset's, seeded by (seed, epoch, index)
         seq = np.random.SeedSequence([seed, 0x5A17, step, index]).generate_state(1)[0]
         g = torch.Generator(device).manual_seed(int(seq))
         use_box.append(bool(torch.rand(1, generator=g, device=device) < 0.5))
@@ -282,17 +284,15 @@ def make_micro(batch: dict, step: int, seed: int, device) -> Micro:
 
 
 def first_groups(mb: Micro) -> list:
-    """Step 1 prompts: the images drawn as "box" get their boxes, the others one point."""
-    M = mb.gt.shape[0] // len(mb.gens)
+    """Step 1 prompts: the masks of images drawn as "box" get their boxes, the others one point."""
+    box = mb.use_box.repeat_interleave(mb.gt.shape[0] // len(mb.gens))  # (P,): each mask's kind
     groups = []
-    for box in (True, False):
-        idx = (mb.use_box == box).nonzero().flatten()  # (k,)
-        if len(idx):
-            rows = (idx[:, None] * M + torch.arange(M, device=idx.device)).flatten()  # (k*M,)
-            if box:
-                groups.append((idx, None, mb.boxes[rows], None))
-            else:
-                groups.append((idx, (mb.points[0][rows], mb.points[1][rows]), None, None))
+    if box.any():
+        rows = box.nonzero()[:, 0]  # (k,)
+        groups.append((rows, None, mb.boxes[rows], None))
+    if not box.all():
+        rows = (~box).nonzero()[:, 0]  # (P-k,)
+        groups.append((rows, (mb.points[0][rows], mb.points[1][rows]), None, None))
     return groups
 
 
@@ -300,15 +300,15 @@ def click_groups(mb: Micro, n_clicks: int) -> list:
     """An iteration's prompts: the previous mask as probabilities, and n new error-region clicks
     per mask (n_clicks 0: the mask alone)."""
     mask_input = torch.sigmoid(mb.low.float())  # (P, 1, S/4, S/4): what the weights expect
-    idx = torch.arange(len(mb.gens), device=mb.gt.device)
+    rows = torch.arange(mb.gt.shape[0], device=mb.gt.device)  # (P,): every mask
     if n_clicks == 0:
-        return [(idx, None, None, mask_input)]
+        return [(rows, None, None, mask_input)]
     M, gt = mb.gt.shape[0] // len(mb.gens), mb.gt[:, 0] > 0.5  # (P, S, S)
     clicks = [data.error_clicks(mb.pred[i * M : (i + 1) * M], gt[i * M : (i + 1) * M],
                                 n_clicks, g) for i, g in enumerate(mb.gens)]  # fmt: skip
     coords = torch.cat([c for c, _ in clicks]).float()  # (P, n, 2)
     labels = torch.cat([lab for _, lab in clicks]).long()  # (P, n)
-    return [(idx, (coords, labels), None, mask_input)]
+    return [(rows, (coords, labels), None, mask_input)]
 
 
 def make_optimizer(params: list, cfg: TrainConfig, device) -> torch.optim.Adam:
@@ -593,12 +593,13 @@ def main(args: dict) -> dict:
     for step in range(start, end):
         if data_it is None or step % spe == 0:
             data_it = batches(ds, cfg, tr.rank, tr.world, step, spe)
+        lr = lr_at(step, cfg, total)
         for g in tr.opt.param_groups:
-            g["lr"] = lr_at(step, cfg, total)
+            g["lr"] = lr
         losses = mean_over_processes(tr, train_step(tr, next(data_it), step))
         seen, done = seen + cfg.batch_size, step + 1
         if done % cfg.log_every == 0 or done == end:
-            record = dict(step=done, epoch=step // spe, lr=lr_at(step, cfg, total), **losses,
+            record = dict(step=done, epoch=step // spe, lr=lr, **losses,
                           images_per_s=seen / (time.perf_counter() - t0),
                           memory_mb=memory_mb(tr.device))  # fmt: skip
             if tr.rank == 0:
@@ -855,21 +856,16 @@ if __name__ == "__main__":
     # --help shows each field's comment from TrainConfig: the settings are documented once.
     src = inspect.getsource(TrainConfig)
     helps = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.*)$", src, flags=re.M))
-    typed = dict(data=str, val_data=str, out=str, checkpoint=str, image_size=int,
-                 batch_size=int, masks_per_image=int, grad_accum=int, epochs=int, steps=int,
-                 stop_after=int, iter_points=int, lr=float, warmup_steps=int, min_lr=float,
-                 gamma=float, grad_clip=float, focal_weight=float, device=str, seed=int,
-                 workers=int, val_every=int, val_limit=int, log_every=int, resume=str)  # fmt: skip
-    for name, kind in typed.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=helps.get(name))
-    p.add_argument("--model", choices=list(model.PRESETS), help=helps["model"])
-    p.add_argument("--amp", choices=["off", "bf16", "fp16"], help=helps["amp"])
-    p.add_argument("--schedule", choices=list(SCHEDULES), help=helps["schedule"])
-    p.add_argument("--point-choices", dest="point_choices", type=int, nargs="+",
-                   help=helps["point_choices"])  # fmt: skip
-    p.add_argument("--milestones", type=int, nargs="+", help=helps["milestones"])
-    for name in ("adapter", "compile", "progress"):
-        p.add_argument("--" + name, action=argparse.BooleanOptionalAction, help=helps[name])
+    choices = dict(model=list(model.PRESETS), amp=AMPS, schedule=SCHEDULES)
+    for f in fields(TrainConfig):  # one flag per field, its type read from the annotation
+        kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)
+        if kind is bool:
+            kw = dict(action=argparse.BooleanOptionalAction)
+        elif kind is tuple:  # point_choices, milestones: lists of ints
+            kw = dict(type=int, nargs="+")
+        else:
+            kw = dict(type=kind, choices=choices.get(f.name))
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=helps.get(f.name), **kw)
     p.add_argument("--bench", action="store_true", help="time one step vs the official port")
     p.add_argument("--bench-preset", default="vit_b", choices=list(model.PRESETS))
     p.add_argument("--bench-runs", type=int, default=3)

@@ -187,8 +187,8 @@ def test_click_iteration_prompts_are_error_clicks_and_probabilities():
     mb = train.Micro(images=None, gt=gt[:, None].float(), boxes=None, points=None,
                      gens=[torch.Generator().manual_seed(1)], use_box=None, low=low,
                      pred=pred & torch.tensor([False, True])[:, None, None])  # fmt: skip
-    [(idx, (coords, labels), boxes, mask_input)] = train.click_groups(mb, 5)
-    assert boxes is None and idx.tolist() == [0]
+    [(rows, (coords, labels), boxes, mask_input)] = train.click_groups(mb, 5)
+    assert boxes is None and rows.tolist() == [0, 1]
     torch.testing.assert_close(mask_input, torch.sigmoid(low))  # probabilities, not logits
     x, y = coords[..., 0].long(), coords[..., 1].long()
     assert labels[0].tolist() == [1] * 5 and bool(gt[0, y[0], x[0]].all())
