@@ -14,6 +14,7 @@ The channel order, pixel statistics, image size and resize mode come from the mo
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -779,15 +780,9 @@ def _write_slice(out: Path, name: str, image: np.ndarray, masks) -> tuple[str, l
     return image_rel, mask_rels
 
 
-_VOLUME_CACHE: dict = {}  # per process: the last case read, shared by that case's units
-
-
-def _read_case_volume(case: Case, cfg: DataConfig):
+@functools.lru_cache(maxsize=1)  # per process: the last case read, shared by that case's units
+def _read_case_volume(image_path: Path, label_path: Path, window):
     """-> (uint8 image volume, int32 label volume, a note on the normalisation), checked."""
-    key = (str(case.pairs[0][0]), cfg.window)
-    if key in _VOLUME_CACHE:
-        return _VOLUME_CACHE[key]
-    image_path, label_path = case.pairs[0]
     vol, lab = read_volume(image_path), read_volume(label_path)
     if vol.data.shape != lab.data.shape:
         raise DataError(
@@ -798,21 +793,15 @@ def _read_case_volume(case: Case, cfg: DataConfig):
         d = np.abs(vol.affine - lab.affine).max()
         raise DataError(f"{label_path}: affine differs from image {image_path}'s (by {d:.3g})")
     _check_labels(lab.data, label_path)
-    lo, hi = intensity_range(vol.data, cfg.window)
-    how = "percentiles 0.5-99.5 of non-zero voxels" if cfg.window is None else "CT window"
-    name = f" {cfg.window}" if isinstance(cfg.window, str) else ""
-    note = f"{case.name}: intensity {how}{name} -> [{lo:g}, {hi:g}] mapped to 0-255"
-    _VOLUME_CACHE.clear()
-    _VOLUME_CACHE[key] = (
-        _scale_to_uint8(vol.data, lo, hi),
-        lab.data.astype(np.int32),
-        note,
-    )
-    return _VOLUME_CACHE[key]
+    lo, hi = intensity_range(vol.data, window)
+    how = "percentiles 0.5-99.5 of non-zero voxels" if window is None else "CT window"
+    name = f" {window}" if isinstance(window, str) else ""
+    note = f"intensity {how}{name} -> [{lo:g}, {hi:g}] mapped to 0-255"
+    return _scale_to_uint8(vol.data, lo, hi), lab.data.astype(np.int32), note
 
 
 def _volume_unit(case: Case, cfg: DataConfig, axis: str, part: int, parts: int):
-    image, labels, note = _read_case_volume(case, cfg)
+    image, labels, note = _read_case_volume(*case.pairs[0], cfg.window)
     ax = "xyz".index(axis)
     ks = np.array_split(np.arange(labels.shape[ax]), parts)[part]
     entries = []
@@ -823,7 +812,7 @@ def _volume_unit(case: Case, cfg: DataConfig, axis: str, part: int, parts: int):
             name = _image_name(cfg, case, f"{axis}_{k:04d}")
             img = volume_slice(image, axis, k)
             entries.append(_write_slice(Path(cfg.out), name, img, masks))
-    return entries, note
+    return entries, f"{case.name}: {note}"
 
 
 def _images_unit(case: Case, cfg: DataConfig):
@@ -878,7 +867,7 @@ def _unit_results(units, cfg: DataConfig):
     fork = "fork" in multiprocessing.get_all_start_methods()
     if fork and cfg.kind == "volumes" and len({id(u[0]) for u in units}) == 1:
         try:  # one volume: read it once here; forked workers share it instead of each reading it
-            _read_case_volume(units[0][0], cfg)
+            _read_case_volume(*units[0][0].pairs[0], cfg.window)
         except DataError:
             pass  # every unit meets the same error and reports it
     ctx = multiprocessing.get_context("fork" if fork else "spawn")
@@ -918,11 +907,11 @@ def _is_complete(out: Path, case: Case, cfg: DataConfig) -> bool:
 def _process(cases: list[Case], cfg: DataConfig, out: Path) -> tuple[int, dict[str, str]]:
     """Run every unit of `cases`; write each case's record when its last unit is done.
     -> (number of slices written, {case: error} for bad cases when skipping them)."""
-    _VOLUME_CACHE.clear()  # inputs may have changed since an earlier run in this process
+    _read_case_volume.cache_clear()  # inputs may have changed since an earlier run
     try:
         return _process_units(_units(cases, cfg), cases, cfg, out)
     finally:
-        _VOLUME_CACHE.clear()  # a big CT should not stay in memory after the run
+        _read_case_volume.cache_clear()  # a big CT should not stay in memory after the run
 
 
 def _process_units(units, cases, cfg: DataConfig, out: Path) -> tuple[int, dict[str, str]]:
