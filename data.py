@@ -374,7 +374,7 @@ def label_components(masks: torch.Tensor) -> torch.Tensor:
 def largest_component(mask):
     """(..., H, W) bool -> the largest 8-connected component of each plane (ties: the first in
     scan order); empty planes stay empty. Accepts and returns numpy or torch."""
-    t = torch.as_tensor(mask).bool() if not torch.is_tensor(mask) else mask.bool()
+    t = torch.as_tensor(mask).bool()
     H, W = t.shape[-2:]
     lab = label_components(t).reshape(-1, H * W)  # (P, HW)
     sizes = torch.bincount(lab.reshape(-1))  # (K+1,)
@@ -396,7 +396,9 @@ def boxes_from_masks(masks, jitter=False, generator=None, largest_component=Fals
     last pixel, as skimage's regionprops bbox in the official code). An empty mask gets the whole
     image. `largest_component`: box of the largest component (the official test protocol).
     `jitter`: each coordinate moves by an integer in [-m, m], m = min(0.1 * min(w, h), 5) px
-    (SAM-Med2D training), then the box is clamped to the image and kept at least 1 px wide."""
+    (the issue's rule), then the box is clamped to the image and kept at least 1 px wide. The
+    official training code differs: it shifts the whole box (x0, x1 by one offset, y0, y1 by
+    another) by up to min(5, int(0.5 * min(w, h))) px, and boxes the largest component."""
     if largest_component:
         masks = _largest(masks)
     P, H, W = masks.shape
