@@ -270,9 +270,12 @@ class Geometry:
 
 
 def _like(a, values):
-    """`values` as an array of a's kind (torch on a's device, or numpy) to broadcast against a."""
+    """`values` as a float array of a's kind (torch on a's device, or numpy) to broadcast against
+    a; float, so that integer pixel coordinates are scaled, not truncated."""
     if torch.is_tensor(a):
-        return torch.tensor(values, dtype=a.dtype, device=a.device)
+        return torch.tensor(
+            values, dtype=torch.promote_types(a.dtype, torch.float32), device=a.device
+        )
     return np.asarray(values, dtype=np.result_type(a, np.float32))
 
 

@@ -231,6 +231,19 @@ def test_geometry_maps_points_boxes_masks_consistently():
         assert iou > (0.999 if shape == (90, 60) else 0.95)
 
 
+def test_geometry_maps_integer_coordinates():
+    """Pixel coordinates often come as integers: they map like floats, in torch as in numpy."""
+    geom = data.geometry(512, 384, 256, "stretch")  # scale (2/3, 1/2)
+    xy, box = [[96, 200]], [[30, 40, 333, 511]]
+    want_xy = np.array(xy) * np.array([256 / 384, 256 / 512])
+    want_box = np.array(box) * np.array([256 / 384, 256 / 512] * 2)
+    for make in (np.array, torch.tensor):
+        got_xy = geom.points_to_model(make(xy))
+        got_box = geom.boxes_to_model(make(box))
+        np.testing.assert_allclose(np.asarray(got_xy, np.float64), want_xy, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(got_box, np.float64), want_box, rtol=1e-6)
+
+
 def test_geometry_pad_is_centred_and_exact():
     geom = data.geometry(90, 61, 256, "stretch")
     assert geom.pad == ((256 - 61) // 2, (256 - 90) // 2) and geom.scale == (1.0, 1.0)
