@@ -95,9 +95,7 @@ def _to_uint8(a: np.ndarray, path) -> np.ndarray:
     lo, hi = float(a.min()), float(a.max())
     if lo >= 0 and hi <= 255 and np.issubdtype(a.dtype, np.integer):
         return a.astype(np.uint8)
-    if hi <= lo:
-        return np.zeros(a.shape, np.uint8)
-    return np.round((a.astype(np.float64) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    return _scale_to_uint8(a.astype(np.float64), lo, hi)
 
 
 def read_image(path) -> np.ndarray:
