@@ -354,7 +354,7 @@ def plan_iterations(cfg: TrainConfig, gen: torch.Generator) -> list:
     plan = [cfg.point_choices[i] for i in pick]
     if n >= 3:
         plan[int(torch.randint(1, n - 1, (1,), generator=gen))] = 0
-    if n >= 1:
+    if plan:
         plan[-1] = 0
     return plan
 
@@ -504,7 +504,6 @@ def validate(sam: model.Sam, cfg: TrainConfig) -> dict:
     best.safetensors."""
     res = infer.evaluate(sam, cfg.val_data or cfg.data, prompt_modes=("box", 1, 3, 5),
                          seed=cfg.seed, limit=cfg.val_limit, split="val")  # fmt: skip
-    sam.train()
     dice = {k: float(v) for k, v in res["dice"].items()}
     return dict(dice=dice, score=float(np.mean(list(dice.values()))), n_masks=res["n_masks"])
 
