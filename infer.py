@@ -280,17 +280,16 @@ def _prompt_groups(prompts: list) -> dict:
     return groups
 
 
-def _prompt_tensors(prompts: list, geom, device) -> tuple:
+def _prompt_tensors(prompts: list, geom) -> tuple:
     """Model-space tensors for a batch of prompts of one kind: points or None, boxes or None."""
     points = boxes = None
     if prompts[0].points:
         xy = torch.tensor([p.points for p in prompts], dtype=torch.float32)  # (P, N, 2)
         labels = torch.tensor([p.labels for p in prompts], dtype=torch.long)  # (P, N)
-        points = (torch.as_tensor(geom.points_to_model(xy)).float().to(device), labels.to(device))
+        points = (geom.points_to_model(xy), labels)
     if prompts[0].box is not None:
-        b = torch.tensor([p.box for p in prompts], dtype=torch.float32)  # (P, 4)
-        boxes = torch.as_tensor(geom.boxes_to_model(b)).float().to(device)
-    return points, boxes
+        boxes = geom.boxes_to_model(torch.tensor([p.box for p in prompts], dtype=torch.float32))
+    return points, boxes  # (P, N, 2) and (P, N), (P, 4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,6 +337,18 @@ def encode_image(sam, image: np.ndarray) -> tuple:
     return sam.encode(x.to(device, dtype)), geom  # (1, D, S/16, S/16)
 
 
+def _decode_best(sam, emb, points=None, boxes=None, mask_input=None, multimask=True) -> tuple:
+    """Model-space prompts (on any device) -> low-res logits (P, 1, S/4, S/4) and predicted IoU
+    (P,) of the chosen masks: the best of three by predicted IoU, or the single-mask output."""
+    device, dtype = _model_io(sam)
+    if points is not None:
+        points = (points[0].to(device, dtype), points[1].to(device))
+    boxes = None if boxes is None else boxes.to(device, dtype)
+    mask_input = None if mask_input is None else mask_input.to(device, dtype)
+    low, iou = sam.decode(emb, points, boxes, mask_input, multimask=multimask)
+    return model.select_best(low, iou) if multimask else (low, iou[:, 0])
+
+
 @torch.inference_mode()
 def decode_prompts(sam, emb, geom, prompts: list, multimask: bool = True) -> "Segmentation":
     """Checked prompts in original pixels -> masks at the original size, one batch per kind."""
@@ -345,7 +356,7 @@ def decode_prompts(sam, emb, geom, prompts: list, multimask: bool = True) -> "Se
     logits = torch.empty(len(prompts), H, W)  # (P, H, W)
     iou = torch.empty(len(prompts))
     for idx in _prompt_groups(prompts).values():
-        points, boxes = _prompt_tensors([prompts[i] for i in idx], geom, emb.device)
+        points, boxes = _prompt_tensors([prompts[i] for i in idx], geom)
         low, pred_iou = _decode_best(sam, emb, points, boxes, multimask=multimask)  # (p,1,h,w)
         logits[idx] = geom.logits_to_original(low.float().cpu())[:, 0]  # (p, H, W)
         iou[idx] = pred_iou.float().cpu().reshape(-1)
@@ -625,21 +636,6 @@ def name_fields(mask_path: str) -> dict:
     return {"modality": parts[0], "dataset": parts[1], "label": f"{parts[1]}/{label}"}
 
 
-def _decode_best(sam, emb, points=None, boxes=None, mask_input=None, multimask=True) -> tuple:
-    """-> low-res logits (P, 1, S/4, S/4) and predicted IoU (P,) of the chosen masks."""
-    _, dtype = _model_io(sam)
-    if points is not None:
-        points = (points[0].to(dtype), points[1])
-    boxes = None if boxes is None else boxes.to(dtype)
-    mask_input = None if mask_input is None else mask_input.to(dtype)
-    low, iou = sam.decode(
-        emb, points=points, boxes=boxes, mask_input=mask_input, multimask=multimask
-    )
-    if multimask:
-        return model.select_best(low, iou)
-    return low, iou[:, 0]
-
-
 def _box_prompts(gt_model, protocol: str, replayed) -> torch.Tensor:
     """(P, 4) boxes in model space: the tight box of each mask (`official`: of its largest
     connected component, as SAM-Med2D's test set was prompted), or the replayed ones."""
@@ -648,46 +644,50 @@ def _box_prompts(gt_model, protocol: str, replayed) -> torch.Tensor:
     return data.boxes_from_masks(gt_model, largest_component=protocol == "official").float()
 
 
-def _click_prompts(sam, emb, gt_model, n: int, gen, multimask: bool, replayed) -> tuple:
-    """n iterative clicks: one point in the mask, then n-1 clicks in the error region of the
-    previous prediction (false negative -> 1, false positive -> 0), accumulated, with the previous
-    low-res prediction fed back as sigmoid probabilities. -> low, iou, coords (P,n,2), labels."""
-    device, _ = _model_io(sam)
+def _next_clicks(sam, gt_model, low, gen) -> tuple:
+    """The next click of test.py for each mask: the first anywhere in the mask; later ones in the
+    error region of the previous prediction (false negative -> 1, false positive -> 0).
+    -> coords (P, 1, 2), labels (P, 1) in model space."""
+    if low is None:
+        return data.sample_points(gt_model, 1, gen)
     S = sam.cfg.image_size
-    if replayed is not None:
-        all_xy = torch.tensor([r["points"] for r in replayed], dtype=torch.float32)  # (P, n, 2)
-        all_lab = torch.tensor([r["labels"] for r in replayed], dtype=torch.long)  # (P, n)
-        xy, lab = all_xy[:, :1], all_lab[:, :1]
-    else:
-        xy, lab = data.sample_points(gt_model, 1, gen)  # (P, 1, 2), (P, 1)
-    low, iou = _decode_best(sam, emb, (xy.to(device), lab.to(device)), multimask=multimask)
-    for step in range(1, n):
-        if replayed is not None:
-            xy, lab = all_xy[:, : step + 1], all_lab[:, : step + 1]
+    up = F.interpolate(low.float(), (S, S), mode="bilinear", align_corners=False)  # (P, 1, S, S)
+    pred = up[:, 0].cpu() > sam.cfg.mask_threshold  # (P, S, S): the official compares at S x S
+    return data.error_clicks(pred, gt_model, 1, gen)
+
+
+def _click_prompts(sam, emb, gt_model, n: int, gen, multimask: bool, replayed) -> tuple:
+    """n iterative clicks, accumulated, each step decoded with the previous low-res prediction fed
+    back as sigmoid probabilities (what the released weights expect); the clicks come from
+    _next_clicks or from a replayed prompt file. -> low, iou, coords (P, n, 2), labels (P, n)."""
+    P = gt_model.shape[0]
+    xy, lab = torch.zeros(P, 0, 2), torch.zeros(P, 0, dtype=torch.long)  # (P, 0, 2), (P, 0)
+    low = prob = None
+    for step in range(n):
+        if replayed is None:
+            new_xy, new_lab = _next_clicks(sam, gt_model, low, gen)  # (P, 1, 2), (P, 1)
         else:
-            up = F.interpolate(low.float(), (S, S), mode="bilinear", align_corners=False)
-            pred = up[:, 0].cpu() > sam.cfg.mask_threshold  # (P, S, S): the official compares here
-            new_xy, new_lab = data.error_clicks(pred, gt_model, 1, gen)  # (P, 1, 2), (P, 1)
-            xy, lab = torch.cat([xy, new_xy.float()], 1), torch.cat([lab, new_lab.long()], 1)
-        prob = torch.sigmoid(low.float())  # (P, 1, S/4, S/4): what the released weights expect
-        low, iou = _decode_best(sam, emb, (xy.to(device), lab.to(device)), None, prob, multimask)
+            new_xy = torch.tensor([r["points"][step : step + 1] for r in replayed]).float()
+            new_lab = torch.tensor([r["labels"][step : step + 1] for r in replayed]).long()
+        xy, lab = torch.cat([xy, new_xy], 1), torch.cat([lab, new_lab], 1)  # (P, step + 1, ...)
+        low, iou = _decode_best(sam, emb, (xy, lab), None, prob, multimask)  # (P, 1, S/4, S/4)
+        prob = torch.sigmoid(low.float())
     return low, iou, xy, lab
 
 
-def _evaluate_image(sam, image, gt, keys, modes, gen, cfg: InferConfig, replayed, save_dir):
+def _evaluate_image(sam, image, gt, keys, gen, cfg: InferConfig, replayed, save_dir):
     """All masks of one image: one encoder pass, each prompt mode decoded as one batch.
     -> per-mask rows (without names) and the prompts used, {mask key: {mode: prompt}}."""
-    device, _ = _model_io(sam)
     emb, geom = encode_image(sam, image)  # (1, D, S/16, S/16)
     gt_t = torch.from_numpy(gt)  # (P, H, W) bool at the original size: what is scored
-    gt_model = torch.stack([torch.as_tensor(geom.mask_to_model(m)) for m in gt]).bool()  # (P,S,S)
+    gt_model = torch.stack([geom.mask_to_model(m) for m in gt_t])  # (P, S, S) bool: prompted
     rows, used = [], {k: {} for k in keys}
-    for mode in modes:
+    for mode in cfg.prompt_modes:
         key = mode_key(mode)
         rep = None if replayed is None else [r[key] for r in replayed]
         if mode == "box":
             boxes = _box_prompts(gt_model, cfg.protocol, rep)  # (P, 4)
-            low, iou = _decode_best(sam, emb, boxes=boxes.to(device), multimask=cfg.multimask)
+            low, iou = _decode_best(sam, emb, boxes=boxes, multimask=cfg.multimask)
             prompts = [{"box": b} for b in boxes.tolist()]
         else:
             low, iou, xy, lab = _click_prompts(
@@ -750,9 +750,7 @@ def evaluate(
             image = data.read_image(image_path)
             gt = np.stack([_read_gt(m, image.shape[:2], image_path) for m in mask_paths])
             replayed = None if replay is None else [_replayed(replay, k, modes) for k in keys]
-            img_rows, used = _evaluate_image(
-                sam, image, gt, keys, prompt_modes, gen, cfg, replayed, save_dir
-            )
+            img_rows, used = _evaluate_image(sam, image, gt, keys, gen, cfg, replayed, save_dir)
             rows += [{**r, "image": str(image_path), **name_fields(r["mask"])} for r in img_rows]
             record.update(used)
     finally:
