@@ -820,11 +820,10 @@ def bench(preset="vit_b", size=256, images=2, masks=5, iter_points=8, runs=3, wh
     return result
 
 
-def run_bench(args) -> None:
+def run_bench(preset: str, runs: int, only: str | None) -> None:
     load = lambda: " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"threads={torch.get_num_threads()} load avg before: {load()}")
-    only = (args.bench_only,) if args.bench_only else None
-    res = bench(args.bench_preset, runs=args.bench_runs, which=only)
+    res = bench(preset, runs=runs, which=(only,) if only else None)
     med = {n: sorted(r[0] for r in rows)[len(rows) // 2] for n, rows in res.items()}
     for name, rows in res.items():
         print(
@@ -835,7 +834,7 @@ def run_bench(args) -> None:
         print(f"speed-up {med['official'] / med['ours']:.2f}x")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"process peak RSS {peak:.2f} GiB (weights, Adam state and steps of: {', '.join(res)})")
-    if only is None:
+    if not only:
         res = bench("tiny", runs=3, which=("ours",))["ours"]
         t = sorted(r[0] for r in res)[1]
         print(f"tiny@256: {2 / t:.2f} images/s (median step {t:.3f} s, 2 images x 5 masks, 1 + 8)")
@@ -875,11 +874,10 @@ if __name__ == "__main__":
         help="one variant alone, for its process peak memory",
     )
     ns = vars(p.parse_args())
+    bench_args = ns.pop("bench_preset"), ns.pop("bench_runs"), ns.pop("bench_only")
     if ns.pop("bench", False):
-        run_bench(argparse.Namespace(**ns))
+        run_bench(*bench_args)
         sys.exit()
-    for k in ("bench_preset", "bench_runs", "bench_only"):
-        ns.pop(k, None)
     try:
         main(ns)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
