@@ -6,10 +6,10 @@ For one window (or the whole grid, in a global block) of gh x gw tokens, per hea
     rel_h[i, y] = q_i . Rh[qy(i), y]        rel_w[i, x] = q_i . Rw[qx(i), x]
     O = softmax(S) V                         (N = gh * gw tokens, key j sits at (ky(j), kx(j)))
 
-where Rh[qy, ky] = rel_pos_h[qy - ky + gh - 1] (the table of the block, interpolated when its length
-is not 2 gh - 1, exactly as Meta's get_rel_pos). rel_h and rel_w are small (N x gh, N x gw); the
-N x N bias is what the official code materialises and what the kernel never writes: it adds the two
-terms per tile while it streams keys (flash attention, online softmax).
+where Rh[qy, ky] = rel_pos_h[qy - ky + gh - 1] (the block's table of 2 gh - 1 rows, as Meta's
+get_rel_pos). rel_h and rel_w are small (N x gh, N x gw); the N x N bias is what the official code
+materialises and what the kernel never writes: it adds the two terms per tile while it streams keys
+(flash attention, online softmax).
 
 Padded windows. A 16 x 16 grid cut into 14 x 14 windows is zero-padded to 28 x 28: 784 tokens, 256
 real. The padding happens after norm1, so a padded token's q, k, v are exactly the qkv bias
@@ -45,15 +45,17 @@ from einops import rearrange
 # Relative-position terms (shared by every path)
 
 
-def rel_pos_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
-    """Rh[qy, ky] = rel_pos[qy - ky + k_size - 1], interpolated like Meta's get_rel_pos."""
-    max_dist = 2 * max(q_size, k_size) - 1
-    if rel_pos.shape[0] != max_dist:  # a table trained at another resolution: linear resize
-        rel_pos = F.interpolate(rel_pos.T[None], size=max_dist, mode="linear")[0].T  # (L, hs)
-    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
-    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
-    rel = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
-    return rel_pos[rel.long()]  # (q_size, k_size, hs)
+def rel_pos_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Rh[qy, ky] = rel_pos[qy - ky + size - 1] for a size-long grid axis: (size, size, hs).
+
+    Meta's get_rel_pos when the table fits the grid (2 size - 1 rows), as every table of the model
+    does: checkpoints trained at another size are resized once, when they are loaded."""
+    if rel_pos.shape[0] != 2 * size - 1:
+        raise ValueError(
+            f"rel-pos table has {rel_pos.shape[0]} rows, a {size}-grid needs {2 * size - 1}"
+        )
+    idx = torch.arange(size, device=rel_pos.device)
+    return rel_pos[idx[:, None] - idx[None, :] + size - 1]  # (size, size, hs)
 
 
 def rel_pos_terms(q, q_hw, rh_table, rw_table):
@@ -428,8 +430,8 @@ def attention_fast(x, qkv_w, qkv_b, proj_w, proj_b, rel_pos_h, rel_pos_w, num_he
     bias = qkv_b if qkv_b is not None else qkv.new_zeros(3 * C)
     k_e, v_e = bias[C:].view(2, num_heads, hs).unbind(0)  # (nh, hs): a padded token's k and v
     win_h, win_w = (ws, ws) if ws > 0 else (H, W)
-    rh_table = rel_pos_table(win_h, win_h, rel_pos_h).to(x.dtype)  # (win_h, win_h, hs)
-    rw_table = rel_pos_table(win_w, win_w, rel_pos_w).to(x.dtype)  # (win_w, win_w, hs)
+    rh_table = rel_pos_table(win_h, rel_pos_h).to(x.dtype)  # (win_h, win_h, hs)
+    rw_table = rel_pos_table(win_w, rel_pos_w).to(x.dtype)  # (win_w, win_w, hs)
     out = x.new_empty(B, H, W, C)
     for y0, y1, x0, x1, rh, rw in window_groups(H, W, win_h, win_w):
         win = qkv[:, y0:y1, x0:x1]  # (B, ny*rh, nx*rw, 3C)
@@ -462,8 +464,8 @@ def attention_layer_reference(x, qkv_w, qkv_b, proj_w, proj_b, rel_pos_h, rel_po
     Z, gh, gw, _ = x.shape
     qkv = F.linear(x, qkv_w, qkv_b)  # (Z, gh, gw, 3C)
     q, k, v = rearrange(qkv, "z h w (t nh hs) -> t z nh (h w) hs", t=3, nh=num_heads)
-    rh_table = rel_pos_table(gh, gh, rel_pos_h)  # (gh, gh, hs)
-    rw_table = rel_pos_table(gw, gw, rel_pos_w)  # (gw, gw, hs)
+    rh_table = rel_pos_table(gh, rel_pos_h)  # (gh, gh, hs)
+    rw_table = rel_pos_table(gw, rel_pos_w)  # (gw, gw, hs)
     rel_h, rel_w = rel_pos_terms(q, (gh, gw), rh_table, rw_table)
     o, _ = attention_reference(q, k, v, rel_h, rel_w, hs**-0.5)  # (Z, nh, N, hs)
     o = rearrange(o, "z nh (h w) hs -> z h w (nh hs)", h=gh)  # (Z, gh, gw, C)
