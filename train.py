@@ -33,7 +33,7 @@ import threading
 import time
 import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -785,29 +785,23 @@ def cpu_trainer(sam: model.Sam, cfg: TrainConfig) -> Trainer:
                    torch.device("cpu"))  # fmt: skip
 
 
-def bench_steps(preset: str, size: int, cfg: TrainConfig, which=("official", "ours")) -> dict:
-    """name -> a function running one training step (argument: its index). Same initial weights
-    (same seed) and batch; "official" is the port above on the reference kernels (materialised
-    rel-pos bias, padded windows) with the official Adam over model.parameters()."""
-    batch = synthetic_batch(cfg.batch_size, cfg.masks_per_image, size, seed=0)
+def bench(preset: str, runs: int = 3, which=("official", "ours")) -> dict:
+    """-> {name: [(seconds, peak RSS increase MiB)]} per timed step, after one warm-up step each.
+    TrainConfig's defaults give the issue's step: 256 px, 2 images x 5 masks, 1 + 8 updates. Both
+    variants start from the same weights (same seed) and batch; "official" is the port above on the
+    reference kernels (materialised rel-pos bias, padded windows) with the official Adam over
+    model.parameters(). The variants alternate so that machine load hits both alike."""
+    cfg = TrainConfig(data="-", model=preset)
+    batch = synthetic_batch(cfg.batch_size, cfg.masks_per_image, cfg.image_size, seed=0)
     steps = {}
     if "official" in which:
-        ref = build_model(replace(cfg, model=preset, image_size=size), "cpu")
-        model.use_kernels(ref, "reference").train()
+        ref = model.use_kernels(build_model(cfg, "cpu"), "reference").train()
         opt, rng = torch.optim.Adam(ref.parameters(), lr=cfg.lr), np.random.default_rng(0)
         steps["official"] = lambda i: official_step(ref, opt, batch, cfg.iter_points,
                                                     cfg.point_choices, rng)  # fmt: skip
     if "ours" in which:
-        tr = cpu_trainer(build_model(replace(cfg, model=preset, image_size=size), "cpu"), cfg)
+        tr = cpu_trainer(build_model(cfg, "cpu"), cfg)
         steps["ours"] = lambda i: train_step(tr, [batch], i)
-    return steps
-
-
-def bench(preset="vit_b", size=256, images=2, masks=5, iter_points=8, runs=3, which=None):
-    """-> {name: [(seconds, peak RSS increase MiB)]} per timed step, after one warm-up step each;
-    the variants alternate so that machine load hits both alike."""
-    cfg = TrainConfig(data="-", batch_size=images, masks_per_image=masks, iter_points=iter_points)
-    steps = bench_steps(preset, size, cfg, which or ("official", "ours"))
     result = {name: [] for name in steps}
     for i in range(runs + 1):
         for name, step in steps.items():
@@ -823,7 +817,7 @@ def bench(preset="vit_b", size=256, images=2, masks=5, iter_points=8, runs=3, wh
 def run_bench(preset: str, runs: int, only: str | None) -> None:
     load = lambda: " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"threads={torch.get_num_threads()} load avg before: {load()}")
-    res = bench(preset, runs=runs, which=(only,) if only else None)
+    res = bench(preset, runs, (only,) if only else ("official", "ours"))
     med = {n: sorted(r[0] for r in rows)[len(rows) // 2] for n, rows in res.items()}
     for name, rows in res.items():
         print(
@@ -835,7 +829,7 @@ def run_bench(preset: str, runs: int, only: str | None) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"process peak RSS {peak:.2f} GiB (weights, Adam state and steps of: {', '.join(res)})")
     if not only:
-        res = bench("tiny", runs=3, which=("ours",))["ours"]
+        res = bench("tiny", 3, ("ours",))["ours"]
         t = sorted(r[0] for r in res)[1]
         print(f"tiny@256: {2 / t:.2f} images/s (median step {t:.3f} s, 2 images x 5 masks, 1 + 8)")
     print(f"load avg after: {load()}")
