@@ -60,7 +60,6 @@ class InferConfig:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 AXES = {"x": 0, "y": 1, "z": 2}
 
 # ------------------------------------------------------------------------------------------------
@@ -111,9 +110,6 @@ class _Incomplete(Exception):
     """The connection ended before the announced number of bytes: retry, resuming."""
 
 
-_Retry = requests.exceptions.ChunkedEncodingError  # a body cut short mid-transfer
-
-
 def cache_dir() -> Path:
     return Path(os.environ.get("SAM_MED2D_CACHE") or Path.home() / ".cache" / "sam-med2d")
 
@@ -150,7 +146,12 @@ def download(url, dest, size=None, sha256=None, retries=3, timeout=30.0, backoff
         try:
             _fetch(url, part, size, timeout)
             break
-        except (requests.ConnectionError, requests.Timeout, _Retry, _Incomplete) as err:
+        except (
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,  # a body cut short mid-transfer
+            _Incomplete,
+        ) as err:
             if attempt == retries:
                 raise DownloadError(
                     f"could not download {url} ({type(err).__name__}: {err}). Offline? Fetch it by "
@@ -506,10 +507,7 @@ def parse_entry(path: Path, entry, where: str, defaults: dict | None = None) -> 
         raise ValueError(f"{where}: axis must be x, y or z, not {job.axis!r}")
     if job.slice is not None and (not isinstance(job.slice, int) or isinstance(job.slice, bool)):
         raise ValueError(f"{where}: slice must be a whole number, not {job.slice!r}")
-    w = job.window
-    named = isinstance(w, str) and w in data.WINDOWS
-    if not (w is None or named or (isinstance(w, list | tuple) and len(w) == 2)):
-        raise ValueError(f"{where}: window is one of {', '.join(data.WINDOWS)} or [level, width]")
+    job.window = parse_window(job.window, where)
     b3 = job.box3d
     if b3 is not None and (
         not isinstance(b3, list) or len(b3) != 6 or prompts
@@ -519,8 +517,24 @@ def parse_entry(path: Path, entry, where: str, defaults: dict | None = None) -> 
     return job
 
 
+def parse_window(w, where: str):
+    """A CT window from the command line (["lung"], ["40", "400"]) or JSON ("lung", [40, 400])
+    -> a data.WINDOWS name or (level, width) floats; None stays None (percentiles)."""
+    if isinstance(w, list | tuple) and len(w) == 1:
+        w = w[0]
+    if w is None or (isinstance(w, str) and w in data.WINDOWS):
+        return w
+    try:
+        level, width = w
+        return float(level), float(width)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{where}: window is one of {', '.join(data.WINDOWS)} or LEVEL WIDTH, not {w!r}"
+        ) from None
+
+
 def is_nifti(path) -> bool:
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
+    return str(path).lower().endswith(data.VOLUME_SUFFIXES)
 
 
 def run_job(sam, job: Job, outs: dict, cfg: InferConfig) -> dict:
@@ -576,8 +590,7 @@ def _job_slices(job: Job, n: int) -> tuple:
 
 def _run_volume(sam, job: Job, out_path: Path, cfg: InferConfig) -> tuple:
     vol = data.read_volume(job.path)
-    window = tuple(job.window) if isinstance(job.window, list) else job.window
-    u8 = data.normalize_intensity(vol.data, window)  # (X, Y, Z) uint8
+    u8 = data.normalize_intensity(vol.data, job.window)  # (X, Y, Z) uint8
     ks, prompts = _job_slices(job, u8.shape[AXES[job.axis]])
     out = np.zeros(u8.shape, np.uint8 if len(prompts) < 256 else np.uint16)  # label ids
     slices, timings = [], {"encode": 0.0, "decode": 0.0}
@@ -983,23 +996,11 @@ def _stem(path: Path) -> str:
     return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
 
 
-def _window(values):
-    if values is None:
-        return None
-    if len(values) == 1 and values[0] in data.WINDOWS:
-        return values[0]
-    if len(values) == 2:
-        return (float(values[0]), float(values[1]))
-    raise ValueError(f"--window is a preset ({', '.join(data.WINDOWS)}) or LEVEL WIDTH")
-
-
-def _modes(values) -> tuple:
-    modes = []
-    for v in values:
-        if v != "box" and not (v.isdigit() and int(v) >= 1):
-            raise ValueError(f"--modes: {v!r} is neither 'box' nor a number of clicks >= 1")
-        modes.append(v if v == "box" else int(v))
-    return tuple(modes)
+def _mode(v: str):
+    """An argparse type for --modes: "box" or a number of clicks."""
+    if v != "box" and not (v.isdigit() and int(v) >= 1):
+        raise argparse.ArgumentTypeError(f"{v!r} is neither 'box' nor a number of clicks >= 1")
+    return v if v == "box" else int(v)
 
 
 def config_from_args(args) -> InferConfig:
@@ -1010,10 +1011,10 @@ def config_from_args(args) -> InferConfig:
         multimask=args.multimask,
         adapter=args.adapter,
         force=args.force,
-        window=_window(args.window),
+        window=parse_window(args.window, "--window"),
         seed=args.seed,
         protocol=args.protocol,
-        prompt_modes=_modes(args.modes),
+        prompt_modes=tuple(args.modes),
     )
 
 
@@ -1117,11 +1118,11 @@ def run_eval(args, cfg: InferConfig) -> int:
         sam,
         args.eval,
         cfg.prompt_modes,
-        cfg.seed,
-        cfg.protocol,
-        cfg.multimask,
-        replay,
-        args.limit,
+        seed=cfg.seed,
+        protocol=cfg.protocol,
+        multimask=cfg.multimask,
+        replay=replay,
+        limit=args.limit,
         progress=True,
         save_dir=out_dir / "masks" if args.save_masks else None,
         split=args.split,
@@ -1194,7 +1195,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="tight",
         help="box of the whole mask, or of its largest component (official)",
     )
-    add("--modes", nargs="+", default=["box", "1", "3", "5"], help="box and/or numbers of clicks")
+    add("--modes", nargs="+", type=_mode, default=["box", 1, 3, 5], help="box and/or click counts")
     add("--prompt-file", help="replay the prompts.json of an earlier --eval run")
     add("--seed", type=int, default=0)
     add("--split", default="test", help="--eval: the manifest split (test, val, train)")
