@@ -1057,10 +1057,10 @@ def main(args):
         save_checkpoint(sam, args.dst)
         print(f"wrote {args.dst} ({sam.cfg.name} at {sam.cfg.image_size} px)")
         return
+    overrides = {} if args.adapter is None else {"adapter": args.adapter}  # else the preset's
     cfg = SamConfig.from_name(
-        args.name, image_size=args.image_size, adapter=args.adapter is not False,
-        kernels=getattr(args, "kernels", "auto"),
-    )  # fmt: skip
+        args.name, image_size=args.image_size, kernels=args.kernels, **overrides
+    )
     sam = Sam(cfg).eval()
     counts = count_parameters(sam)
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
@@ -1090,21 +1090,21 @@ if __name__ == "__main__":
     c.add_argument("dst")
     c.add_argument("--image-size", type=int, default=None, help="resample, e.g. SAM 1024 -> 256")
     c.add_argument("--adapter", action=argparse.BooleanOptionalAction, default=None)
-    for cmd in ("info", "bench"):
-        s = sub.add_parser(
-            cmd, help="parameter counts" + (" and encoder latency" if cmd == "bench" else "")
-        )
+    info = sub.add_parser("info", help="parameter counts")
+    bench = sub.add_parser("bench", help="parameter counts and encoder latency")
+    for s in (info, bench):
         s.add_argument("name", choices=list(PRESETS))
         s.add_argument("--image-size", type=int, default=256)
-        s.add_argument("--adapter", action=argparse.BooleanOptionalAction, default=True)
-        if cmd == "bench":
-            s.add_argument("--runs", type=int, default=7)
-            s.add_argument("--warmup", type=int, default=2)
-            s.add_argument("--threads", type=int, default=None)
-            s.add_argument(
-                "--kernels",
-                choices=("auto", "reference"),
-                default="auto",
-                help="reference: the official computation (materialised bias, padding)",
-            )
+        s.add_argument(
+            "--adapter", action=argparse.BooleanOptionalAction, default=None,
+            help="default: the preset's (on for the ViTs, off for lite_medsam)",
+        )  # fmt: skip
+    info.set_defaults(kernels="auto")
+    bench.add_argument("--runs", type=int, default=7)
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument(
+        "--kernels", choices=("auto", "reference"), default="auto",
+        help="reference: the official computation (materialised bias, padding)",
+    )  # fmt: skip
     main(p.parse_args())
