@@ -845,9 +845,14 @@ def _images_unit(case: Case, cfg: DataConfig):
 
 
 def _run_unit(cfg: DataConfig, case: Case, axis: str, part: int, parts: int):
-    if cfg.kind == "volumes":
-        return _volume_unit(case, cfg, axis, part, parts)
-    return _images_unit(case, cfg)
+    """-> the unit's (entries, note), or the DataError it met: returned rather than raised, so
+    that results come back from a pool worker and from this process alike."""
+    try:
+        if cfg.kind == "volumes":
+            return _volume_unit(case, cfg, axis, part, parts)
+        return _images_unit(case, cfg)
+    except DataError as e:
+        return e
 
 
 def _units(cases: list[Case], cfg: DataConfig) -> list[tuple]:
@@ -862,10 +867,7 @@ def _unit_results(units, cfg: DataConfig):
     else in a process pool (forked, like DataLoader workers; single-threaded CPU torch only)."""
     if cfg.workers == 1:
         for j, u in enumerate(units):
-            try:
-                yield j, _run_unit(cfg, *u)
-            except DataError as e:
-                yield j, e
+            yield j, _run_unit(cfg, *u)
         return
     fork = "fork" in multiprocessing.get_all_start_methods()
     if fork and cfg.kind == "volumes" and len({id(u[0]) for u in units}) == 1:
@@ -879,10 +881,7 @@ def _unit_results(units, cfg: DataConfig):
     try:
         futures = {pool.submit(_run_unit, cfg, *u): j for j, u in enumerate(units)}
         for fut in as_completed(futures):
-            try:
-                yield futures[fut], fut.result()
-            except DataError as e:
-                yield futures[fut], e
+            yield futures[fut], fut.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
