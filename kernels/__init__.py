@@ -88,11 +88,10 @@ def adapter_layer(
         raise ValueError(f"kernels.adapter_layer: the token grid {H}x{W} must have even sides")
     path = _choose("adapter", impl, x, adapter_kernels.triton_supported(x))
     weights = (x, w_down, w_up, w_conv, w_deconv, ln_weight, ln_bias, eps)
-    if path == "triton":
+    if path == "triton":  # the sums happen inside the fused epilogue
         return adapter_kernels.adapter_triton(*weights, residual=residual, mlp=mlp)
-    if path == "torch":
-        return adapter_kernels.adapter_torch(*weights, residual=residual, mlp=mlp)
-    out = adapter_kernels.adapter_reference(*weights)
+    fn = adapter_kernels.adapter_torch if path == "torch" else adapter_kernels.adapter_reference
+    out = fn(*weights)
     for extra in (residual, mlp):
         out = out + extra if extra is not None else out
     return out

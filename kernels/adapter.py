@@ -62,16 +62,13 @@ def deconv4x4_s2(rows, w, batch: int, out_hw):
     return F.fold(cols.transpose(1, 2), out_hw, 4, padding=1, stride=2)  # (B, C', H, W)
 
 
-def adapter_torch(x, w_down, w_up, w_conv, w_deconv, ln_w, ln_b, eps=1e-5, residual=None, mlp=None):
-    """adapter(x) (+ residual + mlp) with the matmul convolutions; x (B, H, W, C)."""
+def adapter_torch(x, w_down, w_up, w_conv, w_deconv, ln_w, ln_b, eps: float = 1e-5):
+    """adapter(x) with the matmul convolutions; x (B, H, W, C). Same signature as the reference."""
     B, H, W, C = x.shape
     g = torch.sigmoid(F.linear(F.relu(F.linear(x.mean((1, 2)), w_down)), w_up))  # (B, C)
     s = F.relu(conv3x3_s2(x * g[:, None, None, :], w_conv))  # (B*h*w, C)
     d = deconv4x4_s2(s, w_deconv, B, (H, W)).permute(0, 2, 3, 1)  # (B, H, W, C)
-    out = F.layer_norm(x + F.relu(d), (C,), ln_w, ln_b, eps)  # (B, H, W, C)
-    for extra in (residual, mlp):
-        out = out + extra if extra is not None else out
-    return out
+    return F.layer_norm(x + F.relu(d), (C,), ln_w, ln_b, eps)  # (B, H, W, C)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,26 +225,19 @@ def _epilogue_bwd_kernel(
 launches: Counter = Counter()  # Triton launches by kernel family and pass, for the tests
 
 
-def _block_c(C):
-    return triton.next_power_of_2(C)
-
-
 @torch.library.custom_op("sam_med2d::adapter_gate", mutates_args=())
 def _gate_op(
     x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, L, C = x.shape
-    f32 = dict(device=x.device, dtype=torch.float32)
+    CR = w_down.shape[0]
     xg = torch.empty_like(x)
+    g, mean = (torch.empty(B, C, device=x.device, dtype=torch.float32) for _ in range(2))
+    hid = torch.empty(B, CR, device=x.device, dtype=torch.float32)
     launches["gate_forward"] += 1
-    g, mean, hid = (
-        torch.empty(B, C, **f32),
-        torch.empty(B, C, **f32),
-        torch.empty(B, w_down.shape[0], **f32),
-    )
     _gate_fwd_kernel[(B,)](
-        x, w_down, w_up, xg, g, mean, hid, L, C, w_down.shape[0], BLOCK_L=8, BLOCK_C=_block_c(C),
-        BLOCK_R=8, num_warps=8,
+        x, w_down, w_up, xg, g, mean, hid, L, C, CR, BLOCK_L=8,
+        BLOCK_C=triton.next_power_of_2(C), BLOCK_R=8, num_warps=8,
     )  # fmt: skip
     return xg, g, mean, hid
 
@@ -276,7 +266,7 @@ def _gate_bwd_op(
     dmean = dh @ w_down.float()  # (B, C)
     dx = torch.empty_like(x)
     _gate_bwd_dx_kernel[(B, triton.cdiv(L, 8))](
-        dxg, g, dmean, dx, L, C, BLOCK_L=8, BLOCK_C=_block_c(C)
+        dxg, g, dmean, dx, L, C, BLOCK_L=8, BLOCK_C=triton.next_power_of_2(C)
     )  # fmt: skip
     return dx, dw_down.to(w_down.dtype), dw_up.to(w_up.dtype)
 
@@ -312,7 +302,8 @@ def _epilogue_op(
     mean, rstd = (torch.empty(R, device=x.device, dtype=torch.float32) for _ in range(2))
     _epilogue_fwd_kernel[(R,)](
         x, d, res if res is not None else x, mlp if mlp is not None else x, ln_w, ln_b, out, mean,
-        rstd, C, eps, HAS_RES=res is not None, HAS_MLP=mlp is not None, BLOCK_C=_block_c(C),
+        rstd, C, eps, HAS_RES=res is not None, HAS_MLP=mlp is not None,
+        BLOCK_C=triton.next_power_of_2(C),
     )  # fmt: skip
     return out, mean, rstd
 
@@ -336,7 +327,7 @@ def _epilogue_bwd_op(
     parts = torch.empty(2, progs, C, device=x.device, dtype=torch.float32)
     _epilogue_bwd_kernel[(progs,)](
         dout, x, d, ln_w, mean, rstd, dx, dd, parts[0], parts[1], R, C, eps, rows,
-        BLOCK_C=_block_c(C),
+        BLOCK_C=triton.next_power_of_2(C),
     )  # fmt: skip
     dw, db = parts[0].sum(0), parts[1].sum(0)  # (C,) each
     return dx, dd, dw.to(ln_w.dtype), db.to(ln_w.dtype)
