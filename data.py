@@ -309,14 +309,12 @@ def preprocess(image: np.ndarray, cfg) -> tuple[torch.Tensor, Geometry]:
     H, W = image.shape[:2]
     geom = geometry(H, W, cfg.image_size, cfg.resize_mode)
     x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]  # (1, 3, H, W), a copy
-    if cfg.channel_order == "BGR":
+    if cfg.channel_order == "BGR":  # SamConfig checks that it is "RGB" or "BGR"
         x = x.flip(1)
-    elif cfg.channel_order != "RGB":
-        raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {cfg.channel_order!r}")
     if geom.resize_mode == "longest" and geom.content != (H, W):
         x = F.interpolate(x, geom.content, mode="bilinear", antialias=True, align_corners=False)
         x = x.round().clamp(0, 255)  # SAM resizes the 8-bit image
-    if getattr(cfg, "intensity", "mean_std") == "min_max":  # MedSAM: per image, to [0, 1]
+    if cfg.intensity == "min_max":  # MedSAM: per image, to [0, 1]
         x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-8)  # (1, 3, h, w)
     else:
         mean = torch.tensor(cfg.pixel_mean, dtype=torch.float32).view(1, 3, 1, 1)
