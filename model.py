@@ -22,6 +22,7 @@ import os
 import pickle
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -855,8 +856,9 @@ class _TensorsOnlyPickle:
 
 
 def _torch_load(path: Path):
+    mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be memory-mapped
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         pass  # holds pickled objects (SAM-Med2D's optimizer): read the tensors only
     except (RuntimeError, EOFError, OSError, ValueError) as e:

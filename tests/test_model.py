@@ -338,6 +338,15 @@ def test_convert_command_sheds_optimizer(tmp_path):
     assert sam.cfg.channel_order == "BGR" and sam.cfg.adapter
 
 
+def test_legacy_format_checkpoint_loads(tmp_path):
+    """torch.save(..., _use_new_zipfile_serialization=False) files cannot be memory-mapped."""
+    sam = randomise(Sam(SamConfig.from_name("tiny")))
+    path = tmp_path / "legacy.pth"
+    torch.save({"model": sam.state_dict(), "epoch": 1}, path, _use_new_zipfile_serialization=False)
+    back = load_checkpoint(path, verbose=False)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in sam.state_dict().items())
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors name the file and what is wrong
 # ---------------------------------------------------------------------------------------------
