@@ -887,7 +887,10 @@ def read_checkpoint(path) -> tuple:
             raise ValueError(f"{path}: cannot read safetensors file: {e}") from None
         if "config" not in meta:
             raise ValueError(f"{path}: safetensors file without a 'config' entry in its metadata")
-        return sd, "ours", SamConfig(**json.loads(meta["config"]))
+        try:
+            return sd, "ours", SamConfig(**json.loads(meta["config"]))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: its config metadata is not a SamConfig: {e}") from None
     obj = _torch_load(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         sd, layout = obj["model"], "sam-med2d"

@@ -374,6 +374,15 @@ def test_truncated_file(tmp_path):
         load_checkpoint(path, verbose=False)
 
 
+def test_safetensors_with_a_foreign_config_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"config": '{"depth_multiplier": 2}'})
+    with pytest.raises(ValueError, match=r"other\.safetensors: its config metadata"):
+        load_checkpoint(path, verbose=False)
+
+
 def test_missing_and_misshaped_keys_are_listed(tmp_path):
     sd = fake_state_dict(SamConfig.from_name("tiny"))
     del sd["mask_decoder.iou_token.weight"]
