@@ -23,7 +23,7 @@ import pickle
 import sys
 import time
 import zipfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -1010,16 +1010,16 @@ def load_checkpoint(path, image_size=None, adapter=None, device="cpu", name=None
     report = [f"{path}: {layout} checkpoint, {cfg.name} at {cfg.image_size} px"]
     if image_size is not None and image_size != cfg.image_size:
         report += resize_state_dict(sd, cfg, image_size)
-        cfg = SamConfig(**{**cfg.to_dict(), "image_size": image_size})
-    new_keys = []
+        cfg = replace(cfg, image_size=image_size)
     if adapter is not None and adapter != cfg.adapter:
-        cfg = SamConfig(**{**cfg.to_dict(), "adapter": adapter})
+        cfg = replace(cfg, adapter=adapter)
         if not adapter:
             dropped = [k for k in sd if ".Adapter." in k]
             sd = {k: v for k, v in sd.items() if ".Adapter." not in k}
             report.append(f"dropped the file's {len(dropped)} adapter tensors")
     with torch.device("meta"):
         expected = Sam(cfg).state_dict()
+    new_keys = []  # adapters the file does not have, when they were asked for
     if adapter and not any(".Adapter." in k for k in sd):
         new_keys = [k for k in expected if ".Adapter." in k]
         report.append(f"initialised {len(new_keys)} new adapter tensors")
