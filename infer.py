@@ -303,7 +303,8 @@ class Segmentation:
     masks: np.ndarray  # (P, H, W) bool at the original size
     logits: np.ndarray  # (P, H, W) float32, the chosen mask's logits at the original size
     iou: np.ndarray  # (P,) predicted IoU of the chosen masks
-    timings: dict  # seconds: encode (preprocessing included), decode (postprocessing included)
+    timings: dict = field(default_factory=dict)  # seconds: encode (with preprocessing), decode
+    # (with postprocessing); filled by segment()
 
 
 def _model_io(sam) -> tuple:
@@ -360,9 +361,9 @@ def decode_prompts(sam, emb, geom, prompts: list, multimask: bool = True) -> "Se
         points, boxes = _prompt_tensors([prompts[i] for i in idx], geom)
         low, pred_iou = _decode_best(sam, emb, points, boxes, multimask=multimask)  # (p,1,h,w)
         logits[idx] = geom.logits_to_original(low.float().cpu())[:, 0]  # (p, H, W)
-        iou[idx] = pred_iou.float().cpu().reshape(-1)
+        iou[idx] = pred_iou.float().cpu()
     masks = logits > sam.cfg.mask_threshold
-    return Segmentation(masks.numpy(), logits.numpy(), iou.numpy(), {})
+    return Segmentation(masks.numpy(), logits.numpy(), iou.numpy())
 
 
 def label_ids(seg: Segmentation) -> np.ndarray:
@@ -509,10 +510,10 @@ def parse_entry(path: Path, entry, where: str, defaults: dict | None = None) -> 
         raise ValueError(f"{where}: slice must be a whole number, not {job.slice!r}")
     job.window = parse_window(job.window, where)
     b3 = job.box3d
-    if b3 is not None and (
-        not isinstance(b3, list) or len(b3) != 6 or prompts
-        or not all(isinstance(v, int | float) for v in b3)
-    ):  # fmt: skip
+    six_numbers = (
+        isinstance(b3, list) and len(b3) == 6 and all(isinstance(v, int | float) for v in b3)
+    )
+    if b3 is not None and (prompts or not six_numbers):
         raise ValueError(f"{where}: box3d is [x0, y0, z0, x1, y1, z1] and replaces other prompts")
     return job
 
