@@ -590,9 +590,12 @@ def _job_slices(job: Job, n: int) -> tuple:
 
 
 def _run_volume(sam, job: Job, out_path: Path, cfg: InferConfig) -> tuple:
+    """Segment the job's slices of a NIfTI volume, each on its own, and write the label volume.
+    -> (record, the middle slice's image and label ids, for the overlay, the prompts)."""
     vol = data.read_volume(job.path)
     u8 = data.normalize_intensity(vol.data, job.window)  # (X, Y, Z) uint8
     ks, prompts = _job_slices(job, u8.shape[AXES[job.axis]])
+    mid = ks[len(ks) // 2]  # the slice the overlay shows
     out = np.zeros(u8.shape, np.uint8 if len(prompts) < 256 else np.uint16)  # label ids
     slices, timings = [], {"encode": 0.0, "decode": 0.0}
     for k in tqdm(ks, "slices", unit="slice", disable=len(ks) == 1):
@@ -603,17 +606,17 @@ def _run_volume(sam, job: Job, out_path: Path, cfg: InferConfig) -> tuple:
         put_slice(out, job.axis, k, ids)
         slices.append({"slice": k, "predicted_iou": seg.iou.tolist()})
         timings = {t: timings[t] + seg.timings[t] for t in timings}
-        if k == ks[len(ks) // 2]:  # the overlay shows the middle slice
+        if k == mid:
             shown = (image, ids)
     write_nifti(out_path, out, job.path)
     record = {
         "axis": job.axis,
         "slices": slices,
-        "overlay_slice": ks[len(ks) // 2],
+        "overlay_slice": mid,
         "label_ids": "voxel value i+1 = prompt i",
         "timings_s": timings,
     }
-    return record, shown[0], shown[1], prompts
+    return record, *shown, prompts
 
 
 # ------------------------------------------------------------------------------------------------
