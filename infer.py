@@ -1083,11 +1083,9 @@ def run_folder(args, cfg: InferConfig) -> int:
     outs = {}
     for name in spec:
         stem = out_dir / _stem(Path(name))
-        suffix = ".nii.gz" if is_nifti(name) else ".png"
-        ov = Path(f"{stem}_overlay.png") if args.overlays else None
         outs[name] = {
-            "mask": Path(f"{stem}_mask{suffix}"),
-            "overlay": ov,
+            "mask": Path(f"{stem}_mask{'.nii.gz' if is_nifti(name) else '.png'}"),
+            "overlay": Path(f"{stem}_overlay.png") if args.overlays else None,
             "json": Path(f"{stem}.json"),
         }
     masks = [o["mask"] for o in outs.values()]
