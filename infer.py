@@ -1113,7 +1113,8 @@ def run_folder(args, cfg: InferConfig) -> int:
 def run_eval(args, cfg: InferConfig) -> int:
     out_dir = Path(args.out_dir or "out/eval")
     names = ("results.json", "per_mask.csv", "prompts.json")
-    check_outputs([out_dir / n for n in names], cfg.force)
+    masks = [out_dir / "masks"] if args.save_masks else []
+    check_outputs([out_dir / n for n in names] + masks, cfg.force)
     replay = _load_json(args.prompt_file) if args.prompt_file else None
     sam = load_model(cfg)
     results = evaluate(

@@ -523,7 +523,12 @@ def resolve_config(args: dict) -> tuple:
     if fixed:
         raise ValueError(f"--resume continues a run as it was configured; cannot change {fixed}")
     # stop_after belongs to the run that set it; the resumed one goes on unless told otherwise
-    cfg = TrainConfig(**{**state["config"], "stop_after": None, **args, "out": args["resume"]})
+    saved = state.get("config")
+    unknown = sorted(set(saved or {}) - {f.name for f in fields(TrainConfig)})
+    if not isinstance(saved, dict) or unknown:
+        raise ValueError(f"{args['resume']}/state.pt: not a training state of this train.py "
+                         f"(unknown settings: {unknown or 'no config'})")  # fmt: skip
+    cfg = TrainConfig(**{**saved, "stop_after": None, **args, "out": args["resume"]})
     return cfg, state
 
 

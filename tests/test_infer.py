@@ -431,6 +431,10 @@ def test_eval_scores_match_numpy_on_saved_predictions(ckpt, dataset, tmp_path):
     assert res["by"]["modality"]["mr_t1"]["n_masks"] == 4
     assert set(res["by"]["label"]) == {"Synth/label_1", "Synth/label_2", "Other/label_1",
                                        "Other/label_2"}  # fmt: skip
+    (tmp_path / "ev2" / "masks").mkdir(parents=True)  # saved predictions are outputs too
+    with pytest.raises(FileExistsError, match="masks"):
+        run(["--eval", dataset, "--checkpoint", ckpt, "--out-dir", tmp_path / "ev2",
+             "--save-masks"])  # fmt: skip
 
 
 def test_eval_prompts_follow_the_protocol(sam, dataset):

@@ -346,6 +346,12 @@ def test_bad_flags_and_unreadable_data_fail_before_any_work(dataset, tmp_path):
     assert not out.exists()
     with pytest.raises(FileNotFoundError, match="resume"):
         train.main(dict(resume=str(tmp_path / "nothing")))
+    foreign = tmp_path / "foreign"  # a state.pt from another program (or version)
+    foreign.mkdir()
+    torch.save({"config": {"not_a_setting": 1}}, foreign / "state.pt")
+    (foreign / "last.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"state\.pt: not a training state .*not_a_setting"):
+        train.main(dict(resume=str(foreign)))
 
 
 def test_compile_matches_eager(dataset, tmp_path):
