@@ -159,6 +159,14 @@ def _bias_tile(rh_rows, rw_rows, offs_n, mask, KW):
 
 
 @triton.jit
+def _scores(q, k, rh_rows, rw_rows, offs_n, mask, scale, KW, PREC: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) logits tile scale * q k^T + rel_h + rel_w, in fp32: the one place the
+    forward and both backward kernels form S."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    return s + _bias_tile(rh_rows, rw_rows, offs_n, mask, KW)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V,  # (Z*nh, N, HS) queries, keys, values
     RH, RW,  # (Z*nh, N, KH) rel_h and (Z*nh, N, KW) rel_w
@@ -186,8 +194,7 @@ def _fwd_kernel(
         kv_ptrs = base + offs_n[:, None] * HS + offs_d[None, :]
         k = tl.load(K + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(V + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        s += _bias_tile(rh_rows, rw_rows, offs_n, m_ok[:, None] & n_ok[None, :], KW)
+        s = _scores(q, k, rh_rows, rw_rows, offs_n, m_ok[:, None] & n_ok[None, :], scale, KW, PREC)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
@@ -232,8 +239,7 @@ def _bwd_dkdv_kernel(
         tile_ok = m_ok[:, None] & n_ok[None, :]
         rh_rows = RH + zh * N * KH + offs_m[:, None] * KH
         rw_rows = RW + zh * N * KW + offs_m[:, None] * KW
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        s += _bias_tile(rh_rows, rw_rows, offs_n, tile_ok, KW)
+        s = _scores(q, k, rh_rows, rw_rows, offs_n, tile_ok, scale, KW, PREC)
         p = tl.where(tile_ok, tl.exp(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N) probabilities
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -273,8 +279,7 @@ def _bwd_dq_kernel(
         kv_ptrs = base + offs_n[:, None] * HS + offs_d[None, :]
         k = tl.load(K + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(V + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        s += _bias_tile(rh_rows, rw_rows, offs_n, tile_ok, KW)
+        s = _scores(q, k, rh_rows, rw_rows, offs_n, tile_ok, scale, KW, PREC)
         p = tl.where(tile_ok, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N) dL/dS
