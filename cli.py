@@ -72,7 +72,8 @@ def add_config_args(parser, cls, skip=(), suppress_defaults=False, **overrides) 
             kw = dict(type=kind)
         kw.update(overrides.get(f.name, {}))
         shown = ", ".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = comments.get(f.name, "")
+        shown = str(shown).replace("%", "%%")
+        help_text = comments.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         kw.setdefault(
             "help", f"{help_text} (default: {shown})" if help_text else f"default: {shown}"
         )
