@@ -148,6 +148,7 @@ def normalize_intensity(data: np.ndarray, window=None) -> np.ndarray:
 
 
 def scale_to_uint8(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Clip to [lo, hi] and map it linearly onto 0..255 (hi <= lo: 255 above lo, else 0)."""
     if hi <= lo:
         return np.where(data > lo, 255, 0).astype(np.uint8)
     scaled = (np.clip(data, lo, hi) - lo) * (255.0 / (hi - lo))
