@@ -1,10 +1,19 @@
-"""Data for SAM-Med2D: reading medical images, one `preprocess` for every stage, prompt sampling,
-SA-Med2D-20M manifests and datasets, and the preprocessing CLI that turns 3D NIfTI volumes and 2D
-image folders into training data.
+"""Data for SAM-Med2D: from a medical image file to the network input, and the prompts and
+datasets that training and evaluation draw from it.
 
-    python data.py volumes --images imagesTr --labels labelsTr --out out --modality mr_t1 \
-        --dataset MNI152 --axes z --workers 2
-    python data.py images --images img_dir --labels mask_dir --out out --modality xray --dataset X
+    image file (PNG/JPEG/BMP/TIFF, 8/16-bit, grey/colour) --read_image--> (H, W, 3) uint8 RGB
+    NIfTI file --read_volume--> (X, Y, Z) float32, RAS+ --normalize_intensity--> uint8 volume
+               --volume_slice--> (H, W), the radiological view of the dataset slices
+    (H, W, 3) uint8 --preprocess--> x (1, 3, S, S) normalised, and its Geometry, which maps
+        points, boxes and masks into the S x S model space and low-res logits back to (H, W)
+    mask file --read_mask--> (H, W) bool --Geometry.mask_to_model--> (S, S) bool
+    masks (P, S, S) bool --label_components, largest_component--> 8-connected components
+        --boxes_from_masks, sample_points, error_clicks--> prompts (P, 4); (P, n, 2) + (P, n)
+    image2label_{split}.json --read_manifest--> {image: [masks]}
+        --TrainDataset--> image + M masks + prompts; --TestDataset--> image + one mask
+
+Building an SA-Med2D-20M style dataset from NIfTI volumes or 2D folders (cases, slices, workers,
+shards, manifests) is prepare.py's job; `python data.py volumes|images ...` runs that command.
 
 Conventions (DESIGN.md): coordinates are (x, y) pixels, boxes x0, y0, x1, y1; point labels 1
 foreground, 0 background, -1 padding; masks on disk are 0/255 PNGs, in memory bool tensors.
@@ -12,18 +21,9 @@ The channel order, pixel statistics, image size and resize mode come from the mo
 (`model.SamConfig`); this file reads them with `cfg.<field>` and never repeats them.
 """
 
-from __future__ import annotations
-
-import functools
-import json
-import multiprocessing
-import os
-import re
-import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -31,31 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
-# ----------------------------------------------------------------------------------------------
-# Config of the preprocessing CLI (the model's config holds everything about the network input)
+from files import read_json
 
-
-@dataclass
-class DataConfig:
-    kind: str = "volumes"  # "volumes" (3D NIfTI + label volumes) or "images" (2D files + masks)
-    images: str = ""  # folder of input images / volumes
-    labels: str = ""  # folder of label volumes / masks, matched to images by file name
-    out: str = "sa_med2d_out"  # output root in the SA-Med2D-20M layout
-    modality: str = "mr"  # first name field, e.g. ct, mr_t1, xray
-    dataset: str = "dataset"  # second name field
-    axes: tuple[str, ...] = ("x", "y", "z")  # volumes: slice axes (x sagittal, y coronal, z axial)
-    window: str | tuple | None = None  # CT preset or (level, width); None: percentiles
-    instances: bool = False  # split every label into connected components (instance masks)
-    min_area: float = 0.00153  # the paper's filter: masks below 0.153% of the image are dropped
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/val/test fractions, by case
-    seed: int = 0  # seed of the case-level split
-    case_pattern: str = ""  # 2D: regex on the file stem whose group 1 is the case (patient) id
-    workers: int = 1  # processes; 1 runs in this process
-    shard: tuple[int, int] = (0, 1)  # (i, n): this run handles cases i, i+n, i+2n, ... (0-based)
-    skip_bad: bool = False  # continue past bad inputs and list them at the end
-
+VOLUME_SUFFIXES = (".nii.gz", ".nii")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # CT window presets: name -> (level, width) in Hounsfield units
 WINDOWS = {
@@ -70,8 +50,14 @@ class DataError(ValueError):
     """A bad input file; the message starts with the file's path and says what is wrong."""
 
 
+def stem(path) -> str:
+    """A file's name without its format suffix: "scan.nii.gz" -> "scan", "p01_a.png" -> "p01_a"."""
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+
+
 # ----------------------------------------------------------------------------------------------
-# Reading 2D images and masks
+# Reading images and volumes, intensity normalisation
 
 
 def _load_pil(path) -> Image.Image:
@@ -88,21 +74,18 @@ def _load_pil(path) -> Image.Image:
     return im
 
 
-def _to_uint8(a: np.ndarray, path) -> np.ndarray:
-    """16-bit or float pixels -> uint8: kept if already within 0..255, else min-max scaled."""
-    if not np.isfinite(a).all():
-        raise DataError(f"{path}: image contains NaN or inf pixels")
-    lo, hi = float(a.min()), float(a.max())
-    if lo >= 0 and hi <= 255 and np.issubdtype(a.dtype, np.integer):
-        return a.astype(np.uint8)
-    return _scale_to_uint8(a.astype(np.float64), lo, hi)
-
-
 def read_image(path) -> np.ndarray:
-    """PNG/JPEG/BMP/TIFF, 8/16 bit or float, grey or colour -> (H, W, 3) uint8 RGB."""
+    """PNG/JPEG/BMP/TIFF, 8/16 bit or float, grey or colour -> (H, W, 3) uint8 RGB. 16-bit and
+    float pixels already within 0..255 integers are kept, others are scaled min-max."""
     im = _load_pil(path)
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = _to_uint8(np.asarray(im), path)  # (H, W)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # 16-bit or float
+        a = np.asarray(im)  # (H, W)
+        if not np.isfinite(a).all():
+            raise DataError(f"{path}: image contains NaN or inf pixels")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0 or hi > 255 or not np.issubdtype(a.dtype, np.integer):  # else kept as it is
+            a = scale_to_uint8(a.astype(np.float64), lo, hi)  # min-max
+        a = a.astype(np.uint8)
     elif im.mode == "L":
         a = np.asarray(im)  # (H, W)
     else:  # RGB, RGBA, P, LA, CMYK, 1, ...: Pillow converts; alpha is dropped
@@ -110,53 +93,6 @@ def read_image(path) -> np.ndarray:
     if a.ndim == 2:
         a = np.repeat(a[:, :, None], 3, axis=2)  # (H, W, 3)
     return np.ascontiguousarray(a)
-
-
-def read_label_map(path) -> np.ndarray:
-    """A mask or label map file -> (H, W) int64 of non-negative integer labels."""
-    im = _load_pil(path)
-    if im.mode in ("RGB", "RGBA", "CMYK", "YCbCr"):
-        rgb = np.asarray(im.convert("RGB"))  # (H, W, 3)
-        if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all()):
-            raise DataError(f"{path}: colour mask (channels differ); masks must be grey labels")
-        a = rgb[..., 0]
-    elif im.mode in ("LA", "PA"):
-        a = np.asarray(im)[..., 0]  # P keeps its palette indices: they are the labels
-    else:
-        a = np.asarray(im)
-    _check_labels(a, path)
-    return a.astype(np.int64)
-
-
-def _check_labels(a: np.ndarray, path) -> None:
-    """Labels (a 2D mask file or a label volume) must be finite non-negative integers."""
-    if np.issubdtype(a.dtype, np.floating):
-        if not np.isfinite(a).all():
-            raise DataError(f"{path}: labels contain NaN or inf")
-        frac = a != np.round(a)
-        if frac.any():
-            raise DataError(f"{path}: non-integer labels (e.g. {a[frac][0]:g})")
-    if a.size and a.min() < 0:
-        raise DataError(f"{path}: negative label {a.min():g}")
-
-
-def _is_binary(labels: np.ndarray) -> bool:
-    """0/1 or 0/255 (an all-zero mask included): the two ways a binary mask is stored."""
-    hi = int(labels.max()) if labels.size else 0
-    return hi in (0, 1, 255) and bool(((labels == 0) | (labels == hi)).all())
-
-
-def read_mask(path) -> np.ndarray:
-    """A binary mask file (0/1 or 0/255) -> (H, W) bool; anything else is an error."""
-    a = read_label_map(path)
-    if not _is_binary(a):
-        vals = np.unique(a)[:8].tolist()
-        raise DataError(f"{path}: mask values {vals} are not binary (0/1 or 0/255)")
-    return a > 0
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading volumes and intensity normalisation
 
 
 @dataclass
@@ -208,14 +144,24 @@ def intensity_range(data: np.ndarray, window=None) -> tuple[float, float]:
 def normalize_intensity(data: np.ndarray, window=None) -> np.ndarray:
     """Voxels -> uint8: clip to intensity_range(data, window) and scale to 0..255. A CT window
     for CT; None (MR and everything else) uses the 0.5-99.5 percentiles of the non-zero voxels."""
-    return _scale_to_uint8(data, *intensity_range(data, window))
+    return scale_to_uint8(data, *intensity_range(data, window))
 
 
-def _scale_to_uint8(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
+def scale_to_uint8(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Clip to [lo, hi] and map it linearly onto 0..255 (hi <= lo: 255 above lo, else 0)."""
     if hi <= lo:
         return np.where(data > lo, 255, 0).astype(np.uint8)
     scaled = (np.clip(data, lo, hi) - lo) * (255.0 / (hi - lo))
     return np.round(scaled).astype(np.uint8)
+
+
+def volume_slice(volume: np.ndarray, axis: str, k: int) -> np.ndarray:
+    """Slice k along "x" (sagittal), "y" (coronal) or "z" (axial) of a canonical RAS+ volume (as
+    read_volume gives it) -> (H, W) in the radiological view of the dataset slices: rows run
+    anterior/superior -> posterior/inferior, columns patient right -> left (sagittal: anterior ->
+    posterior)."""
+    s = volume[(slice(None),) * "xyz".index(axis) + (k,)]  # RAS order, a view of the volume
+    return np.ascontiguousarray(s[::-1, ::-1].T)  # (H, W)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +270,56 @@ def preprocess(image: np.ndarray, cfg) -> tuple[torch.Tensor, Geometry]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Connected components (vectorised union-find; no scipy, no per-pixel Python loops)
+# Masks: files -> (H, W) bool, and connected components (a vectorised union-find, no scipy)
+
+
+def read_label_map(path, shape=None, image=None) -> np.ndarray:
+    """A mask or label map file -> (H, W) int64 of non-negative integer labels. With `shape`, the
+    (H, W) of the image it belongs to (named by `image`), a mask of another size is an error."""
+    im = _load_pil(path)
+    if im.mode in ("RGB", "RGBA", "CMYK", "YCbCr"):
+        rgb = np.asarray(im.convert("RGB"))  # (H, W, 3)
+        if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all()):
+            raise DataError(f"{path}: colour mask (channels differ); masks must be grey labels")
+        a = rgb[..., 0]
+    elif im.mode in ("LA", "PA"):
+        a = np.asarray(im)[..., 0]  # P keeps its palette indices: they are the labels
+    else:
+        a = np.asarray(im)
+    if shape is not None and a.shape != tuple(shape):
+        (h, w), (H, W) = a.shape, shape
+        of = f" {image}" if image else ""
+        raise DataError(f"{path}: mask is {w}x{h} but its image{of} is {W}x{H}")
+    check_labels(a, path)
+    return a.astype(np.int64)
+
+
+def check_labels(a: np.ndarray, path) -> None:
+    """Labels (a 2D mask file or a label volume) must be finite non-negative integers."""
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise DataError(f"{path}: labels contain NaN or inf")
+        frac = a != np.round(a)
+        if frac.any():
+            raise DataError(f"{path}: non-integer labels (e.g. {a[frac][0]:g})")
+    if a.size and a.min() < 0:
+        raise DataError(f"{path}: negative label {a.min():g}")
+
+
+def is_binary(labels: np.ndarray) -> bool:
+    """0/1 or 0/255 (an all-zero mask included): the two ways a binary mask is stored."""
+    hi = int(labels.max()) if labels.size else 0
+    return hi in (0, 1, 255) and bool(((labels == 0) | (labels == hi)).all())
+
+
+def read_mask(path, shape=None, image=None) -> np.ndarray:
+    """A binary mask file (0/1 or 0/255) -> (H, W) bool; anything else is an error, and so is a
+    size other than `shape`, the (H, W) of its image (named by `image` in the message)."""
+    a = read_label_map(path, shape, image)
+    if not is_binary(a):
+        vals = np.unique(a)[:8].tolist()
+        raise DataError(f"{path}: mask values {vals} are not binary (0/1 or 0/255)")
+    return a > 0
 
 
 def label_components(masks: torch.Tensor) -> torch.Tensor:
@@ -402,8 +397,7 @@ def boxes_from_masks(masks, jitter=False, generator=None, largest_component=Fals
         masks = _largest(masks)
     P, H, W = masks.shape
     cols, rows = masks.any(dim=1), masks.any(dim=2)  # (P, W), (P, H)
-    ar_w = torch.arange(W, device=masks.device)
-    ar_h = torch.arange(H, device=masks.device)
+    ar_w, ar_h = torch.arange(W, device=masks.device), torch.arange(H, device=masks.device)
     x0 = torch.where(cols, ar_w, W).amin(1)
     x1 = torch.where(cols, ar_w, -1).amax(1) + 1
     y0 = torch.where(rows, ar_h, H).amin(1)
@@ -483,37 +477,6 @@ def error_clicks(pred, gt, n: int, generator=None):
 # Manifests (ours and the official SA-Med2D-20M json files) and datasets
 
 
-def atomic_write(path, write) -> None:
-    """write(tmp) into a hidden temp file beside `path`, then rename: readers never see half a file,
-    and a killed run leaves the previous file (or none). The temp name ends with the target's
-    suffixes, so writers that pick the format from the name (nibabel's .nii.gz) work. Every stage
-    writes through this one function."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes)}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path, obj, indent=1) -> None:
-    text = json.dumps(obj, indent=indent, default=float)  # default: numpy scalars
-    atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
-
-
-def write_png(path, a: np.ndarray) -> None:
-    atomic_write(path, lambda tmp: Image.fromarray(a).save(tmp, format="PNG"))
-
-
-def _load_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read JSON ({type(e).__name__}: {e})") from e
-
-
 def _resolver(root: Path, sample: str, manifest: Path):
     """Manifest paths are relative to the dataset root (ours), or to the working directory or the
     root's parent (the official files, e.g. "data_demo/images/x.png"), or absolute. The first entry
@@ -530,10 +493,10 @@ def read_manifest(root, split: str = "train") -> dict[str, list[str]]:
     root = Path(root)
     i2l, l2i = root / f"image2label_{split}.json", root / f"label2image_{split}.json"
     if i2l.is_file():
-        manifest, pairs = i2l, _load_json(i2l)
+        manifest, pairs = i2l, read_json(i2l)
         ok = isinstance(pairs, dict) and all(isinstance(v, list) for v in pairs.values())
     elif l2i.is_file():
-        manifest, raw = l2i, _load_json(l2i)
+        manifest, raw = l2i, read_json(l2i)
         ok = isinstance(raw, dict) and all(isinstance(v, str) for v in raw.values())
         pairs = {}
         for mask, image in raw.items() if ok else ():
@@ -550,10 +513,9 @@ def read_manifest(root, split: str = "train") -> dict[str, list[str]]:
 
 @contextmanager
 def _one_thread():
-    """A sample's tensors are small: torch's intra-op threads only add synchronisation, and on a
-    busy machine that made __getitem__ 10x slower (measured, README). DataLoader workers run on
-    one thread already; this gives the main process (num_workers=0) the same, for the call.
-    Used as a decorator on the datasets' __getitem__."""
+    """__getitem__ on one torch thread: a sample's tensors are small, and extra intra-op threads
+    made it 10x slower on a busy machine (docs/data.md). DataLoader workers are single-threaded
+    already; this gives the main process (num_workers=0) the same, for the call."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -564,16 +526,6 @@ def _one_thread():
 
 def _item_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
-def _read_mask_of(path, geom: Geometry) -> torch.Tensor:
-    """A dataset mask -> (H, W) bool, checked against the size of its image."""
-    m = torch.from_numpy(read_mask(path))  # (H, W)
-    if tuple(m.shape) != geom.original:
-        raise DataError(
-            f"{path}: mask shape {tuple(m.shape)} differs from its image's {geom.original}"
-        )
-    return m
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -606,8 +558,8 @@ class TrainDataset(torch.utils.data.Dataset):
         if n < self.M:  # every mask once, then repeats
             pick = torch.cat([pick, torch.randint(n, (self.M - n,), generator=g)])
         x, geom = preprocess(read_image(image_path), self.cfg)  # (1, 3, S, S)
-        masks = [geom.mask_to_model(_read_mask_of(mask_paths[i], geom)) for i in pick]
-        masks = torch.stack(masks)  # (M, S, S)
+        masks = [read_mask(mask_paths[i], geom.original, image_path) for i in pick]  # (H, W)
+        masks = torch.stack([geom.mask_to_model(torch.from_numpy(m)) for m in masks])  # (M, S, S)
         boxes = boxes_from_masks(masks, jitter=self.jitter, generator=g)  # (M, 4)
         coords, labels = sample_points(masks, self.points, g)  # (M, n, 2), (M, n)
         return dict(
@@ -641,7 +593,7 @@ class TestDataset(torch.utils.data.Dataset):
             image = read_image(image_path)
             self._last = (image_path, *preprocess(image, self.cfg))
         _, x, geom = self._last
-        mask = _read_mask_of(mask_path, geom)  # (H, W)
+        mask = torch.from_numpy(read_mask(mask_path, geom.original, image_path))  # (H, W)
         return dict(
             image=x[0], mask=geom.mask_to_model(mask), original_mask=mask,
             original_size=torch.tensor(geom.original), index=torch.tensor(index),
@@ -649,451 +601,7 @@ class TestDataset(torch.utils.data.Dataset):
         )  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------
-# The preprocessing CLI: NIfTI volumes or 2D folders -> the SA-Med2D-20M layout
-#
-#   OUT/images/{modality}--{dataset}--{case}--{axis}_{slice:04d}.png     8-bit grey (or RGB 2D)
-#   OUT/masks/{image name}--label_{label}_{instance:03d}.png             0/255
-#   OUT/image2label_{split}.json, OUT/label2image_{split}.json           split: train, val, test
-#   OUT/cases/{case}.json   what one case produced; written last, so it marks the case complete
-#
-# Work is split into units (a case's axis, in parts when several workers share one volume); a
-# case's record is written once all its units are done. Every file goes through atomic_write.
+if __name__ == "__main__":  # the dataset-building command lives beside this file
+    import prepare
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class Case:
-    name: str  # the case field of the output names
-    pairs: list  # [(image path, label path)]: one volume pair, or the 2D images of a patient
-    error: str = ""  # a problem found while pairing files
-
-
-def _clean(s: str) -> str:
-    """A name field: only [A-Za-z0-9_.-], never the '--' separator."""
-    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
-    while "--" in s:
-        s = s.replace("--", "-")
-    return s or "_"
-
-
-def _stem(path: Path) -> str:
-    low = path.name.lower()
-    suffix = next((s for s in VOLUME_SUFFIXES + IMAGE_SUFFIXES if low.endswith(s)), "")
-    return path.name[: len(path.name) - len(suffix)]
-
-
-def _list_files(folder: Path, suffixes) -> list[Path]:
-    if not folder.is_dir():
-        raise DataError(f"{folder}: not a folder")
-    ok = lambda p: p.is_file() and p.name.lower().endswith(suffixes) and p.name[0] != "."
-    return sorted(p for p in folder.iterdir() if ok(p))
-
-
-def find_cases(cfg: DataConfig) -> list[Case]:
-    """Pair every image with its label file (the same name; for volumes nnU-Net's `_0000`
-    channel suffix may be dropped) and group files into cases (a volume; for 2D the case_pattern
-    group, or the image itself)."""
-    suffixes = VOLUME_SUFFIXES if cfg.kind == "volumes" else IMAGE_SUFFIXES
-    labels: dict[str, list[Path]] = {}
-    for p in _list_files(Path(cfg.labels), suffixes):
-        labels.setdefault(_stem(p), []).append(p)
-    cases: dict[str, Case] = {}
-    for f in _list_files(Path(cfg.images), suffixes):
-        stem = _stem(f)
-        key = stem[:-5] if stem not in labels and stem.endswith("_0000") else stem
-        case_id, error = key if cfg.kind == "volumes" else stem, ""
-        if cfg.kind == "images" and cfg.case_pattern:
-            match = re.search(cfg.case_pattern, stem)
-            case_id = match.group(1) if match else stem
-            error = "" if match else f"{f}: case pattern {cfg.case_pattern!r} does not match"
-        found = labels.get(key, [])
-        if len(found) != 1:
-            error = error or f"{f}: {len(found) or 'no'} label files named {key}.* in {cfg.labels}"
-        case = cases.setdefault(_clean(case_id), Case(_clean(case_id), []))
-        case.pairs.append((f, found[0] if found else None))
-        if cfg.kind == "volumes" and len(case.pairs) > 1:
-            error = f"{f}: case name {case.name} is also used by {case.pairs[0][0]}"
-        case.error = case.error or error
-    used = {lab for c in cases.values() for _, lab in c.pairs}
-    unused = sorted(str(p) for ps in labels.values() for p in ps if p not in used)
-    if unused:  # not an error, but never silent
-        print(f"{len(unused)} label files have no image: {', '.join(unused)}")
-    return [cases[k] for k in sorted(cases)]
-
-
-def split_cases(names, fractions, seed: int) -> dict[str, str]:
-    """Case -> train/val/test: a seeded shuffle of the sorted names, cut by the fractions. Split by
-    case (volume or patient), never by slice, so no patient is on both sides."""
-    names = sorted(names)
-    f = np.asarray(fractions, float) / sum(fractions)
-    n_train = int(round(f[0] * len(names)))
-    n_val = min(int(round(f[1] * len(names))), len(names) - n_train)
-    order = np.random.default_rng(seed).permutation(len(names))
-    split = ["train"] * n_train + ["val"] * n_val + ["test"] * (len(names) - n_train - n_val)
-    return {names[i]: s for i, s in zip(order, split, strict=True)}
-
-
-def volume_slice(volume: np.ndarray, axis: str, k: int) -> np.ndarray:
-    """Slice k along "x" (sagittal), "y" (coronal) or "z" (axial) of a canonical RAS+ volume (as
-    read_volume gives it) -> (H, W) in the radiological view of the dataset slices: rows run
-    anterior/superior -> posterior/inferior, columns patient right -> left (sagittal: anterior ->
-    posterior)."""
-    s = volume[(slice(None),) * "xyz".index(axis) + (k,)]  # RAS order, a view of the volume
-    return np.ascontiguousarray(s[::-1, ::-1].T)  # (H, W)
-
-
-def _slice_masks(lab: np.ndarray, cfg: DataConfig) -> list[tuple[int, int, np.ndarray]]:
-    """(H, W) integer labels -> [(label, instance, mask)] that pass the area filter: a mask is
-    dropped when its area is below cfg.min_area of the image (the paper's 0.153%)."""
-    min_px = cfg.min_area * lab.size
-    out = []
-    for label in np.unique(lab[lab > 0]).tolist():
-        m = lab == label
-        parts = _instances(m) if cfg.instances else [m]
-        keep = [p for p in parts if p.sum() >= min_px]
-        out += [(label, k, p) for k, p in enumerate(keep)]
-    return out
-
-
-def _instances(m: np.ndarray) -> list[np.ndarray]:
-    """A binary mask -> its connected components, largest first (ties in scan order)."""
-    lab = label_components(torch.from_numpy(m)).numpy()
-    sizes = np.bincount(lab.ravel())[1:]
-    order = np.lexsort((np.arange(len(sizes)), -sizes))
-    return [lab == k + 1 for k in order]
-
-
-def _image_name(cfg: DataConfig, case: Case, slice_id: str) -> str:
-    return f"{_clean(cfg.modality)}--{_clean(cfg.dataset)}--{case.name}--{slice_id}"
-
-
-def _write_slice(out: Path, name: str, image: np.ndarray, masks) -> tuple[str, list[str]]:
-    image_rel = f"images/{name}.png"
-    write_png(out / image_rel, image)
-    mask_rels = []
-    for label, k, m in masks:
-        mask_rels.append(f"masks/{name}--label_{label}_{k:03d}.png")
-        write_png(out / mask_rels[-1], m.astype(np.uint8) * 255)
-    return image_rel, mask_rels
-
-
-@functools.lru_cache(maxsize=1)  # per process: the last case read, shared by that case's units
-def _read_case_volume(image_path: Path, label_path: Path, window):
-    """-> (uint8 image volume, int32 label volume, a note on the normalisation), checked."""
-    vol, lab = read_volume(image_path), read_volume(label_path)
-    if vol.data.shape != lab.data.shape:
-        raise DataError(
-            f"{label_path}: shape {lab.data.shape} does not match image {image_path} "
-            f"{vol.data.shape}"
-        )
-    if not np.allclose(vol.affine, lab.affine, atol=1e-3):
-        d = np.abs(vol.affine - lab.affine).max()
-        raise DataError(f"{label_path}: affine differs from image {image_path}'s (by {d:.3g})")
-    _check_labels(lab.data, label_path)
-    lo, hi = intensity_range(vol.data, window)
-    how = "percentiles 0.5-99.5 of non-zero voxels" if window is None else "CT window"
-    name = f" {window}" if isinstance(window, str) else ""
-    note = f"intensity {how}{name} -> [{lo:g}, {hi:g}] mapped to 0-255"
-    return _scale_to_uint8(vol.data, lo, hi), lab.data.astype(np.int32), note
-
-
-def _volume_unit(case: Case, cfg: DataConfig, axis: str, part: int, parts: int):
-    image, labels, note = _read_case_volume(*case.pairs[0], cfg.window)
-    ax = "xyz".index(axis)
-    ks = np.array_split(np.arange(labels.shape[ax]), parts)[part]
-    entries = []
-    for k in ks:
-        lab = volume_slice(labels, axis, k)  # (H, W)
-        masks = _slice_masks(lab, cfg) if lab.any() else []
-        if masks:
-            name = _image_name(cfg, case, f"{axis}_{k:04d}")
-            img = volume_slice(image, axis, k)
-            entries.append(_write_slice(Path(cfg.out), name, img, masks))
-    return entries, f"{case.name}: {note}"
-
-
-def _images_unit(case: Case, cfg: DataConfig):
-    """2D: every image of the case with its mask or label map (0/1 and 0/255 are one label, 1)."""
-    entries, names = [], set()
-    for image_path, mask_path in case.pairs:
-        image, lab = read_image(image_path), read_label_map(mask_path)  # (H, W, 3), (H, W)
-        if lab.shape != image.shape[:2]:
-            raise DataError(
-                f"{mask_path}: mask shape {lab.shape} does not match image {image_path} "
-                f"{image.shape[:2]}"
-            )
-        if _is_binary(lab):
-            lab = (lab > 0).astype(np.int64)
-        name = _image_name(cfg, case, _clean(_stem(image_path)))
-        if name in names:
-            raise DataError(f"{image_path}: output name {name} is already used in case {case.name}")
-        names.add(name)
-        masks = _slice_masks(lab, cfg)
-        grey = (image[..., :1] == image).all()
-        if masks:
-            entries.append(
-                _write_slice(Path(cfg.out), name, image[..., 0] if grey else image, masks)
-            )
-    note = f"{case.name}: {len(case.pairs)} 2D images (8-bit kept; 16-bit/float scaled min-max)"
-    return entries, note
-
-
-def _run_unit(cfg: DataConfig, case: Case, axis: str, part: int, parts: int):
-    """-> the unit's (entries, note), or the DataError it met: returned rather than raised, so
-    that results come back from a pool worker and from this process alike."""
-    try:
-        if cfg.kind == "volumes":
-            return _volume_unit(case, cfg, axis, part, parts)
-        return _images_unit(case, cfg)
-    except DataError as e:
-        return e
-
-
-def _units(cases: list[Case], cfg: DataConfig) -> list[tuple]:
-    if cfg.kind == "images":
-        return [(c, "2d", 0, 1) for c in cases]
-    parts = 1 if cfg.workers == 1 else 2 * cfg.workers  # several workers can share one volume
-    return [(c, axis, k, parts) for c in cases for axis in cfg.axes for k in range(parts)]
-
-
-def _unit_results(units, cfg: DataConfig):
-    """Yield (unit index, result or DataError) as units finish: in this process for one worker,
-    else in a process pool (forked, like DataLoader workers; single-threaded CPU torch only)."""
-    if cfg.workers == 1:
-        for j, u in enumerate(units):
-            yield j, _run_unit(cfg, *u)
-        return
-    fork = "fork" in multiprocessing.get_all_start_methods()
-    if fork and cfg.kind == "volumes" and len({id(u[0]) for u in units}) == 1:
-        try:  # one volume: read it once here; forked workers share it instead of each reading it
-            _read_case_volume(*units[0][0].pairs[0], cfg.window)
-        except DataError:
-            pass  # every unit meets the same error and reports it
-    ctx = multiprocessing.get_context("fork" if fork else "spawn")
-    pool = ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=torch.set_num_threads,
-                               initargs=(1,))  # fmt: skip
-    try:
-        futures = {pool.submit(_run_unit, cfg, *u): j for j, u in enumerate(units)}
-        for fut in as_completed(futures):
-            yield futures[fut], fut.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _fingerprint(cfg: DataConfig, case: Case) -> dict:
-    """What a case's outputs depend on; a rerun with other options must not mix results."""
-    return dict(
-        kind=cfg.kind, modality=cfg.modality, dataset=cfg.dataset, axes=list(cfg.axes),
-        window=cfg.window if not isinstance(cfg.window, tuple) else list(cfg.window),
-        instances=cfg.instances, min_area=cfg.min_area,
-        sources=[[str(a.name), str(b.name)] for a, b in case.pairs],
-    )  # fmt: skip
-
-
-def _is_complete(out: Path, case: Case, cfg: DataConfig) -> bool:
-    path = out / "cases" / f"{case.name}.json"
-    if not path.is_file():
-        return False
-    record = _load_json(path)
-    if record.get("fingerprint") != _fingerprint(cfg, case):
-        raise DataError(f"{path}: made with other options or inputs; use a new --out")
-    return all((out / f).is_file() for img, ms in record["images"] for f in [img, *ms])
-
-
-def _process(cases: list[Case], cfg: DataConfig, out: Path) -> tuple[int, dict[str, str]]:
-    """Run every unit of `cases`; write each case's record when its last unit is done.
-    -> (number of slices written, {case: error} for bad cases when skipping them)."""
-    _read_case_volume.cache_clear()  # inputs may have changed since an earlier run
-    try:
-        return _process_units(_units(cases, cfg), cases, cfg, out)
-    finally:
-        _read_case_volume.cache_clear()  # a big CT should not stay in memory after the run
-
-
-def _process_units(units, cases, cfg: DataConfig, out: Path) -> tuple[int, dict[str, str]]:
-    done: dict[str, dict] = {c.name: {} for c in cases}  # case -> {unit index: (entries, note)}
-    need = {c.name: sum(u[0].name == c.name for u in units) for c in cases}
-    bad, n_slices = {}, 0
-    bar = tqdm(total=len(units), unit="part", desc="preprocess", dynamic_ncols=True)
-    for j, res in _unit_results(units, cfg):
-        bar.update(1)
-        case = units[j][0]
-        if isinstance(res, DataError):
-            if not cfg.skip_bad:
-                bar.close()
-                raise res
-            bad.setdefault(case.name, str(res))
-            continue
-        done[case.name][j] = res
-        if len(done[case.name]) == need[case.name] and case.name not in bad:
-            parts = [res for _, res in sorted(done.pop(case.name).items())]
-            images = [[img, ms] for entries, _ in parts for img, ms in entries]
-            note = f"{parts[0][1]}; {len(images)} slices"
-            record = dict(case=case.name, fingerprint=_fingerprint(cfg, case), note=note,
-                          images=images)  # fmt: skip
-            write_json(out / "cases" / f"{case.name}.json", record)
-            n_slices += len(images)
-            bar.write(note)
-    bar.close()
-    return n_slices, bad
-
-
-def write_manifests(out: Path, cases: list[Case], splits: dict[str, str]) -> int:
-    """Both manifest directions for every split, from the records of the completed cases.
-    -> the number of cases without a record (bad, or left to other shards)."""
-    i2l: dict[str, dict] = {s: {} for s in SPLITS}
-    missing = 0
-    for case in cases:
-        path = out / "cases" / f"{case.name}.json"
-        if not path.is_file():
-            missing += 1
-            continue
-        for img, masks in _load_json(path)["images"]:
-            i2l[splits[case.name]][img] = masks
-    for s in SPLITS:
-        write_json(out / f"image2label_{s}.json", i2l[s])
-        write_json(out / f"label2image_{s}.json", {m: i for i, ms in i2l[s].items() for m in ms})
-    return missing
-
-
-def _check(cfg: DataConfig) -> None:
-    if cfg.kind not in ("volumes", "images"):
-        raise ValueError(f"kind must be 'volumes' or 'images', got {cfg.kind!r}")
-    if not cfg.axes or not set(cfg.axes) <= {"x", "y", "z"}:
-        raise ValueError(f"axes must be some of x, y, z; got {cfg.axes}")
-    i, n = cfg.shard
-    if not 0 <= i < n:
-        raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
-    if len(cfg.split) != 3 or min(cfg.split) < 0 or sum(cfg.split) <= 0:
-        raise ValueError(f"split must be three non-negative fractions, got {cfg.split}")
-    intensity_range(np.zeros(1), cfg.window)  # an unknown preset fails here, before any work
-    if cfg.workers < 1:
-        raise ValueError(f"workers must be >= 1, got {cfg.workers}")
-
-
-def run(cfg: DataConfig) -> dict:
-    """Preprocess cfg.images/cfg.labels into cfg.out; returns a summary."""
-    _check(cfg)
-    out = Path(cfg.out)
-    t0 = time.perf_counter()
-    cases = find_cases(cfg)
-    if not cases:
-        raise DataError(f"{cfg.images}: no {cfg.kind} found")
-    splits = split_cases([c.name for c in cases], cfg.split, cfg.seed)
-    i, n = cfg.shard
-    mine = cases[i::n]
-    for d in ("images", "masks", "cases"):
-        (out / d).mkdir(parents=True, exist_ok=True)
-    if n == 1:  # alone on this output: leftovers of a killed run can go
-        for tmp in [*out.glob(".*.tmp*"), *out.glob("*/.*.tmp*")]:
-            tmp.unlink(missing_ok=True)
-    bad = {c.name: c.error for c in mine if c.error}
-    if bad and not cfg.skip_bad:
-        raise DataError(next(iter(bad.values())))
-    todo = [c for c in mine if not c.error and not _is_complete(out, c, cfg)]
-    print(f"{len(mine)} cases in shard {i}/{n}: {len(mine) - len(todo) - len(bad)} complete, "
-          f"{len(todo)} to do, {len(bad)} bad")  # fmt: skip
-    n_slices, more_bad = _process(todo, cfg, out)
-    bad.update(more_bad)
-    missing = write_manifests(out, cases, splits)
-    seconds = time.perf_counter() - t0
-    print(f"{n_slices} slices in {seconds:.1f} s; manifests cover {len(cases) - missing} of "
-          f"{len(cases)} cases")  # fmt: skip
-    if bad:
-        print(f"skipped {len(bad)} bad cases:")
-        for msg in bad.values():
-            print(f"  {msg}")
-    return dict(slices=n_slices, seconds=seconds, skipped=sorted(bad.values()), missing=missing)
-
-
-def main(args) -> dict:
-    """The CLI entry point: argparse namespace (field names of DataConfig) -> run."""
-    values = {f.name: getattr(args, f.name) for f in fields(DataConfig) if hasattr(args, f.name)}
-    window = values.get("window")
-    if window is not None and len(window) not in (1, 2):
-        raise ValueError("--window takes a preset name or LEVEL WIDTH")
-    if window is not None:
-        values["window"] = window[0] if len(window) == 1 else (float(window[0]), float(window[1]))
-    if isinstance(values.get("shard"), str):
-        match = re.fullmatch(r"(\d+)/(\d+)", values["shard"])
-        if not match:
-            raise ValueError(f"--shard takes i/n, e.g. 0/4, got {values['shard']!r}")
-        values["shard"] = (int(match.group(1)), int(match.group(2)))
-    for key in ("axes", "split"):
-        if key in values:
-            values[key] = tuple(values[key])
-    return run(DataConfig(**values))
-
-
-if __name__ == "__main__":
-    import argparse
-    import sys
-
-    p = argparse.ArgumentParser(description="Build SA-Med2D-20M style 2D data from 3D or 2D data")
-    p.add_argument("kind", choices=["volumes", "images"], help="3D NIfTI volumes or 2D images")
-    p.add_argument("--images", required=True, help="folder of images or volumes")
-    p.add_argument("--labels", required=True, help="folder of masks/label volumes, same names")
-    p.add_argument("--out", required=True, help="output root")
-    p.add_argument(
-        "--modality", default=DataConfig.modality, help="name prefix, e.g. ct, mr_t1, xray"
-    )
-    p.add_argument("--dataset", default=DataConfig.dataset, help="dataset name in the file names")
-    p.add_argument(
-        "--axes",
-        nargs="+",
-        default=list(DataConfig.axes),
-        choices=["x", "y", "z"],
-        help="slice axes (x sagittal, y coronal, z axial); default all three",
-    )
-    p.add_argument(
-        "--window",
-        nargs="+",
-        default=None,
-        help=f"CT window: a preset ({', '.join(WINDOWS)}) or LEVEL WIDTH; "
-        "default: 0.5-99.5 percentiles of non-zero voxels (MR and others)",
-    )
-    p.add_argument(
-        "--instances",
-        action=argparse.BooleanOptionalAction,
-        default=DataConfig.instances,
-        help="split each label into connected components",
-    )
-    p.add_argument(
-        "--min-area",
-        dest="min_area",
-        type=float,
-        default=DataConfig.min_area,
-        help="drop masks below this fraction of the image (paper: 0.00153)",
-    )
-    p.add_argument(
-        "--split",
-        nargs=3,
-        type=float,
-        default=list(DataConfig.split),
-        metavar=("TRAIN", "VAL", "TEST"),
-        help="case fractions",
-    )
-    p.add_argument("--seed", type=int, default=DataConfig.seed, help="seed of the case split")
-    p.add_argument(
-        "--case-pattern",
-        dest="case_pattern",
-        default="",
-        help="2D: regex on the file name whose group 1 is the patient id",
-    )
-    p.add_argument("--workers", type=int, default=DataConfig.workers, help="processes")
-    p.add_argument("--shard", default="0/1", help="i/n: this job's share of the cases, 0-based")
-    p.add_argument(
-        "--skip-bad",
-        dest="skip_bad",
-        action=argparse.BooleanOptionalAction,
-        default=DataConfig.skip_bad,
-        help="skip bad inputs and list them at the end",
-    )
-    try:
-        main(p.parse_args())
-    except ValueError as e:  # DataError (a bad input file) included
-        sys.exit(f"error: {e}")
+    prepare.command()

@@ -1,0 +1,449 @@
+"""The dataset-building command: 3D NIfTI volumes or 2D image folders -> the SA-Med2D-20M layout
+that data.read_manifest, data.TrainDataset and data.TestDataset read.
+
+    python prepare.py volumes --images imagesTr --labels labelsTr --out out --modality mr_t1 \
+        --dataset MNI152 --axes z --workers 2
+    python prepare.py images --images img_dir --labels mask_dir --out out --modality xray \
+        --dataset X
+
+(`python data.py volumes|images ...` is the same command.) The output:
+
+    OUT/images/{modality}--{dataset}--{case}--{axis}_{slice:04d}.png     8-bit grey (or RGB 2D)
+    OUT/masks/{image name}--label_{label}_{instance:03d}.png             0/255
+    OUT/image2label_{split}.json, OUT/label2image_{split}.json           split: train, val, test
+    OUT/cases/{case}.json   what one case produced; written last, so it marks the case complete
+
+Files are paired into cases (a volume, or a patient's 2D images), cases are split train/val/test
+by a seeded shuffle, and a shard (i, n) of a cluster job takes cases i, i+n, ... The work is cut
+into units (a case's axis, in parts when several workers share one volume) that run in this
+process or a pool; a case's record is written once all its units are done, so a killed run
+resumes where it stopped. Every file is written atomically (files.py). The reading, intensity
+normalisation, slicing and components are data.py's.
+"""
+
+import argparse
+import functools
+import multiprocessing
+import re
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import cli
+import data
+from data import IMAGE_SUFFIXES, VOLUME_SUFFIXES, WINDOWS, DataError
+from files import read_json, write_json, write_png
+
+
+@dataclass
+class DataConfig:
+    kind: str = "volumes"  # "volumes" (3D NIfTI + label volumes) or "images" (2D files + masks)
+    images: str = ""  # folder of input images / volumes
+    labels: str = ""  # folder of label volumes / masks, matched to images by file name
+    out: str = "sa_med2d_out"  # output root in the SA-Med2D-20M layout
+    modality: str = "mr"  # first name field, e.g. ct, mr_t1, xray
+    dataset: str = "dataset"  # second name field
+    axes: tuple[str, ...] = ("x", "y", "z")  # volumes: slice axes (x sagittal, y coronal, z axial)
+    window: str | tuple | None = None  # CT preset or (level, width); None: percentiles
+    instances: bool = False  # split every label into connected components (instance masks)
+    min_area: float = 0.00153  # drop masks below this fraction of the image (the paper's)
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/val/test fractions, by case
+    seed: int = 0  # seed of the case-level split
+    case_pattern: str = ""  # 2D: regex on the file stem whose group 1 is the case (patient) id
+    workers: int = 1  # processes; 1 runs in this process
+    shard: tuple[int, int] = (0, 1)  # (i, n): this run handles cases i, i+n, i+2n, ... (0-based)
+    skip_bad: bool = False  # continue past bad inputs and list them at the end
+
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Case:
+    name: str  # the case field of the output names
+    pairs: list  # [(image path, label path)]: one volume pair, or the 2D images of a patient
+    error: str = ""  # a problem found while pairing files
+
+
+def _clean(s: str) -> str:
+    """A name field: only [A-Za-z0-9_.-], never the '--' separator."""
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
+    while "--" in s:
+        s = s.replace("--", "-")
+    return s or "_"
+
+
+def _list_files(folder: Path, suffixes) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder")
+    ok = lambda p: p.is_file() and p.name.lower().endswith(suffixes) and p.name[0] != "."
+    return sorted(p for p in folder.iterdir() if ok(p))
+
+
+def find_cases(cfg: DataConfig) -> list[Case]:
+    """Pair every image with its label file (the same name; for volumes nnU-Net's `_0000`
+    channel suffix may be dropped) and group files into cases (a volume; for 2D the case_pattern
+    group, or the image itself)."""
+    suffixes = VOLUME_SUFFIXES if cfg.kind == "volumes" else IMAGE_SUFFIXES
+    labels: dict[str, list[Path]] = {}
+    for p in _list_files(Path(cfg.labels), suffixes):
+        labels.setdefault(data.stem(p), []).append(p)
+    cases: dict[str, Case] = {}
+    for f in _list_files(Path(cfg.images), suffixes):
+        stem = data.stem(f)
+        key = stem[:-5] if stem not in labels and stem.endswith("_0000") else stem
+        case_id, error = key if cfg.kind == "volumes" else stem, ""
+        if cfg.kind == "images" and cfg.case_pattern:
+            match = re.search(cfg.case_pattern, stem)
+            case_id = match.group(1) if match else stem
+            error = "" if match else f"{f}: case pattern {cfg.case_pattern!r} does not match"
+        found = labels.get(key, [])
+        if len(found) != 1:
+            error = error or f"{f}: {len(found) or 'no'} label files named {key}.* in {cfg.labels}"
+        case = cases.setdefault(_clean(case_id), Case(_clean(case_id), []))
+        case.pairs.append((f, found[0] if found else None))
+        if cfg.kind == "volumes" and len(case.pairs) > 1:
+            error = f"{f}: case name {case.name} is also used by {case.pairs[0][0]}"
+        case.error = case.error or error
+    used = {lab for c in cases.values() for _, lab in c.pairs}
+    unused = sorted(str(p) for ps in labels.values() for p in ps if p not in used)
+    if unused:  # not an error, but never silent
+        print(f"{len(unused)} label files have no image: {', '.join(unused)}")
+    return [cases[k] for k in sorted(cases)]
+
+
+def split_cases(names, fractions, seed: int) -> dict[str, str]:
+    """Case -> train/val/test: a seeded shuffle of the sorted names, cut by the fractions. Split by
+    case (volume or patient), never by slice, so no patient is on both sides."""
+    names = sorted(names)
+    f = np.asarray(fractions, float) / sum(fractions)
+    n_train = int(round(f[0] * len(names)))
+    n_val = min(int(round(f[1] * len(names))), len(names) - n_train)
+    order = np.random.default_rng(seed).permutation(len(names))
+    split = ["train"] * n_train + ["val"] * n_val + ["test"] * (len(names) - n_train - n_val)
+    return {names[i]: s for i, s in zip(order, split, strict=True)}
+
+
+def _slice_masks(lab: np.ndarray, cfg: DataConfig) -> list[tuple[int, int, np.ndarray]]:
+    """(H, W) integer labels -> [(label, instance, mask)] that pass the area filter: a mask is
+    dropped when its area is below cfg.min_area of the image (the paper's 0.153%)."""
+    min_px = cfg.min_area * lab.size
+    out = []
+    for label in np.unique(lab[lab > 0]).tolist():
+        m = lab == label
+        parts = _instances(m) if cfg.instances else [m]
+        keep = [p for p in parts if p.sum() >= min_px]
+        out += [(label, k, p) for k, p in enumerate(keep)]
+    return out
+
+
+def _instances(m: np.ndarray) -> list[np.ndarray]:
+    """A binary mask -> its connected components, largest first (ties in scan order)."""
+    lab = data.label_components(torch.from_numpy(m)).numpy()
+    sizes = np.bincount(lab.ravel())[1:]
+    order = np.lexsort((np.arange(len(sizes)), -sizes))
+    return [lab == k + 1 for k in order]
+
+
+def _image_name(cfg: DataConfig, case: Case, slice_id: str) -> str:
+    return f"{_clean(cfg.modality)}--{_clean(cfg.dataset)}--{case.name}--{slice_id}"
+
+
+def _write_slice(out: Path, name: str, image: np.ndarray, masks) -> tuple[str, list[str]]:
+    image_rel = f"images/{name}.png"
+    write_png(out / image_rel, image)
+    mask_rels = []
+    for label, k, m in masks:
+        mask_rels.append(f"masks/{name}--label_{label}_{k:03d}.png")
+        write_png(out / mask_rels[-1], m.astype(np.uint8) * 255)
+    return image_rel, mask_rels
+
+
+@functools.lru_cache(maxsize=1)  # per process: the last case read, shared by that case's units
+def _read_case_volume(image_path: Path, label_path: Path, window):
+    """-> (uint8 image volume, int32 label volume, a note on the normalisation), checked."""
+    vol, lab = data.read_volume(image_path), data.read_volume(label_path)
+    if vol.data.shape != lab.data.shape:
+        raise DataError(
+            f"{label_path}: shape {lab.data.shape} does not match image {image_path} "
+            f"{vol.data.shape}"
+        )
+    if not np.allclose(vol.affine, lab.affine, atol=1e-3):
+        d = np.abs(vol.affine - lab.affine).max()
+        raise DataError(f"{label_path}: affine differs from image {image_path}'s (by {d:.3g})")
+    data.check_labels(lab.data, label_path)
+    lo, hi = data.intensity_range(vol.data, window)
+    how = "percentiles 0.5-99.5 of non-zero voxels" if window is None else "CT window"
+    name = f" {window}" if isinstance(window, str) else ""
+    note = f"intensity {how}{name} -> [{lo:g}, {hi:g}] mapped to 0-255"
+    return data.scale_to_uint8(vol.data, lo, hi), lab.data.astype(np.int32), note
+
+
+def _volume_unit(case: Case, cfg: DataConfig, axis: str, part: int, parts: int):
+    image, labels, note = _read_case_volume(*case.pairs[0], cfg.window)
+    ax = "xyz".index(axis)
+    ks = np.array_split(np.arange(labels.shape[ax]), parts)[part]
+    entries = []
+    for k in ks:
+        lab = data.volume_slice(labels, axis, k)  # (H, W)
+        masks = _slice_masks(lab, cfg) if lab.any() else []
+        if masks:
+            name = _image_name(cfg, case, f"{axis}_{k:04d}")
+            img = data.volume_slice(image, axis, k)
+            entries.append(_write_slice(Path(cfg.out), name, img, masks))
+    return entries, f"{case.name}: {note}"
+
+
+def _images_unit(case: Case, cfg: DataConfig):
+    """2D: every image of the case with its mask or label map (0/1 and 0/255 are one label, 1)."""
+    entries, names = [], set()
+    for image_path, mask_path in case.pairs:
+        image = data.read_image(image_path)  # (H, W, 3)
+        lab = data.read_label_map(mask_path, image.shape[:2], image_path)  # (H, W)
+        if data.is_binary(lab):
+            lab = (lab > 0).astype(np.int64)
+        name = _image_name(cfg, case, _clean(data.stem(image_path)))
+        if name in names:
+            raise DataError(f"{image_path}: output name {name} is already used in case {case.name}")
+        names.add(name)
+        masks = _slice_masks(lab, cfg)
+        grey = (image[..., :1] == image).all()
+        if masks:
+            entries.append(
+                _write_slice(Path(cfg.out), name, image[..., 0] if grey else image, masks)
+            )
+    note = f"{case.name}: {len(case.pairs)} 2D images (8-bit kept; 16-bit/float scaled min-max)"
+    return entries, note
+
+
+def _run_unit(cfg: DataConfig, case: Case, axis: str, part: int, parts: int):
+    """-> the unit's (entries, note), or the DataError it met: returned rather than raised, so
+    that results come back from a pool worker and from this process alike."""
+    try:
+        if cfg.kind == "volumes":
+            return _volume_unit(case, cfg, axis, part, parts)
+        return _images_unit(case, cfg)
+    except DataError as e:
+        return e
+
+
+def _units(cases: list[Case], cfg: DataConfig) -> list[tuple]:
+    if cfg.kind == "images":
+        return [(c, "2d", 0, 1) for c in cases]
+    parts = 1 if cfg.workers == 1 else 2 * cfg.workers  # several workers can share one volume
+    return [(c, axis, k, parts) for c in cases for axis in cfg.axes for k in range(parts)]
+
+
+def _unit_results(units, cfg: DataConfig):
+    """Yield (unit index, result or DataError) as units finish: in this process for one worker,
+    else in a process pool (forked, like DataLoader workers; single-threaded CPU torch only)."""
+    if cfg.workers == 1:
+        for j, u in enumerate(units):
+            yield j, _run_unit(cfg, *u)
+        return
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    if fork and cfg.kind == "volumes" and len({id(u[0]) for u in units}) == 1:
+        try:  # one volume: read it once here; forked workers share it instead of each reading it
+            _read_case_volume(*units[0][0].pairs[0], cfg.window)
+        except DataError:
+            pass  # every unit meets the same error and reports it
+    ctx = multiprocessing.get_context("fork" if fork else "spawn")
+    pool = ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=torch.set_num_threads,
+                               initargs=(1,))  # fmt: skip
+    try:
+        futures = {pool.submit(_run_unit, cfg, *u): j for j, u in enumerate(units)}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _fingerprint(cfg: DataConfig, case: Case) -> dict:
+    """What a case's outputs depend on; a rerun with other options must not mix results."""
+    return dict(
+        kind=cfg.kind, modality=cfg.modality, dataset=cfg.dataset, axes=list(cfg.axes),
+        window=cfg.window if not isinstance(cfg.window, tuple) else list(cfg.window),
+        instances=cfg.instances, min_area=cfg.min_area,
+        sources=[[str(a.name), str(b.name)] for a, b in case.pairs],
+    )  # fmt: skip
+
+
+def _is_complete(out: Path, case: Case, cfg: DataConfig) -> bool:
+    path = out / "cases" / f"{case.name}.json"
+    if not path.is_file():
+        return False
+    record = read_json(path)
+    if record.get("fingerprint") != _fingerprint(cfg, case):
+        raise DataError(f"{path}: made with other options or inputs; use a new --out")
+    return all((out / f).is_file() for img, ms in record["images"] for f in [img, *ms])
+
+
+def _process(cases: list[Case], cfg: DataConfig, out: Path) -> tuple[int, dict[str, str]]:
+    """Run every unit of `cases`; write each case's record when its last unit is done.
+    -> (number of slices written, {case: error} for bad cases when skipping them)."""
+    _read_case_volume.cache_clear()  # inputs may have changed since an earlier run
+    try:
+        return _process_units(_units(cases, cfg), cases, cfg, out)
+    finally:
+        _read_case_volume.cache_clear()  # a big CT should not stay in memory after the run
+
+
+def _process_units(units, cases, cfg: DataConfig, out: Path) -> tuple[int, dict[str, str]]:
+    done: dict[str, dict] = {c.name: {} for c in cases}  # case -> {unit index: (entries, note)}
+    need = {c.name: sum(u[0].name == c.name for u in units) for c in cases}
+    bad, n_slices = {}, 0
+    bar = tqdm(total=len(units), unit="part", desc="preprocess", dynamic_ncols=True)
+    for j, res in _unit_results(units, cfg):
+        bar.update(1)
+        case = units[j][0]
+        if isinstance(res, DataError):
+            if not cfg.skip_bad:
+                bar.close()
+                raise res
+            bad.setdefault(case.name, str(res))
+            continue
+        done[case.name][j] = res
+        if len(done[case.name]) == need[case.name] and case.name not in bad:
+            parts = [res for _, res in sorted(done.pop(case.name).items())]
+            images = [[img, ms] for entries, _ in parts for img, ms in entries]
+            note = f"{parts[0][1]}; {len(images)} slices"
+            record = dict(case=case.name, fingerprint=_fingerprint(cfg, case), note=note,
+                          images=images)  # fmt: skip
+            write_json(out / "cases" / f"{case.name}.json", record)
+            n_slices += len(images)
+            bar.write(note)
+    bar.close()
+    return n_slices, bad
+
+
+def write_manifests(out: Path, cases: list[Case], splits: dict[str, str]) -> int:
+    """Both manifest directions for every split, from the records of the completed cases.
+    -> the number of cases without a record (bad, or left to other shards)."""
+    i2l: dict[str, dict] = {s: {} for s in SPLITS}
+    missing = 0
+    for case in cases:
+        path = out / "cases" / f"{case.name}.json"
+        if not path.is_file():
+            missing += 1
+            continue
+        for img, masks in read_json(path)["images"]:
+            i2l[splits[case.name]][img] = masks
+    for s in SPLITS:
+        write_json(out / f"image2label_{s}.json", i2l[s])
+        write_json(out / f"label2image_{s}.json", {m: i for i, ms in i2l[s].items() for m in ms})
+    return missing
+
+
+def _check(cfg: DataConfig) -> None:
+    if cfg.kind not in ("volumes", "images"):
+        raise ValueError(f"kind must be 'volumes' or 'images', got {cfg.kind!r}")
+    if not cfg.axes or not set(cfg.axes) <= {"x", "y", "z"}:
+        raise ValueError(f"axes must be some of x, y, z; got {cfg.axes}")
+    i, n = cfg.shard
+    if not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
+    if len(cfg.split) != 3 or min(cfg.split) < 0 or sum(cfg.split) <= 0:
+        raise ValueError(f"split must be three non-negative fractions, got {cfg.split}")
+    data.intensity_range(np.zeros(1), cfg.window)  # an unknown preset fails here, before any work
+    if cfg.workers < 1:
+        raise ValueError(f"workers must be >= 1, got {cfg.workers}")
+
+
+def run(cfg: DataConfig) -> dict:
+    """Preprocess cfg.images/cfg.labels into cfg.out; returns a summary."""
+    _check(cfg)
+    out = Path(cfg.out)
+    t0 = time.perf_counter()
+    cases = find_cases(cfg)
+    if not cases:
+        raise DataError(f"{cfg.images}: no {cfg.kind} found")
+    splits = split_cases([c.name for c in cases], cfg.split, cfg.seed)
+    i, n = cfg.shard
+    mine = cases[i::n]
+    for d in ("images", "masks", "cases"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    if n == 1:  # alone on this output: leftovers of a killed run can go
+        for tmp in [*out.glob(".*.tmp*"), *out.glob("*/.*.tmp*")]:
+            tmp.unlink(missing_ok=True)
+    bad = {c.name: c.error for c in mine if c.error}
+    if bad and not cfg.skip_bad:
+        raise DataError(next(iter(bad.values())))
+    todo = [c for c in mine if not c.error and not _is_complete(out, c, cfg)]
+    print(f"{len(mine)} cases in shard {i}/{n}: {len(mine) - len(todo) - len(bad)} complete, "
+          f"{len(todo)} to do, {len(bad)} bad")  # fmt: skip
+    n_slices, more_bad = _process(todo, cfg, out)
+    bad.update(more_bad)
+    missing = write_manifests(out, cases, splits)
+    seconds = time.perf_counter() - t0
+    print(f"{n_slices} slices in {seconds:.1f} s; manifests cover {len(cases) - missing} of "
+          f"{len(cases)} cases")  # fmt: skip
+    if bad:
+        print(f"skipped {len(bad)} bad cases:")
+        for msg in bad.values():
+            print(f"  {msg}")
+    return dict(slices=n_slices, seconds=seconds, skipped=sorted(bad.values()), missing=missing)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: one flag per DataConfig field (cli.py), `kind` as the first argument
+
+
+def _shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"takes i/n, e.g. 0/4, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _window(values: tuple):
+    """--window NAME or --window LEVEL WIDTH -> a WINDOWS name or (level, width) floats."""
+    if len(values) == 1:
+        return values[0]
+    try:
+        level, width = map(float, values)
+        return level, width
+    except ValueError:
+        raise ValueError(f"--window takes a preset name or LEVEL WIDTH, got {values}") from None
+
+
+def main(args) -> dict:
+    """The command: parsed flags (a namespace, or a dict of DataConfig fields) -> run."""
+    values = cli.config_values(DataConfig, args)
+    if isinstance(values.get("window"), tuple):
+        values["window"] = _window(values["window"])
+    return run(DataConfig(**values))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Build SA-Med2D-20M style 2D data from 3D or 2D data")
+    p.add_argument("kind", choices=["volumes", "images"], help="3D NIfTI volumes or 2D images")
+    notes = cli.field_comments(DataConfig)
+    required = {k: dict(required=True, help=notes[k]) for k in ("images", "labels", "out")}
+    shard_help = "i/n: this job's share of the cases, 0-based (default: 0/1)"
+    windows = f"CT window: a preset ({', '.join(WINDOWS)}) or LEVEL WIDTH"
+    cli.add_config_args(
+        p,
+        DataConfig,
+        skip=("kind",),
+        **required,
+        axes=dict(choices=["x", "y", "z"]),
+        window=dict(nargs="+", help=f"{windows}; default: 0.5-99.5 percentiles of non-zero voxels"),
+        split=dict(nargs=3, metavar=("TRAIN", "VAL", "TEST")),
+        shard=dict(type=_shard, nargs=None, metavar="I/N", help=shard_help),
+    )
+    return p
+
+
+def command(argv=None) -> None:
+    """Parse the command line and run it; errors are one line on stderr (cli.main_guard)."""
+    p = parser()
+    cli.main_guard(main, p.parse_args(argv), p.prog)
+
+
+if __name__ == "__main__":
+    command()
