@@ -150,6 +150,10 @@ def infer_latency(preset="vit_b", size=512, repeats=5, counts=(1, 2, 4, 8), chec
     size included), for ours (fast kernels, batched decode), ours on the reference encoder, and
     the official flow (reference encoder, per-prompt decode). Random weights unless a checkpoint
     is given (the timing does not depend on them). -> dict, printed as JSON by the CLI."""
+    if size < 1 or repeats < 1 or not counts or min(counts) < 1:
+        raise ValueError(
+            f"size, repeats and counts must be positive, got {size}, {repeats}, {counts}"
+        )
     if checkpoint:
         from checkpoints import resolve_checkpoint
 

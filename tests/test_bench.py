@@ -125,6 +125,8 @@ def test_infer_latency_on_tiny():
         assert all(0 < lo <= med for lo, med in [r["encode_s"], *r["decode_s"].values()])
         assert r["one_box_s"] == r["encode_s"][0] + r["decode_s"][1][0]
         assert r["per_extra_prompt_s"] == pytest.approx(r["decode_s"][2][0] - r["decode_s"][1][0])
+    with pytest.raises(ValueError, match="must be positive"):
+        bench.infer_latency("tiny", size=0)
 
 
 @pytest.mark.slow
