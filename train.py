@@ -3,6 +3,7 @@
     python train.py --data DATA_DIR --checkpoint sam-med2d_b.pth --out runs/exp1
     torchrun --nproc_per_node 4 train.py --data DATA_DIR --checkpoint ... --batch-size 16
     python train.py --resume runs/exp1                       # continue exactly where it stopped
+    python train.py --bench                                  # one step vs the official (bench.py)
 
 The recipe. The original image-encoder weights stay frozen; the adapters, the prompt encoder and
 the mask decoder train. A step takes B images x M masks:
