@@ -539,7 +539,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         protocol=dict(choices=("tight", "official")),
     )  # fmt: skip
     add("--single-mask", dest="multimask", action="store_false", help="the single-mask output")
-    add("--modes", nargs="+", type=_mode, default=["box", 1, 3, 5], help="box and/or click counts")
+    add(
+        "--modes",
+        nargs="+",
+        type=_mode,
+        default=["box", 1, 3, 5],
+        help="box and/or click counts (default: box 1 3 5)",
+    )
     add("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"))
     add("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), help="foreground")
     add("--neg", nargs=2, type=float, action="append", metavar=("X", "Y"), help="background")

@@ -375,7 +375,7 @@ def test_eval_clicks_feed_back_probabilities(sam, dataset, tmp_path):
 
 def test_prompt_file_replays_exactly(ckpt, dataset, tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    common = ["--eval", dataset, "--checkpoint", ckpt, "--modes", "box", "3", "--limit", 2]
+    common = ["--eval", dataset, "--checkpoint", ckpt, "--modes", "box", "3", "--limit", 1]
     run([*common, "--out-dir", a])
     run([*common, "--out-dir", b, "--seed", 7, "--prompt-file", a / "prompts.json"])
     run([*common, "--out-dir", c, "--seed", 7])
