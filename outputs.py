@@ -373,6 +373,26 @@ def run_folder(args, cfg: InferConfig) -> int:
     return 1 if bad else 0
 
 
+def mode_title(mode) -> str:
+    return "Bbox" if mode == "box" else ("1 pt" if int(mode) == 1 else f"{int(mode)} pts")
+
+
+def format_table(results: dict, modes) -> str:
+    """A table like the paper's Table 1, then Dice per dataset, modality and label."""
+    keys = [infer.mode_key(m) for m in modes]
+    head = f"{'':28s}" + "".join(f"{mode_title(m):>9s}" for m in modes) + f"{'masks':>8s}"
+    lines = [head]
+    for metric, title in (("dice", "Dice"), ("iou", "IoU")):
+        vals = "".join(f"{results[metric][k]:9.4f}" for k in keys)
+        lines.append(f"{title:28s}{vals}{results['n_masks']:8d}")
+    for name, groups in results["by"].items():
+        lines.append(f"Dice by {name}:")
+        for g, res in groups.items():
+            vals = "".join(f"{res['dice'][k]:9.4f}" for k in keys)
+            lines.append(f"  {g[:26]:26s}{vals}{res['n_masks']:8d}")
+    return "\n".join(lines)
+
+
 def write_eval(out_dir: Path, results: dict) -> None:
     """results.json (means and breakdowns), per_mask.csv, prompts.json (for --prompt-file)."""
     summary = {k: v for k, v in results.items() if k not in ("per_mask", "prompts")}
@@ -400,6 +420,6 @@ def run_eval(args, cfg: InferConfig) -> int:
     )  # fmt: skip
     results["checkpoint"] = cfg.checkpoint
     write_eval(out_dir, results)
-    print(infer.format_table(results, cfg.prompt_modes))
+    print(format_table(results, cfg.prompt_modes))
     print(f"wrote {', '.join(str(out_dir / n) for n in names)}")
     return 0
