@@ -1,16 +1,13 @@
-"""infer.py: downloads against a loopback HTTP server, the segmenter CLI end to end on files made
-here (PNG, 16-bit TIFF, NIfTI), the evaluation protocol against independent numpy computations,
-and exact replay of its prompts. A tiny random model keeps it fast; its masks are arbitrary but
-deterministic, which is all these checks need."""
+"""infer.py: the segmenter end to end on files made here (PNG, 16-bit TIFF, NIfTI, a folder),
+the evaluation protocol against independent numpy computations, and exact replay of its prompts.
+A tiny random model keeps it fast; its masks are arbitrary but deterministic, which is all these
+checks need. outputs.py's pure helpers have their own tests in test_outputs.py; the download
+tests live in test_checkpoints.py, the latency benchmark's in test_bench.py."""
 
 import csv
-import hashlib
-import http.server
 import json
-import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -22,12 +19,13 @@ from PIL import Image
 import data
 import infer
 import model
+import outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------
-# Fixtures: a tiny checkpoint, images on disk, a loopback HTTP server
+# Fixtures: a tiny checkpoint, images on disk
 # ------------------------------------------------------------------------------------------------
 
 
@@ -58,142 +56,6 @@ def blob_image(h, w, seed=0):
 
 def run(argv):
     return infer.main(infer.parse_args([str(a) for a in argv]))
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    payload = b""
-    cut = 0  # how many of the next responses stop halfway (connection closed)
-    ignore_range = False
-    ranges = []
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (http.server's name)
-        srv, rng = self.server, self.headers.get("Range")
-        srv.ranges.append(rng)
-        start = int(rng.split("=")[1].split("-")[0]) if rng and not srv.ignore_range else 0
-        if start >= len(srv.payload) and rng:
-            self.send_response(416)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        body = srv.payload[start:]
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(body)))
-        if start:
-            self.send_header(
-                "Content-Range", f"bytes {start}-{len(srv.payload) - 1}/{len(srv.payload)}"
-            )
-        self.end_headers()
-        if srv.cut > 0:  # an interrupted transfer: half the body, then the connection closes
-            srv.cut -= 1
-            body = body[: len(body) // 2]
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server():
-    srv = _Server(("127.0.0.1", 0), _Handler)
-    srv.payload = np.random.default_rng(0).bytes(300_000)
-    srv.ranges = []
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-
-
-def url(srv):
-    return f"http://127.0.0.1:{srv.server_address[1]}/weights.pth"
-
-
-def fetch(srv, dest, **kw):
-    size = kw.pop("size", len(srv.payload))
-    return infer.download(url(srv), dest, size=size, timeout=5, backoff=0, **kw)
-
-
-# ------------------------------------------------------------------------------------------------
-# Downloads
-# ------------------------------------------------------------------------------------------------
-
-
-def test_download_full_with_size_and_sha(server, tmp_path):
-    sha = hashlib.sha256(server.payload).hexdigest()
-    dest = fetch(server, tmp_path / "c" / "w.pth", sha256=sha)
-    assert dest.read_bytes() == server.payload
-    assert server.ranges == [None]
-    assert not (tmp_path / "c" / "w.pth.part").exists()
-
-
-def test_download_resumes_partial_file(server, tmp_path):
-    dest = tmp_path / "w.pth"
-    (tmp_path / "w.pth.part").write_bytes(server.payload[:70_000])
-    fetch(server, dest)
-    assert server.ranges == ["bytes=70000-"]
-    assert dest.read_bytes() == server.payload
-
-
-def test_download_interrupted_then_resumed(server, tmp_path):
-    dest, part = tmp_path / "w.pth", tmp_path / "w.pth.part"
-    server.cut = 1
-    with pytest.raises(infer.DownloadError, match="weights.pth"):
-        fetch(server, dest, retries=0)
-    have = part.stat().st_size
-    assert 0 < have < len(server.payload) and not dest.exists()
-    fetch(server, dest, retries=0)  # a second run resumes where the first stopped
-    assert server.ranges == [None, f"bytes={have}-"]
-    assert dest.read_bytes() == server.payload
-    # within one call: the cut transfer is retried from where it stopped
-    server.cut, server.ranges = 1, []
-    fetch(server, tmp_path / "again.pth", retries=2)
-    assert (tmp_path / "again.pth").read_bytes() == server.payload
-    assert len(server.ranges) == 2 and server.ranges[1].startswith("bytes=")
-
-
-def test_download_restarts_when_server_ignores_range(server, tmp_path):
-    server.ignore_range = True
-    (tmp_path / "w.pth.part").write_bytes(b"x" * 1000)  # garbage that must not be kept
-    fetch(server, tmp_path / "w.pth")
-    assert (tmp_path / "w.pth").read_bytes() == server.payload
-
-
-def test_download_wrong_size_or_checksum(server, tmp_path):
-    with pytest.raises(infer.DownloadError, match="expected 300001"):
-        fetch(server, tmp_path / "w.pth", size=300_001)
-    assert not (tmp_path / "w.pth").exists()
-    with pytest.raises(infer.DownloadError, match="SHA-256"):
-        fetch(server, tmp_path / "w.pth", sha256="0" * 64)
-    assert not (tmp_path / "w.pth").exists() and not (tmp_path / "w.pth.part").exists()
-
-
-def test_download_offline_message_names_url_and_target(tmp_path):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
-    link = f"http://127.0.0.1:{port}/sam.pth"
-    with pytest.raises(infer.DownloadError) as err:
-        infer.download(link, tmp_path / "sam.pth", retries=1, timeout=2, backoff=0)
-    assert link in str(err.value) and str(tmp_path / "sam.pth") in str(err.value)
-
-
-def test_checkpoint_names(server, tmp_path, monkeypatch, ckpt):
-    monkeypatch.setenv("SAM_MED2D_CACHE", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="sam_vit_b, sam_vit_l"):
-        infer.resolve_checkpoint("no_such_model")
-    with pytest.raises(FileNotFoundError, match="Google Drive") as err:
-        infer.resolve_checkpoint("sam-med2d_b")
-    assert str(tmp_path / "sam-med2d_b.pth") in str(err.value)
-    assert infer.CHECKPOINTS["sam_vit_b"].url.endswith("segment_anything/sam_vit_b_01ec64.pth")
-    remote = infer.Remote("sam_vit_b_01ec64.pth", url(server), len(server.payload))
-    monkeypatch.setitem(infer.CHECKPOINTS, "sam_vit_b", remote)
-    assert infer.resolve_checkpoint("sam_vit_b") == tmp_path / "sam_vit_b_01ec64.pth"
-    assert infer.resolve_checkpoint("sam_vit_b").read_bytes() == server.payload
-    assert server.ranges == [None]  # the second call found it in the cache
-    assert infer.resolve_checkpoint(str(ckpt)) == ckpt
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,13 +104,14 @@ def test_png_one_box_mask_overlay_json(ckpt, sam, tmp_path):
     inner = np.zeros((90, 130), bool)
     inner[13:57, 23:67] = True
     m = seg.masks[0] & inner
-    want = 0.55 * rgb[m] + 0.45 * np.array(infer.PALETTE[0])
+    want = 0.55 * rgb[m] + 0.45 * np.array(outputs.PALETTE[0])
     assert m.sum() > 0 and np.abs(img[m] - want).max() <= 1.0
     np.testing.assert_array_equal(img[~seg.masks[0] & inner], rgb[~seg.masks[0] & inner])
     with pytest.raises(FileExistsError, match="--force"):
         run([tmp_path / "img.png", "--box", *box, "--checkpoint", ckpt, "--out", out])
 
 
+@pytest.mark.slow  # a whole command over several files
 def test_tiff16_label_map_ids_match_prompts(ckpt, sam, tmp_path):
     grey16 = blob_image(120, 100, 1).astype(np.uint16) * 257 + 3
     Image.fromarray(grey16).save(tmp_path / "img.tif")
@@ -263,7 +126,7 @@ def test_tiff16_label_map_ids_match_prompts(ckpt, sam, tmp_path):
     assert ids.shape == (120, 100) and set(np.unique(ids)) <= {0, 1, 2, 3}
     image = data.read_image(tmp_path / "img.tif")
     # each prompt decoded alone must give the mask its id marks (up to overlaps, resolved by logit)
-    alone = [infer.segment(sam, image, [infer.parse_prompt(p, "t")]) for p in prompts]
+    alone = [infer.segment(sam, image, [outputs.parse_prompt(p)]) for p in prompts]
     logits = np.stack([a.logits[0] for a in alone])  # (3, H, W)
     masks = logits > 0
     want = np.where(masks.any(0), np.where(masks, logits, -np.inf).argmax(0) + 1, 0)
@@ -271,6 +134,7 @@ def test_tiff16_label_map_ids_match_prompts(ckpt, sam, tmp_path):
     assert len(np.unique(want)) > 2  # the check is not vacuous
 
 
+@pytest.mark.slow  # a whole command over several files
 def test_nifti_slice_and_box3d_keep_affine(ckpt, sam, tmp_path):
     vol = np.stack([blob_image(40, 44, k) for k in range(36)], -1).astype(np.float32) * 7 - 100
     affine = np.array([[-1.5, 0, 0, 30], [0, 0, 2.0, -20], [0, -1.2, 0, 15], [0, 0, 0, 1]])
@@ -318,12 +182,42 @@ def test_bad_inputs_give_clear_errors(ckpt, tmp_path):
     (tmp_path / "p.json").write_text(json.dumps([{"box": [1, 1, 5, 5]}]))
     with pytest.raises(ValueError, match="either in --prompts"):
         run([*base, "--prompts", tmp_path / "p.json", "--box", 1, 1, 5, 5])
-    cmd = [sys.executable, str(ROOT / "infer.py"), *map(str, base), "--box", "0", "0", "0", "5"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "infer.py: error:" in proc.stderr and "box 0" in proc.stderr
+    with pytest.raises(ValueError, match="--window: window is one of"):
+        run([*base, "--box", 1, 1, 5, 5, "--window", "no_such_window"])
     assert not (tmp_path / "m.png").exists()
 
 
+def test_segment_errors_name_the_problem_not_the_command(sam):
+    """The library says what is wrong with a prompt; naming the file or flag is the CLI's job."""
+    image = np.zeros((50, 60, 3), np.uint8)
+    with pytest.raises(
+        ValueError, match=r"^box 0 \[10.0, 10.0, 5.0, 40.0\] is not inside the 60x50"
+    ):
+        infer.segment(sam, image, boxes=[[10, 10, 5, 40]])
+    with pytest.raises(ValueError, match=r"^point \(60.0, 10.0\) of prompt 0 is outside"):
+        infer.segment(sam, image, points=([[60, 10]], [1]))
+    with pytest.raises(ValueError, match="^no prompts$"):
+        infer.segment(sam, image)
+    with pytest.raises(ValueError, match="^prompt 0 has neither"):
+        infer.segment(sam, image, [infer.Prompt()])
+
+
+@pytest.mark.slow
+def test_cli_error_is_one_line_and_writes_nothing(ckpt, tmp_path):
+    Image.fromarray(blob_image(50, 60)).save(tmp_path / "img.png")
+    base = [tmp_path / "img.png", "--checkpoint", ckpt, "--out", tmp_path / "m.png"]
+    cmd = [sys.executable, str(ROOT / "infer.py"), *map(str, base), "--box", "0", "0", "0", "5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr  # one line, no traceback (after the load report)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"infer.py: error: {tmp_path / 'img.png'}: box 0 [0.0, 0.0, 0.0, 5.0] is not inside the "
+        "60x50 image with x0 < x1 and y0 < y1"
+    )
+    assert not (tmp_path / "m.png").exists()
+
+
+@pytest.mark.slow  # a whole command over several files
 def test_folder_mode_skips_and_lists_bad_files(ckpt, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
@@ -409,6 +303,7 @@ def _csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # a whole command over several files
 def test_eval_scores_match_numpy_on_saved_predictions(ckpt, dataset, tmp_path):
     out = tmp_path / "ev"
     run(["--eval", dataset, "--checkpoint", ckpt, "--out-dir", out, "--save-masks",
@@ -440,7 +335,8 @@ def test_eval_scores_match_numpy_on_saved_predictions(ckpt, dataset, tmp_path):
 def test_eval_prompts_follow_the_protocol(sam, dataset):
     """Boxes: the largest component's tight box (official) or the whole mask's; clicks: the first
     inside the mask, each later one labelled by the ground truth at its pixel (error region)."""
-    res = {p: infer.evaluate(sam, dataset, ("box", 5), protocol=p) for p in ("official", "tight")}
+    res = {"official": infer.evaluate(sam, dataset, ("box", 5), protocol="official"),
+           "tight": infer.evaluate(sam, dataset, ("box",), protocol="tight")}  # fmt: skip
     for key, per_mode in res["official"]["prompts"]["masks"].items():
         gt = data.read_mask(dataset / key)
         geom = data.geometry(*gt.shape, sam.cfg.image_size, sam.cfg.resize_mode)
@@ -479,11 +375,10 @@ def test_eval_clicks_feed_back_probabilities(sam, dataset, tmp_path):
 
 def test_prompt_file_replays_exactly(ckpt, dataset, tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    run(["--eval", dataset, "--checkpoint", ckpt, "--out-dir", a, "--modes", "box", "3"])
-    run(["--eval", dataset, "--checkpoint", ckpt, "--out-dir", b, "--modes", "box", "3",
-         "--seed", 7, "--prompt-file", a / "prompts.json"])  # fmt: skip
-    run(["--eval", dataset, "--checkpoint", ckpt, "--out-dir", c, "--modes", "box", "3",
-         "--seed", 7])  # fmt: skip
+    common = ["--eval", dataset, "--checkpoint", ckpt, "--modes", "box", "3", "--limit", 1]
+    run([*common, "--out-dir", a])
+    run([*common, "--out-dir", b, "--seed", 7, "--prompt-file", a / "prompts.json"])
+    run([*common, "--out-dir", c, "--seed", 7])
     assert (a / "per_mask.csv").read_text() == (b / "per_mask.csv").read_text()
     pa, pb = (json.loads((d / "prompts.json").read_text()) for d in (a, b))
     assert pa["masks"] == pb["masks"]
@@ -496,13 +391,15 @@ def test_evaluate_api_is_seeded_and_returns_means(sam, dataset):
     r2 = infer.evaluate(sam, str(dataset), ("box", 1), seed=3, limit=2)
     assert set(r1["dice"]) == {"box", "1pt"} and r1["n_masks"] == 4
     assert r1["dice"] == r2["dice"] and r1["prompts"] == r2["prompts"]
-    assert 0 <= r1["dice"]["box"] <= 1
-
-
-def test_bench_runs_on_tiny():
-    res = infer.bench("tiny", size=64, repeats=1, counts=(1, 2))
-    assert res["ours"]["encode_s"][0] > 0 and res["official"]["decode_s"][2][0] > 0
-    assert res["ours"]["one_box_s"] > 0 and "per_extra_prompt_s" in res["official"]
+    assert len({r["image"] for r in r1["per_mask"]}) == 2  # limit counts images, not masks
+    for mode in ("box", "1pt"):  # the means are per mask, over the rows they summarise
+        rows = [r for r in r1["per_mask"] if r["mode"] == mode]
+        assert len(rows) == 4
+        assert r1["dice"][mode] == pytest.approx(np.mean([r["dice"] for r in rows]), abs=1e-12)
+        assert r1["iou"][mode] == pytest.approx(np.mean([r["iou"] for r in rows]), abs=1e-12)
+    r3 = infer.evaluate(sam, dataset, (1,), seed=4, limit=1)
+    first = lambda r: {k: v["1pt"] for k, v in list(r["prompts"]["masks"].items())[:2]}
+    assert first(r3) != first(r1)  # the seed drives the clicks
 
 
 def test_evaluate_takes_a_test_dataset_and_a_split(sam, dataset, tmp_path):
@@ -514,27 +411,9 @@ def test_evaluate_takes_a_test_dataset_and_a_split(sam, dataset, tmp_path):
         infer.evaluate(sam, tmp_path, ("box",), split="val")
 
 
-def test_put_slice_inverts_data_volume_slice():
-    vol = np.zeros((6, 5, 4), np.int32)  # canonical RAS+: x -> right, y -> anterior, z -> up
-    vol[5, 4, 2] = 7  # right, anterior, slice 2
-    img = data.volume_slice(vol, "z", 2)
-    assert img.shape == (5, 6) and img[0, 0] == 7  # radiological: anterior top, right on the left
-    vol = np.random.default_rng(0).integers(0, 9, (6, 5, 4))
-    for axis, ax in infer.AXES.items():
-        out = np.zeros_like(vol)
-        infer.put_slice(out, axis, 1, data.volume_slice(vol, axis, 1))
-        np.testing.assert_array_equal(np.take(out, 1, ax), np.take(vol, 1, ax))
-
-
-def test_malformed_prompt_files_are_clear_errors(ckpt, tmp_path):
-    """Wrong JSON types are a ValueError naming the entry (so folder mode skips the file), never a
-    TypeError from deep inside."""
-    for entry, msg in [([{"points": 5}], "points must be"), ([{"points": [[1, 2]], "labels": 1}],
-                       "labels must be"), ({"prompts": 7}, "prompts must be a list"),
-                       ({"slice": "3", "prompts": [{"box": [1, 1, 5, 5]}]}, "slice must be"),
-                       ({"box3d": [1, 1, "a", 5, 5, 2]}, "box3d is")]:  # fmt: skip
-        with pytest.raises(ValueError, match=msg):
-            infer.parse_entry(tmp_path / "v.nii.gz", entry, "p.json: v.nii.gz")
+def test_malformed_prompt_entry_is_skipped_in_folder_mode(ckpt, tmp_path):
+    """A malformed entry is a ValueError naming the prompt file and the entry (so folder mode
+    skips that file and segments the rest), never a TypeError from deep inside."""
     src = tmp_path / "in"
     src.mkdir()
     Image.fromarray(blob_image(40, 40)).save(src / "a.png")
@@ -545,6 +424,7 @@ def test_malformed_prompt_files_are_clear_errors(ckpt, tmp_path):
     assert run([src, "--prompts", tmp_path / "p.json", "--out-dir", out, "--checkpoint", ckpt]) == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["segmented"] == 1 and summary["skipped"][0]["file"] == "a.png"
+    assert summary["skipped"][0]["error"].startswith(f"{tmp_path / 'p.json'}: a.png: prompt 0: ")
 
 
 def test_prompt_file_without_a_mode_is_a_clear_error(ckpt, dataset, tmp_path):
