@@ -337,7 +337,7 @@ def evaluate(sam, dataset, prompt_modes=("box", 1, 3, 5), seed=0, protocol="tigh
     try:
         for image_path, mask_paths, keys in tqdm(groups, "evaluate", disable=not progress):
             image = data.read_image(image_path)
-            gt = np.stack([_read_gt(m, image.shape[:2], image_path) for m in mask_paths])
+            gt = np.stack([data.read_mask(m, image.shape[:2], image_path) for m in mask_paths])
             replayed = None if replay is None else [_replayed(replay, k, modes) for k in keys]
             img_rows, used = _evaluate_image(sam, image, gt, keys, gen, cfg, replayed, save_dir)
             rows += [{**r, "image": str(image_path), **name_fields(r["mask"])} for r in img_rows]
@@ -362,16 +362,6 @@ def _check_eval_args(sam, cfg: InferConfig, replay) -> None:
             f"the prompt file is for image size {replay.get('image_size')}, the model "
             f"works at {sam.cfg.image_size}"
         )
-
-
-def _read_gt(path, hw: tuple, image_path) -> np.ndarray:
-    m = data.read_mask(path)
-    if m.shape != tuple(hw):
-        raise ValueError(
-            f"{path}: mask is {m.shape[1]}x{m.shape[0]} but its image {image_path} "
-            f"is {hw[1]}x{hw[0]}"
-        )
-    return m
 
 
 def _replayed(replay: dict, key: str, modes: list) -> dict:

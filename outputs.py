@@ -305,22 +305,16 @@ def _run_volume(sam, job: Job, out_path: Path, cfg: InferConfig) -> tuple:
 # ------------------------------------------------------------------------------------------------
 
 
-def _stem(path) -> str:
-    """The file name without its suffix; .nii.gz counts as one suffix."""
-    name = Path(path).name
-    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
-
-
 def run_single(args, cfg: InferConfig) -> int:
     path = Path(args.input)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     job = job_from_args(args, path, cfg)
     suffix = ".nii.gz" if is_nifti(path) else ".png"
-    mask = Path(args.out or f"{_stem(path)}_mask{suffix}")
+    mask = Path(args.out or f"{data.stem(path)}_mask{suffix}")
     if is_nifti(mask) != is_nifti(path) or not (is_nifti(mask) or mask.suffix.lower() == ".png"):
         raise ValueError(f"--out {mask}: the mask of {path} is written as {suffix}")
-    jpath = Path(args.json) if args.json else mask.with_name(f"{_stem(mask)}.json")
+    jpath = Path(args.json) if args.json else mask.with_name(f"{data.stem(mask)}.json")
     outs = {"mask": mask, "overlay": Path(args.overlay) if args.overlay else None, "json": jpath}
     check_outputs(list(outs.values()), cfg.force)
     record = run_job(infer.load_model(cfg), job, outs, cfg)
@@ -342,7 +336,7 @@ def run_folder(args, cfg: InferConfig) -> int:
         raise ValueError(f"{args.prompts}: expected {{file name: [prompts] or {{...}}}}")
     outs = {}
     for name in spec:
-        stem = out_dir / _stem(name)
+        stem = out_dir / data.stem(name)
         outs[name] = {
             "mask": Path(f"{stem}_mask{'.nii.gz' if is_nifti(name) else '.png'}"),
             "overlay": Path(f"{stem}_overlay.png") if args.overlays else None,

@@ -29,6 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import files  # noqa: E402
+import prepare  # noqa: E402
 
 FILES = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 LABELS = {1: "white matter", 2: "grey matter", 3: "brain"}
@@ -50,7 +52,7 @@ def example(out: Path) -> None:
     t1 = data.volume_slice(data.normalize_intensity(vol.data), "z", EXAMPLE_SLICE)  # (H, W)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "mni152_axial.png"
-    data.write_png(path, t1)
+    files.write_png(path, t1)
     gm, wm = (data.read_volume(template_dir() / FILES.format(k)).data for k in ("gm", "wm"))
     brain = data.volume_slice(gm + wm, "z", EXAMPLE_SLICE) >= 128
     ys, xs = np.nonzero(brain)
@@ -70,8 +72,8 @@ def write_volumes(src: Path) -> None:
     for case, labels in (("MNI152", tissue), ("MNI152brain", brain)):
         image = nib.Nifti1Image(np.asarray(t1.dataobj), t1.affine, t1.header)
         label = nib.Nifti1Image(labels, t1.affine)
-        data.atomic_write(src / "images" / f"{case}.nii.gz", lambda p, im=image: nib.save(im, p))
-        data.atomic_write(src / "labels" / f"{case}.nii.gz", lambda p, lb=label: nib.save(lb, p))
+        files.atomic_write(src / "images" / f"{case}.nii.gz", lambda p, im=image: nib.save(im, p))
+        files.atomic_write(src / "labels" / f"{case}.nii.gz", lambda p, lb=label: nib.save(lb, p))
 
 
 def split(root: Path, train=0.6, val=0.1, gap=6, test_every=4) -> dict:
@@ -98,16 +100,16 @@ def split(root: Path, train=0.6, val=0.1, gap=6, test_every=4) -> dict:
     for name, i2l in parts.items():
         l2i = {m: img for img, ms in i2l.items() for m in ms}
         for fname, obj in ((f"image2label_{name}.json", i2l), (f"label2image_{name}.json", l2i)):
-            data.write_json(root / fname, obj)
+            files.write_json(root / fname, obj)
     return {name: (len(i2l), sum(map(len, i2l.values()))) for name, i2l in parts.items()}
 
 
 def dataset(out: Path) -> None:
     write_volumes(out / "src")
-    cfg = data.DataConfig(kind="volumes", images=str(out / "src" / "images"),
+    cfg = prepare.DataConfig(kind="volumes", images=str(out / "src" / "images"),
                           labels=str(out / "src" / "labels"), out=str(out / "data"),
                           modality="mr_t1", dataset="ICBM2009a", split=(1.0, 0.0, 0.0))  # fmt: skip
-    data.run(cfg)
+    prepare.run(cfg)
     for name, (n_img, n_mask) in split(out / "data").items():
         print(f"{name}: {n_img} images, {n_mask} masks")
 
