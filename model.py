@@ -69,6 +69,12 @@ PRESETS = {
     ),
 }  # fmt: skip
 
+# The settings that take one of a few values (and which: checked in SamConfig.__post_init__).
+CHOICES = dict(
+    channel_order=("RGB", "BGR"), resize_mode=("stretch", "longest"),
+    intensity=("mean_std", "min_max"), encoder=("vit", "tinyvit"), kernels=("auto", "reference"),
+)  # fmt: skip
+
 
 @dataclass
 class SamConfig:
@@ -110,18 +116,12 @@ class SamConfig:
         self.pixel_mean, self.pixel_std = tuple(self.pixel_mean), tuple(self.pixel_std)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of {self.patch_size}")
-        if self.channel_order not in ("RGB", "BGR"):
-            raise ValueError(f"channel_order must be RGB or BGR, not {self.channel_order!r}")
-        if self.resize_mode not in ("stretch", "longest"):
-            raise ValueError(f"resize_mode must be stretch or longest, not {self.resize_mode!r}")
-        if self.intensity not in ("mean_std", "min_max"):
-            raise ValueError(f"intensity must be mean_std or min_max, not {self.intensity!r}")
-        if self.encoder not in ("vit", "tinyvit"):
-            raise ValueError(f"encoder must be vit or tinyvit, not {self.encoder!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                value = getattr(self, name)
+                raise ValueError(f"{name} must be {' or '.join(allowed)}, not {value!r}")
         if self.encoder == "tinyvit":
             self._check_tinyvit()
-        if self.kernels not in ("auto", "reference"):
-            raise ValueError(f"kernels must be auto or reference, not {self.kernels!r}")
         if any(not 0 <= i < self.encoder_depth for i in self.global_attn):
             raise ValueError(f"global_attn {self.global_attn} outside 0..{self.encoder_depth - 1}")
         self.embed_size = self.image_size // self.patch_size
@@ -769,9 +769,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     info = sub.add_parser("info", help="parameter counts")
     bench = sub.add_parser("bench", help="parameter counts and encoder latency")
     for s in (info, bench):
-        s.add_argument("preset", metavar="name", choices=list(PRESETS))
+        s.add_argument("preset", metavar="name", choices=list(PRESETS), help=", ".join(PRESETS))
     adapter = dict(help="default: the file's (convert) or the preset's: on for ViTs, off for lite")
-    kw = dict(adapter=adapter, kernels=dict(choices=("auto", "reference")))
+    kw = dict(adapter=adapter, kernels=dict(choices=CHOICES["kernels"]))
     keep = {c: ("image_size", "adapter"), info: ("image_size", "adapter"),
             bench: ("image_size", "adapter", "kernels")}  # fmt: skip
     for s, names in keep.items():  # flags for these SamConfig fields; absent flags stay absent

@@ -76,6 +76,12 @@ SMALL = dict(encoder_dim=96, encoder_depth=4, encoder_heads=3, global_attn=(1, 3
 SMALL_SAM = SamConfig(name="vit_b", image_size=256, **SMALL)
 
 
+@pytest.fixture(scope="module")
+def small_twins(segment_anything):
+    """Ours and Meta's SMALL_SAM with the same random weights, built once for the module."""
+    return twin_models(segment_anything, SMALL_SAM)
+
+
 @pytest.mark.parametrize(
     "cfg",
     [
@@ -121,9 +127,8 @@ COMBOS = ["points", "boxes", "masks", "points+boxes", "points+masks", "all"]
 
 
 @pytest.mark.parametrize("combo", COMBOS)
-def test_prompt_encoder_matches_meta(segment_anything, combo):
-    cfg = SMALL_SAM
-    ours, ref = twin_models(segment_anything, cfg)
+def test_prompt_encoder_matches_meta(small_twins, combo):
+    cfg, (ours, ref) = SMALL_SAM, small_twins
     pts, boxes, masks = prompts(cfg.image_size)
     kw = dict(
         points=pts if "points" in combo or combo == "all" else None,
@@ -140,9 +145,8 @@ def test_prompt_encoder_matches_meta(segment_anything, combo):
 
 @pytest.mark.parametrize("multimask", [True, False])
 @pytest.mark.parametrize("combo", ["points", "boxes", "all"])
-def test_mask_decoder_matches_meta(segment_anything, multimask, combo):
-    cfg = SMALL_SAM
-    ours, ref = twin_models(segment_anything, cfg)
+def test_mask_decoder_matches_meta(small_twins, multimask, combo):
+    cfg, (ours, ref) = SMALL_SAM, small_twins
     pts, boxes, masks = prompts(cfg.image_size)
     kw = dict(
         points=pts if combo in ("points", "all") else None,
