@@ -201,8 +201,9 @@ CHECKPOINTS = {
 }
 
 
-class DownloadError(RuntimeError):
-    pass
+class DownloadError(OSError):
+    """A download failed (offline, refused, wrong size or checksum): an OSError, so every CLI
+    reports it in one line like any other unreadable file."""
 
 
 class _Incomplete(Exception):
