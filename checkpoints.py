@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import pickle
+import sys
 import time
 import zipfile
 from dataclasses import dataclass
@@ -104,13 +105,14 @@ def read_checkpoint(path) -> tuple:
     Every tensor is a fresh copy in memory the process owns: safetensors hands out views into a
     private mmap of the file at 8-byte offsets, and BLAS kernels picked by alignment then give a
     loaded model results that differ in the last bits from the same weights freshly allocated
-    (1e-6 on some AVX-512 CPUs). Owned copies also leave the model independent of the file."""
+    (1e-6 on some AVX-512 CPUs). Owned copies also leave the model independent of the file.
+    A tensor holding NaN or inf is refused: the error names the file and the first such tensor."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
         sd, config = _read_safetensors(path)
-        return {k: _owned(v) for k, v in sd.items()}, "ours", config
+        return _checked(path, sd), "ours", config
     obj = _torch_load(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         sd, layout = obj["model"], "sam-med2d"
@@ -124,7 +126,23 @@ def read_checkpoint(path) -> tuple:
     sd = {k.removeprefix("module."): v for k, v in sd.items()}  # saved from a DDP wrapper
     if not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path}: the state dict holds objects that are not tensors")
-    return {k: _owned(v) for k, v in sd.items()}, layout, None
+    return _checked(path, sd), layout, None
+
+
+def _checked(path: Path, sd: dict) -> dict:
+    """Owned copies of the tensors; a NaN or inf weight (a diverged run, a damaged file) is
+    refused here, naming the first such tensor: it would otherwise give blank masks silently."""
+    out = {}
+    for k, v in sd.items():
+        out[k] = _owned(v)
+        if out[k].is_floating_point() and not torch.isfinite(out[k]).all():
+            nan, n = int(out[k].isnan().sum()), out[k].numel()
+            inf = int(out[k].isinf().sum())
+            raise ValueError(
+                f"{path}: tensor {k} holds non-finite values ({nan} NaN, {inf} inf of {n}); "
+                "refusing to load these weights"
+            )
+    return out
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:
@@ -150,6 +168,20 @@ def _read_safetensors(path: Path) -> tuple:
     if not isinstance(config, dict):
         raise ValueError(f"{path}: its config metadata is not a JSON object")
     return sd, config
+
+
+def check_keys(sd: dict, expected: dict, path, allow_missing=()) -> None:
+    """A state dict against the model's (`expected`: name -> tensor, meta tensors will do): one
+    error that names the file and lists every missing, unexpected and wrongly shaped key."""
+    missing = [k for k in expected if k not in sd and k not in allow_missing]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in expected if k in sd and sd[k].shape != expected[k].shape]  # fmt: skip
+    if missing or unexpected or wrong:
+        parts = [f"{len(v)} {what}: {', '.join(v[:6])}{' ...' if len(v) > 6 else ''}"
+                 for what, v in (("missing", missing), ("unexpected", unexpected),
+                                 ("with wrong shapes", wrong)) if v]  # fmt: skip
+        raise ValueError(f"{path}: does not fit the model; " + "; ".join(parts))
 
 
 def write_safetensors(path, state_dict: dict, config: dict) -> None:
@@ -236,13 +268,36 @@ def resolve_checkpoint(name_or_path: str, cache: Path | None = None) -> Path:
     return download(remote.url, dest, remote.size, remote.sha256)
 
 
-def download(url, dest, size=None, sha256=None, retries=3, timeout=30.0, backoff=1.0) -> Path:
+# How long a download may wait for the server without receiving a byte, over all its attempts
+# and the pauses between them, before it gives up (seconds; SAM_MED2D_DOWNLOAD_WAIT overrides).
+DOWNLOAD_WAIT = 60.0
+CONNECT_TIMEOUT = 5.0  # per attempt: a host that does not answer fails fast and is retried
+READ_TIMEOUT = 20.0  # per attempt: the longest silence within one transfer
+
+
+def download(url, dest, size=None, sha256=None, retries=3, max_wait=None, backoff=1.0) -> Path:
     """Fetch `url` into `dest` through `dest.part`: resumes a partial file with an HTTP Range
-    request (also across runs), checks the size (and SHA-256), then renames atomically."""
+    request (also across runs), checks the size (and SHA-256), then renames atomically.
+
+    Says on stderr what it fetches and every retry as it happens. Gives up after `retries`
+    failed attempts, or once the attempts that received no byte and the pauses between them add
+    up to `max_wait` seconds (default: $SAM_MED2D_DOWNLOAD_WAIT, else DOWNLOAD_WAIT); an attempt
+    that receives data starts the count again, so a slow transfer that progresses is never cut
+    short. Each attempt must connect within CONNECT_TIMEOUT seconds."""
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(retries + 1):
+    if max_wait is None:
+        max_wait = _env_seconds("SAM_MED2D_DOWNLOAD_WAIT", DOWNLOAD_WAIT)
+    if not max_wait > 0:
+        raise ValueError(f"download: max_wait must be > 0 seconds, not {max_wait}")
+    known = f" ({size:,} bytes)" if size else ""
+    print(f"downloading {url}{known} -> {dest}", file=sys.stderr)
+    waited = 0.0  # seconds spent without receiving a byte, over all attempts
+    for attempt in range(1, retries + 2):
+        have = part.stat().st_size if part.exists() else 0
+        t0 = time.monotonic()
+        timeout = (min(CONNECT_TIMEOUT, max_wait - waited), min(READ_TIMEOUT, max_wait - waited))
         try:
             _fetch(url, part, size, timeout)
             break
@@ -252,12 +307,23 @@ def download(url, dest, size=None, sha256=None, retries=3, timeout=30.0, backoff
             requests.exceptions.ChunkedEncodingError,  # a body cut short mid-transfer
             _Incomplete,
         ) as err:
-            if attempt == retries:
+            got = part.stat().st_size if part.exists() else 0
+            waited = 0.0 if got > have else waited + time.monotonic() - t0
+            pause = backoff * attempt
+            if attempt > retries or waited + pause >= max_wait:
                 raise DownloadError(
-                    f"could not download {url} ({type(err).__name__}: {err}). Offline? Fetch it by "
-                    f"hand (e.g. curl -L -o {dest} {url}) and put it at {dest}"
+                    f"could not download {url} ({type(err).__name__}: {err}) after {attempt} "
+                    f"attempt(s), {waited:.0f} s without data (limit {max_wait:g} s, "
+                    f"SAM_MED2D_DOWNLOAD_WAIT). Offline? Fetch it by hand (e.g. curl -L -o {dest} "
+                    f"{url}) and put it at {dest}"
                 ) from err
-            time.sleep(backoff * (attempt + 1))
+            print(
+                f"{url}: attempt {attempt} failed ({type(err).__name__}); retry {attempt} of "
+                f"{retries} in {pause:g} s" + (f", resuming at byte {got}" if got else ""),
+                file=sys.stderr,
+            )
+            time.sleep(pause)
+            waited += pause
     if size is not None and part.stat().st_size != size:
         raise DownloadError(f"{url}: got {part.stat().st_size} bytes, expected {size}; kept {part}")
     if sha256 is not None and _sha256(part) != sha256:
@@ -269,7 +335,15 @@ def download(url, dest, size=None, sha256=None, retries=3, timeout=30.0, backoff
     return dest
 
 
-def _fetch(url: str, part: Path, size: int | None, timeout: float) -> None:
+def _env_seconds(name: str, default: float) -> float:
+    text = os.environ.get(name) or str(default)
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"${name} must be a number of seconds, not {text!r}") from None
+
+
+def _fetch(url: str, part: Path, size: int | None, timeout: tuple) -> None:
     have = part.stat().st_size if part.exists() else 0
     if size is not None and have > size:  # a stale partial file of something else: start over
         part.unlink()

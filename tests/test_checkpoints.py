@@ -8,6 +8,7 @@ import os
 import pickle
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -83,6 +84,32 @@ def test_unreadable_files_are_named(tmp_path):
         checkpoints.read_checkpoint(tmp_path / "lists.pth")
 
 
+@pytest.mark.parametrize("layout", ["ours", "sam", "sam-med2d", "lite_medsam"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_naming_the_first(tmp_path, layout, bad):
+    """Issue 13.9: NaN/inf weights gave blank masks and exit 0. Every layout is refused at read
+    time; the error names the file and the first bad tensor in the file's order."""
+    prefix = "image_encoder.layers." if layout == "lite_medsam" else "image_encoder."
+    sd = {f"{prefix}a": torch.ones(3), f"{prefix}b": torch.ones(2, 2),
+          f"{prefix}c": torch.zeros(4, dtype=torch.half), "mask.n": torch.arange(3)}  # fmt: skip
+    sd[f"{prefix}b"][1, 0] = bad
+    sd[f"{prefix}c"][0] = float("nan")  # also bad, but later in the file
+    path = tmp_path / ("w.safetensors" if layout == "ours" else "w.pth")
+    if layout == "ours":
+        checkpoints.write_safetensors(path, sd, {"name": "tiny"})
+    elif layout == "sam-med2d":
+        torch.save({"model": sd, "optimizer": None, "epoch": 1}, path)
+    else:
+        torch.save(sd, path)
+    kind = "1 NaN, 0 inf" if bad != bad else "0 NaN, 1 inf"
+    msg = rf"w\.(pth|safetensors): tensor {prefix}b holds non-finite values \({kind} of 4\)"
+    with pytest.raises(ValueError, match=msg):
+        checkpoints.read_checkpoint(path)
+    sd[f"{prefix}b"][1, 0] = sd[f"{prefix}c"][0] = 1.0  # the same file, finite: it loads
+    torch.save(sd, tmp_path / "ok.pth")
+    assert checkpoints.read_checkpoint(tmp_path / "ok.pth")[0].keys() == sd.keys()
+
+
 # ------------------------------------------------------------------------------------------------
 # Downloads against a loopback HTTP server
 # ------------------------------------------------------------------------------------------------
@@ -147,7 +174,7 @@ def url(srv):
 
 def fetch(srv, dest, **kw):
     size = kw.pop("size", len(srv.payload))
-    return checkpoints.download(url(srv), dest, size=size, timeout=5, backoff=0, **kw)
+    return checkpoints.download(url(srv), dest, size=size, backoff=0, **kw)
 
 
 def test_download_full_with_size_and_sha(server, tmp_path):
@@ -206,8 +233,69 @@ def test_download_offline_message_names_url_and_target(tmp_path):
     s.close()  # nothing listens there now
     link = f"http://127.0.0.1:{port}/sam.pth"
     with pytest.raises(checkpoints.DownloadError) as err:
-        checkpoints.download(link, tmp_path / "sam.pth", retries=1, timeout=2, backoff=0)
+        checkpoints.download(link, tmp_path / "sam.pth", retries=1, backoff=0)
     assert link in str(err.value) and str(tmp_path / "sam.pth") in str(err.value)
+
+
+@pytest.fixture
+def stalled():
+    """A server that accepts every connection and never answers (issue 13.6: 128 s of silence)."""
+    srv, held = socket.create_server(("127.0.0.1", 0)), []
+
+    def accept():
+        while True:
+            try:
+                held.append(srv.accept()[0])  # keep it open, read nothing, send nothing
+            except OSError:  # closed by the fixture
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}/sam_vit_b.pth", held
+    srv.close()
+    for conn in held:
+        conn.close()
+
+
+def test_download_from_a_stalled_server_says_so_and_gives_up_in_time(
+    stalled, tmp_path, monkeypatch, capsys
+):
+    link, held = stalled
+    timeouts = []
+    real_get = checkpoints.requests.get
+    spy = lambda *a, **kw: timeouts.append(kw["timeout"]) or real_get(*a, **kw)
+    monkeypatch.setattr(checkpoints.requests, "get", spy)
+    monkeypatch.setattr(checkpoints, "READ_TIMEOUT", 0.5)  # attempts of 0.5 s instead of 20 s
+    t0 = time.monotonic()
+    with pytest.raises(checkpoints.DownloadError) as err:
+        checkpoints.download(link, tmp_path / "w.pth", size=10, retries=9, max_wait=2, backoff=0.2)
+    elapsed = time.monotonic() - t0
+    # 0.5 s attempt, 0.2 s pause, 0.5, 0.4, then the 0.4 s left: the 2 s budget, not 9 retries
+    assert 1.8 < elapsed < 4, elapsed
+    assert len(held) == len(timeouts) == 3  # each attempt connected, and got no answer
+    assert all(connect <= 5 for connect, _ in timeouts)  # a short connect timeout
+    assert [round(read, 1) for _, read in timeouts] == [0.5, 0.5, 0.4]
+    msg = str(err.value)
+    assert link in msg and "3 attempt(s)" in msg and "limit 2 s" in msg
+    assert "SAM_MED2D_DOWNLOAD_WAIT" in msg and str(tmp_path / "w.pth") in msg
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"downloading {link} (10 bytes) -> {tmp_path / 'w.pth'}"
+    assert [line.split("; ")[1] for line in lines[1:]] == [
+        "retry 1 of 9 in 0.2 s", "retry 2 of 9 in 0.4 s"
+    ]  # fmt: skip
+    assert all(line.startswith(f"{link}: attempt ") for line in lines[1:])
+
+
+def test_download_wait_from_the_environment(stalled, tmp_path, monkeypatch):
+    link, _ = stalled
+    monkeypatch.setenv("SAM_MED2D_DOWNLOAD_WAIT", "0.6")
+    t0 = time.monotonic()
+    with pytest.raises(checkpoints.DownloadError, match=r"1 attempt\(s\).*limit 0\.6 s"):
+        checkpoints.download(link, tmp_path / "w.pth")
+    assert time.monotonic() - t0 < 3
+    monkeypatch.setenv("SAM_MED2D_DOWNLOAD_WAIT", "soon")
+    with pytest.raises(ValueError, match="SAM_MED2D_DOWNLOAD_WAIT must be a number"):
+        checkpoints.download(link, tmp_path / "w.pth")
+    assert checkpoints.DOWNLOAD_WAIT == 60  # the documented default (docs/model.md)
 
 
 def test_checkpoint_names(server, tmp_path, monkeypatch, ckpt):
