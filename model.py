@@ -22,15 +22,13 @@ encoder channels, D prompt/decoder channels, nh heads, hs head size, L tokens in
 Sections: config | image encoder | prompt encoder | mask decoder | Sam | checkpoints (which layout,
 which keys, resize) | command line. Beside this file: kernels/ (the encoder's fast attention and
 adapter paths, checked against the reference math here), tinyvit.py (LiteMedSAM's encoder, the
-lite_medsam preset), checkpoints.py (reading checkpoint files safely, downloads).
-
-    python model.py convert sam-med2d_b.pth sam-med2d_b.safetensors   # [--image-size 256 --adapter]
-    python model.py info vit_b                                         # parameter counts
-    python model.py bench vit_b --kernels reference                    # + encoder latency
+lite_medsam preset), checkpoints.py (reading checkpoint files safely, downloads). The command
+line (convert, info, bench, export-onnx) is in docs/model.md.
 """
 
 import argparse
 import math
+import runpy
 import sys
 from dataclasses import dataclass, field, fields, replace
 
@@ -41,7 +39,7 @@ from torch import nn
 
 import checkpoints
 import kernels
-from cli import add_config_args, config_values, main_guard
+from cli import main_guard
 from kernels.attention import rel_pos_table
 
 # ------------------------------------------------------------------------------------------------
@@ -73,6 +71,7 @@ PRESETS = {
 CHOICES = dict(
     channel_order=("RGB", "BGR"), resize_mode=("stretch", "longest"),
     intensity=("mean_std", "min_max"), encoder=("vit", "tinyvit"), kernels=("auto", "reference"),
+    adapter_init=("official", "torch"),
 )  # fmt: skip
 
 
@@ -94,6 +93,7 @@ class SamConfig:
     stage_windows: tuple = ()  # TinyViT: attention window per stage (unused by stage 0)
     adapter: bool = True  # SAM-Med2D's adapter in every block
     adapter_ratio: float = 0.25  # the adapter's channel gate squeezes C -> C/4
+    adapter_init: str = "official"  # new adapters: kaiming fan_out; "torch": Linears keep torch's
     prompt_dim: int = 256  # D: prompt tokens, image embedding and decoder width
     decoder_depth: int = 2  # two-way transformer blocks
     decoder_heads: int = 8
@@ -117,25 +117,16 @@ class SamConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of {self.patch_size}")
         for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                value = getattr(self, name)
+            if (value := getattr(self, name)) not in allowed:
                 raise ValueError(f"{name} must be {' or '.join(allowed)}, not {value!r}")
         if self.encoder == "tinyvit":
-            self._check_tinyvit()
+            import tinyvit  # noqa: PLC0415  (it imports model, so it is imported when needed)
+
+            tinyvit.check_config(self)
         if any(not 0 <= i < self.encoder_depth for i in self.global_attn):
             raise ValueError(f"global_attn {self.global_attn} outside 0..{self.encoder_depth - 1}")
         self.embed_size = self.image_size // self.patch_size
         self.low_res_size = 4 * self.embed_size
-
-    def _check_tinyvit(self):
-        n = len(self.stage_dims)
-        lengths = {len(getattr(self, f)) for f in ("stage_depths", "stage_heads", "stage_windows")}
-        if n < 2 or lengths != {n}:
-            raise ValueError("TinyViT needs stage_dims/depths/heads/windows of one length >= 2")
-        if self.patch_size != 2 ** (n - 2):
-            raise ValueError(f"{n} TinyViT stages: patch_size must be {2 ** (n - 2)}")
-        if any(d % h for d, h in zip(self.stage_dims[1:], self.stage_heads[1:], strict=True)):
-            raise ValueError(f"stage_dims {self.stage_dims} not divisible by {self.stage_heads}")
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "SamConfig":
@@ -255,7 +246,7 @@ class Adapter(nn.Module):
     the block norms (1e-6), as the official code does.
     """
 
-    def __init__(self, dim: int, ratio: float = 0.25):
+    def __init__(self, dim: int, ratio: float = 0.25, init: str = "official"):
         super().__init__()
         hidden = int(dim * ratio)
         self.channel = nn.Sequential(
@@ -267,8 +258,10 @@ class Adapter(nn.Module):
             nn.ConvTranspose2d(dim, dim, 4, stride=2, padding=1, bias=False), nn.ReLU(),
         )  # fmt: skip
         self.norm = nn.LayerNorm(dim)
-        for m in self.spatial:
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        # The official init, in its order (so one seed gives the official weights): std =
+        # sqrt(2 / fan_out), fan_out = out channels x kernel area (dim 0 for all four weights).
+        for m in (self.channel[0], self.channel[2], self.spatial[0], self.spatial[2]):
+            if init == "official" or not isinstance(m, nn.Linear):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):  # x: (B, h, w, C) -> (B, h, w, C); the official computation
@@ -302,7 +295,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, cfg.encoder_heads, grid, self.window)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio))
-        self.Adapter = Adapter(dim, cfg.adapter_ratio) if cfg.adapter else None
+        self.Adapter = Adapter(dim, cfg.adapter_ratio, cfg.adapter_init) if cfg.adapter else None
 
     def forward(self, x):  # x: (B, h, w, C)
         x = x + self.attn(self.norm1(x), self.kernels)
@@ -670,28 +663,33 @@ def resize_state_dict(sd: dict, cfg: SamConfig, image_size: int) -> list:
     return report
 
 
-def check_state_dict(sd: dict, expected: dict, path, allow_missing=()) -> None:
-    """Raise one error that lists every missing, unexpected and wrongly shaped key."""
-    missing = [k for k in expected if k not in sd and k not in allow_missing]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in expected if k in sd and sd[k].shape != expected[k].shape]  # fmt: skip
-    if missing or unexpected or wrong:
-        parts = [f"{len(v)} {what}: {', '.join(v[:6])}{' ...' if len(v) > 6 else ''}"
-                 for what, v in (("missing", missing), ("unexpected", unexpected),
-                                 ("with wrong shapes", wrong)) if v]  # fmt: skip
-        raise ValueError(f"{path}: does not fit the model; " + "; ".join(parts))
+# What the official build_sam.py (load_from) leaves out of a SAM file when it builds SAM-Med2D at
+# another size, so that they start from a fresh init: inherited from SAMed, where the number of
+# classes changes them; copied here as the default, with decoder_heads="keep" as the alternative.
+DECODER_HEADS = ("mask_decoder.mask_tokens.", "mask_decoder.output_hypernetworks_mlps.",
+                 "mask_decoder.iou_prediction_head.")  # fmt: skip
 
 
-def load_checkpoint(path, image_size=None, adapter=None, device="cpu", name=None, verbose=True):
+def load_checkpoint(path, image_size=None, adapter=None, device="cpu", name=None, verbose=True,
+                    conventions="sam-med2d", decoder_heads="reinit", adapter_init=None,
+                    seed=None):  # fmt: skip
     """Build the model a checkpoint describes and load it strictly.
 
     image_size: resample to another input size (e.g. SAM's 1024 -> SAM-Med2D's 256). adapter: add
     freshly initialised adapters (True) or drop the file's (False); None keeps what the file has.
     name: the preset the caller expects; a file of another architecture is an error.
-    The returned model is in eval mode; `sam.load_report` lists what was resized or initialised.
+    Building SAM-Med2D from SAM (a SAM file at another size, adapters added) follows the official
+    code: conventions "sam-med2d" sets SAM-Med2D's input conventions (BGR, stretch: what its data
+    pipeline feeds) where "checkpoint" keeps SAM's (RGB, longest side); decoder_heads "reinit"
+    initialises DECODER_HEADS afresh, "keep" keeps SAM's. adapter_init: new adapters' init (None:
+    the config's); seed: seeds the fresh tensors (None: torch's global RNG).
+    The model is in eval mode; `sam.load_report` says what was resized or initialised, and
+    `sam.new_keys` names the fresh (untrained) tensors: fine to train, not to segment with.
     """
-    sd, layout, meta = checkpoints.read_checkpoint(path)  # fresh tensors the model can own
+    if conventions not in ("sam-med2d", "checkpoint") or decoder_heads not in ("reinit", "keep"):
+        raise ValueError(f"conventions must be sam-med2d or checkpoint (not {conventions!r}), "
+                         f"decoder_heads reinit or keep (not {decoder_heads!r})")  # fmt: skip
+    sd, layout, meta = checkpoints.read_checkpoint(path)  # fresh, finite tensors the model can own
     if meta is None:  # official files: the architecture is read off the tensors
         cfg = config_from_state_dict(sd, path, layout)
     else:
@@ -702,30 +700,44 @@ def load_checkpoint(path, image_size=None, adapter=None, device="cpu", name=None
     if name is not None and name != cfg.name:
         raise ValueError(f"{path}: holds a {cfg.name} model, but {name} was requested")
     report = [f"{path}: {layout} checkpoint, {cfg.name} at {cfg.image_size} px"]
+    file_cfg = cfg
     if image_size is not None and image_size != cfg.image_size:
         report += resize_state_dict(sd, cfg, image_size)
         cfg = replace(cfg, image_size=image_size)
     if adapter is not None and adapter != cfg.adapter:
         cfg = replace(cfg, adapter=adapter)
         if not adapter:
-            dropped = [k for k in sd if ".Adapter." in k]
+            report.append(f"dropped the file's {sum('.Adapter.' in k for k in sd)} adapter tensors")
             sd = {k: v for k, v in sd.items() if ".Adapter." not in k}
-            report.append(f"dropped the file's {len(dropped)} adapter tensors")
+    cfg = replace(cfg, adapter_init=adapter_init or cfg.adapter_init)
+    to_med2d = layout == "sam" and cfg.image_size != file_cfg.image_size and cfg.adapter
+    if to_med2d and conventions == "sam-med2d":
+        cfg = replace(cfg, channel_order="BGR", resize_mode="stretch")
+        report.append("SAM-Med2D's input conventions: BGR, stretch (conventions='checkpoint': "
+                      f"{file_cfg.channel_order}, {file_cfg.resize_mode})")  # fmt: skip
     with torch.device("meta"):
         expected = Sam(cfg).state_dict()
-    new_keys = []  # adapters the file does not have, when they were asked for
+    new_keys = []  # tensors the model gets from its init, not from the file
     if adapter and not any(".Adapter." in k for k in sd):
         new_keys = [k for k in expected if ".Adapter." in k]
-        report.append(f"initialised {len(new_keys)} new adapter tensors")
-    check_state_dict(sd, expected, path, allow_missing=new_keys)
+        report.append(f"initialised {len(new_keys)} new adapter tensors ({cfg.adapter_init})")
+    if to_med2d and decoder_heads == "reinit":
+        heads = [k for k in expected if k.startswith(DECODER_HEADS)]
+        sd = {k: v for k, v in sd.items() if k not in heads}
+        new_keys += heads
+        report.append(f"re-initialised the {len(heads)} decoder head tensors, as the official code")
+    checkpoints.check_keys(sd, expected, path, allow_missing=new_keys)
     if new_keys:  # real init for the new tensors, then the file's weights over the rest
-        sam = Sam(cfg)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            sam = Sam(cfg)
         sam.load_state_dict({**sam.state_dict(), **sd}, strict=True)
     else:
         with torch.device("meta"):
             sam = Sam(cfg)
         sam.load_state_dict(sd, strict=True, assign=True)
-    sam.load_report = report
+    sam.load_report, sam.new_keys = report, new_keys
     if verbose:
         print("\n".join(report), file=sys.stderr)
     return sam.to(device).eval()
@@ -737,50 +749,51 @@ def save_checkpoint(sam: Sam, path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Command line: convert official .pth files, print parameter counts, time the encoder
+# Command line: convert official files, parameter counts; `bench` and `export-onnx` hand the rest
+# of the line to bench.py (`encoder`) and onnx_export.py, which sit above the stages
 # ------------------------------------------------------------------------------------------------
+
+HANDOVER = {"bench": ["bench", "encoder"], "export-onnx": ["onnx_export"]}
 
 
 def main(args) -> None:
-    given = config_values(SamConfig, args)  # only the flags given: the rest is the file's/preset's
     if args.command == "convert":
-        sam = load_checkpoint(args.src, **given)
+        sam = load_checkpoint(args.src, args.image_size, args.adapter, conventions=args.conventions,
+                              decoder_heads=args.decoder_heads)  # fmt: skip
         save_checkpoint(sam, args.dst)
         print(f"wrote {args.dst} ({sam.cfg.name} at {sam.cfg.image_size} px)")
-        return
-    cfg = SamConfig.from_name(args.preset, **given)
-    with torch.device("meta"):  # counting needs the shapes only
-        counts = count_parameters(Sam(cfg))
-    print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
-    if args.command == "bench":
-        import bench  # noqa: PLC0415  (bench.py sits above every stage; only this command needs it)
-
-        bench.encoder_latency(
-            cfg.name, cfg.image_size, cfg.adapter, cfg.kernels, args.runs, args.warmup, args.threads
-        )
+    elif args.command == "info":
+        given = {
+            k: v for k, v in vars(args).items() if k in ("image_size", "adapter") and v is not None
+        }
+        with torch.device("meta"):  # counting needs the shapes only
+            counts = count_parameters(Sam(SamConfig.from_name(args.preset, **given)))
+        print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    else:  # that module's own command line, as if run as `python bench.py encoder ...`
+        module, *first = HANDOVER[args.command]
+        sys.argv = [f"{module}.py", *first, *args.rest]
+        runpy.run_module(module, run_name="__main__")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="model.py", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help="official .pth (SAM or SAM-Med2D) -> our .safetensors")
+    c = sub.add_parser("convert", help="official .pth (SAM, SAM-Med2D) -> our .safetensors")
     c.add_argument("src")
     c.add_argument("dst")
+    c.add_argument("--conventions", choices=("sam-med2d", "checkpoint"), default="sam-med2d")
+    c.add_argument("--decoder-heads", choices=("reinit", "keep"), default="reinit")
     info = sub.add_parser("info", help="parameter counts")
-    bench = sub.add_parser("bench", help="parameter counts and encoder latency")
-    for s in (info, bench):
-        s.add_argument("preset", metavar="name", choices=list(PRESETS), help=", ".join(PRESETS))
-    adapter = dict(help="default: the file's (convert) or the preset's: on for ViTs, off for lite")
-    kw = dict(adapter=adapter, kernels=dict(choices=CHOICES["kernels"]))
-    keep = {c: ("image_size", "adapter"), info: ("image_size", "adapter"),
-            bench: ("image_size", "adapter", "kernels")}  # fmt: skip
-    for s, names in keep.items():  # flags for these SamConfig fields; absent flags stay absent
-        skip = [f.name for f in fields(SamConfig) if f.name not in names]
-        add_config_args(s, SamConfig, skip, suppress_defaults=True, **kw)
-    bench.add_argument("--runs", type=int, default=7)
-    bench.add_argument("--warmup", type=int, default=2)
-    bench.add_argument("--threads", type=int, default=None)
-    return p.parse_args(argv)
+    info.add_argument("preset", choices=list(PRESETS))
+    for s in (c, info):  # default: the file's (convert) or the preset's (info)
+        s.add_argument("--image-size", type=int)
+        s.add_argument("--adapter", action=argparse.BooleanOptionalAction)
+    for name, (module, *first) in HANDOVER.items():
+        sub.add_parser(name, add_help=False, help=f"python {module}.py {' '.join(first)} ...")
+    args, args.rest = p.parse_known_args(argv)
+    if args.rest and args.command not in HANDOVER:
+        p.error(f"unrecognized arguments: {' '.join(args.rest)}")
+    return args
 
 
 if __name__ == "__main__":

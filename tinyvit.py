@@ -141,7 +141,7 @@ class TinyViTBlock(nn.Module):
         self.attn = TinyViTAttention(dim, heads, window)
         self.local_conv = ConvBN(dim, dim, 3, groups=dim)
         self.mlp = TinyMLP(dim, int(dim * cfg.mlp_ratio))
-        self.Adapter = Adapter(dim, cfg.adapter_ratio) if cfg.adapter else None
+        self.Adapter = Adapter(dim, cfg.adapter_ratio, cfg.adapter_init) if cfg.adapter else None
 
     def forward(self, x):  # x: (B, C, H, W)
         y = x.permute(0, 2, 3, 1)  # (B, H, W, C)
@@ -208,6 +208,18 @@ class TinyViT(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # Recognising LiteMedSAM's layout from its tensors
 # ------------------------------------------------------------------------------------------------
+
+
+def check_config(cfg: SamConfig) -> None:
+    """SamConfig's checks of the stage_* fields (called from its __post_init__)."""
+    n = len(cfg.stage_dims)
+    lengths = {len(getattr(cfg, f)) for f in ("stage_depths", "stage_heads", "stage_windows")}
+    if n < 2 or lengths != {n}:
+        raise ValueError("TinyViT needs stage_dims/depths/heads/windows of one length >= 2")
+    if cfg.patch_size != 2 ** (n - 2):
+        raise ValueError(f"{n} TinyViT stages: patch_size must be {2 ** (n - 2)}")
+    if any(d % h for d, h in zip(cfg.stage_dims[1:], cfg.stage_heads[1:], strict=True)):
+        raise ValueError(f"stage_dims {cfg.stage_dims} not divisible by {cfg.stage_heads}")
 
 
 def config_from_state_dict(sd: dict, path) -> SamConfig:

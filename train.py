@@ -66,6 +66,8 @@ class TrainConfig:
     model: str = "vit_b"  # preset for random init (ignored with a checkpoint, which names its own)
     image_size: int = 256  # S; an official SAM checkpoint (1024) is resampled to it
     adapter: bool = True  # SAM-Med2D's adapters (added freshly if the checkpoint has none)
+    input_conventions: str = "sam-med2d"  # from a SAM file: SAM-Med2D's BGR, stretch; "checkpoint"
+    decoder_heads: str = "reinit"  # from a SAM file: fresh decoder heads (official); "keep" SAM's
     batch_size: int = 2  # B: images per optimizer step over all processes and accumulation steps
     masks_per_image: int = 5  # M: masks per image (sampled without replacement when it has M)
     grad_accum: int = 1  # split each process's share of the batch into this many micro-batches
@@ -547,7 +549,9 @@ def setup_distributed(device: str) -> tuple:
 def build_model(cfg: TrainConfig, device) -> model.Sam:
     if cfg.checkpoint:
         return model.load_checkpoint(cfg.checkpoint, image_size=cfg.image_size,
-                                     adapter=cfg.adapter, device=device)  # fmt: skip
+                                     adapter=cfg.adapter, device=device, seed=cfg.seed,
+                                     conventions=cfg.input_conventions,
+                                     decoder_heads=cfg.decoder_heads)  # fmt: skip
     mcfg = model.SamConfig.from_name(cfg.model, image_size=cfg.image_size, adapter=cfg.adapter)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
         torch.manual_seed(cfg.seed)

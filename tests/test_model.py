@@ -4,6 +4,7 @@ writes them)."""
 
 import os
 import pickle
+import sys
 from functools import partial
 
 import numpy as np
@@ -289,8 +290,11 @@ def test_sam_1024_checkpoint_resized_to_256(tmp_path):
     native = load_checkpoint(path, verbose=False)
     assert native.cfg.image_size == 1024 and native.cfg.channel_order == "RGB"
 
-    sam = load_checkpoint(path, image_size=256, adapter=True, verbose=False)
+    # SAM's own decoder heads and conventions (the defaults follow the official build: next test)
+    sam = load_checkpoint(path, image_size=256, adapter=True, verbose=False,
+                          decoder_heads="keep", conventions="checkpoint")  # fmt: skip
     assert sam.cfg.image_size == 256 and sam.cfg.adapter
+    assert (sam.cfg.channel_order, sam.cfg.resize_mode) == ("RGB", "longest")
     got = {k: v.detach() for k, v in sam.state_dict().items()}
     # pos_embed 64x64 -> 16x16, bilinear without corner alignment: every output token sits exactly
     # between source tokens 4i+1 and 4i+2 on each axis, so it is the mean of that 2x2 patch.
@@ -314,7 +318,142 @@ def test_sam_1024_checkpoint_resized_to_256(tmp_path):
             assert torch.equal(got[k], sd[k]), k  # the decoder and all else kept, bit for bit
     new = [k for k in got if ".Adapter." in k]
     assert new and any("initialised" in line for line in sam.load_report)
+    assert sam.new_keys == new and native.new_keys == []
     assert all(got[k].abs().sum() > 0 for k in new if k.endswith("spatial.0.weight"))
+
+
+def official_heads(cfg) -> list:
+    """The keys build_sam.py's load_from drops (except_keys: mask_tokens,
+    output_hypernetworks_mlps, iou_prediction_head), spelled out: 4 mask tokens in one embedding,
+    4 hypernetwork MLPs and the IoU head, each 3 Linear layers."""
+    mlp = lambda pre: [f"{pre}.layers.{j}.{w}" for j in range(3) for w in ("weight", "bias")]
+    heads = ["mask_decoder.mask_tokens.weight"]
+    for i in range(cfg.num_multimask + 1):
+        heads += mlp(f"mask_decoder.output_hypernetworks_mlps.{i}")
+    return heads + mlp("mask_decoder.iou_prediction_head")
+
+
+def test_sam_file_becomes_a_sam_med2d_start_as_the_official_build(tmp_path):
+    """A SAM file at 256 with adapters = building SAM-Med2D from SAM (build_sam.py:111-170): the
+    decoder heads start afresh and the config gets SAM-Med2D's input conventions."""
+    cfg = SamConfig.from_name("tiny", image_size=1024, adapter=False)
+    sd = randomise(Sam(cfg)).state_dict()
+    path = tmp_path / "sam_tiny_1024.pth"
+    torch.save(sd, path)
+    sam = load_checkpoint(path, image_size=256, adapter=True, seed=3, verbose=False)
+    heads = official_heads(cfg)
+    assert len(heads) == 31
+    assert (sam.cfg.channel_order, sam.cfg.resize_mode) == ("BGR", "stretch")
+    adapters = [k for k in sam.state_dict() if ".Adapter." in k]
+    assert sorted(sam.new_keys) == sorted(adapters + heads)
+    got = sam.state_dict()
+    for k in heads:  # fresh: PyTorch's init of a new Sam, not the file's values
+        assert not torch.equal(got[k], sd[k]), k
+    for k in sd:  # every other decoder tensor (iou_token, upscaling, transformer) is the file's
+        if k.startswith(("mask_decoder.", "prompt_encoder.")) and k not in heads:
+            assert torch.equal(got[k], sd[k]), k
+    tokens = got["mask_decoder.mask_tokens.weight"]  # nn.Embedding's init: N(0, 1)
+    assert 0.8 < tokens.std() < 1.2 and abs(tokens.mean()) < 0.2
+    assert any("re-initialised the 31 decoder head tensors" in line for line in sam.load_report)
+    # the fresh tensors come from the seed: the same seed, the same start; another, another
+    again = load_checkpoint(path, image_size=256, adapter=True, seed=3, verbose=False)
+    other = load_checkpoint(path, image_size=256, adapter=True, seed=4, verbose=False)
+    for k in sam.new_keys:
+        assert torch.equal(again.state_dict()[k], got[k]), k
+    assert not torch.equal(other.state_dict()[heads[0]], got[heads[0]])
+    # named alternatives, each alone
+    rgb = load_checkpoint(path, image_size=256, adapter=True, conventions="checkpoint",
+                          verbose=False)  # fmt: skip
+    assert (rgb.cfg.channel_order, rgb.cfg.resize_mode) == ("RGB", "longest")
+    assert sorted(rgb.new_keys) == sorted(adapters + heads)
+    keep = load_checkpoint(path, image_size=256, adapter=True, decoder_heads="keep", verbose=False)
+    assert keep.cfg.channel_order == "BGR" and sorted(keep.new_keys) == sorted(adapters)
+    with pytest.raises(ValueError, match="conventions must be sam-med2d or checkpoint"):
+        load_checkpoint(path, image_size=256, adapter=True, conventions="rgb", verbose=False)
+
+
+def test_other_loads_keep_heads_and_conventions(tmp_path):
+    """Only SAM resized with adapters is "building SAM-Med2D": SAM at its own size (with or without
+    new adapters), SAM resized without adapters, and SAM-Med2D files keep everything."""
+    cfg = SamConfig.from_name("tiny", image_size=1024, adapter=False)
+    sd = randomise(Sam(cfg)).state_dict()
+    torch.save(sd, tmp_path / "sam.pth")
+    for kw in (dict(adapter=True), dict(image_size=256), dict()):
+        sam = load_checkpoint(tmp_path / "sam.pth", verbose=False, **kw)
+        assert sam.cfg.channel_order == "RGB", kw
+        assert not any(k.startswith("mask_decoder") for k in sam.new_keys), kw
+    med = SamConfig.from_name("tiny", image_size=256)
+    save_med2d(official_med2d_state_dict(med), tmp_path / "med.pth")
+    sam = load_checkpoint(tmp_path / "med.pth", image_size=512, verbose=False)
+    assert sam.cfg.channel_order == "BGR" and sam.new_keys == []
+
+
+def test_train_builds_from_sam_with_these_options(tmp_path):
+    """train.py's --input-conventions / --decoder-heads reach load_checkpoint; --seed seeds the
+    fresh tensors."""
+    import train  # noqa: PLC0415  (only this test needs the training stage)
+
+    sd = randomise(Sam(SamConfig.from_name("tiny", image_size=1024, adapter=False))).state_dict()
+    torch.save(sd, tmp_path / "sam.pth")
+    base = dict(data="unused", checkpoint=str(tmp_path / "sam.pth"), image_size=256, seed=7)
+    sam = train.build_model(train.TrainConfig(**base), "cpu")
+    want = load_checkpoint(tmp_path / "sam.pth", image_size=256, adapter=True, seed=7,
+                           verbose=False)  # fmt: skip
+    assert sam.cfg == want.cfg and sam.cfg.channel_order == "BGR"
+    assert all(torch.equal(v, want.state_dict()[k]) for k, v in sam.state_dict().items())
+    keep = train.TrainConfig(**base, input_conventions="checkpoint", decoder_heads="keep")
+    kept = train.build_model(keep, "cpu")
+    assert kept.cfg.channel_order == "RGB" and all(".Adapter." in k for k in kept.new_keys)
+
+
+def test_adapter_init_is_the_official_kaiming_fan_out():
+    """kaiming_normal_(mode="fan_out", nonlinearity="relu") on all four adapter weights
+    (image_encoder.py:39-41 of the official code): std = sqrt(2 / fan_out), fan_out = dim 0 x kernel
+    area. At vit_b's width (C = 768, hidden 192), by hand:"""
+    want = {
+        "channel.0.weight": (2 / 192) ** 0.5,  # Linear (192, 768): fan_out 192 -> 0.1021
+        "channel.2.weight": (2 / 768) ** 0.5,  # Linear (768, 192): fan_out 768 -> 0.0510
+        "spatial.0.weight": (2 / (768 * 9)) ** 0.5,  # Conv2d (768, 768, 3, 3) -> 0.0170
+        "spatial.2.weight": (2 / (768 * 16)) ** 0.5,  # ConvTranspose2d (768, 768, 4, 4) -> 0.0128
+    }
+    torch.manual_seed(0)
+    for init in ("official", "torch"):
+        w = dict(model.Adapter(768, 0.25, init=init).named_parameters())
+        for name, std in want.items():
+            t = w[name].detach()
+            if init == "torch" and name.startswith("channel"):  # Linear's default: U(+-1/sqrt(in))
+                bound = t.shape[1] ** -0.5
+                assert t.abs().max() <= bound and abs(t.std() / (bound / 3**0.5) - 1) < 0.02
+            else:  # >= 147k samples: the sample std is within 0.2% of the true one (1 sigma)
+                assert abs(t.std() / std - 1) < 0.02, (init, name, t.std(), std)
+                assert abs(t.mean()) < 0.02 * std
+    assert SamConfig().adapter_init == "official"
+    with pytest.raises(ValueError, match="adapter_init must be official or torch"):
+        SamConfig(adapter_init="xavier")
+
+
+def test_adapter_init_reaches_every_adapter(tmp_path):
+    """The config field reaches the blocks (ViT and TinyViT) and load_checkpoint's new adapters.
+    Each adapter's channel.0 weight (hidden, C) divided by its expected std: official
+    sqrt(2 / hidden), torch's C**-0.5 / sqrt(3); tiny: 0.354 against 0.072."""
+
+    def ratio(sam, init):
+        ws = [m.channel[0].weight.detach() for m in sam.modules() if isinstance(m, model.Adapter)]
+        assert ws
+        std = lambda w: (2 / w.shape[0]) ** 0.5 if init == "official" else (3 * w.shape[1]) ** -0.5
+        return torch.cat([(w / std(w)).flatten() for w in ws]).std().item()
+
+    torch.manual_seed(0)
+    for init, wrong in (("official", "torch"), ("torch", "official")):
+        for name in ("tiny", "lite_medsam"):
+            sam = Sam(SamConfig.from_name(name, adapter=True, adapter_init=init))
+            assert abs(ratio(sam, init) - 1) < 0.1 and abs(ratio(sam, wrong) - 1) > 0.5, name
+    torch.save(randomise(Sam(SamConfig.from_name("tiny", adapter=False))).state_dict(),
+               tmp_path / "sam.pth")  # fmt: skip
+    for init in ("official", "torch"):
+        sam = load_checkpoint(tmp_path / "sam.pth", adapter=True, adapter_init=init, verbose=False)
+        assert abs(ratio(sam, init) - 1) < 0.1 and sam.cfg.adapter_init == init
+        assert any(f"new adapter tensors ({init})" in line for line in sam.load_report)
 
 
 def test_safetensors_round_trip(tmp_path):
@@ -353,6 +492,46 @@ def test_convert_command_sheds_optimizer(tmp_path):
                                  "--no-adapter"]))  # fmt: skip
     small = load_checkpoint(dst2, verbose=False)
     assert (small.cfg.image_size, small.cfg.adapter, small.cfg.channel_order) == (512, False, "BGR")
+
+
+def test_convert_command_builds_a_sam_med2d_start_or_keeps_sam(tmp_path):
+    sd = randomise(Sam(SamConfig.from_name("tiny", image_size=1024, adapter=False))).state_dict()
+    torch.save(sd, tmp_path / "sam.pth")
+    args = ["convert", str(tmp_path / "sam.pth"), "--image-size", "256", "--adapter"]
+    model.main(model.parse_args([*args[:2], str(tmp_path / "med.safetensors"), *args[2:]]))
+    med = load_checkpoint(tmp_path / "med.safetensors", verbose=False)
+    assert (med.cfg.channel_order, med.cfg.resize_mode) == ("BGR", "stretch")
+    assert not torch.equal(med.state_dict()["mask_decoder.mask_tokens.weight"],
+                           sd["mask_decoder.mask_tokens.weight"])  # fmt: skip
+    keep = [str(tmp_path / "keep.safetensors"), "--conventions", "checkpoint", "--decoder-heads",
+            "keep"]  # fmt: skip
+    model.main(model.parse_args([*args[:2], *keep, *args[2:]]))
+    kept = load_checkpoint(tmp_path / "keep.safetensors", verbose=False)
+    assert (kept.cfg.channel_order, kept.cfg.resize_mode) == ("RGB", "longest")
+    assert torch.equal(kept.state_dict()["mask_decoder.mask_tokens.weight"],
+                       sd["mask_decoder.mask_tokens.weight"])  # fmt: skip
+    with pytest.raises(SystemExit):  # argparse: not a choice
+        model.parse_args([*args[:2], "x.safetensors", "--decoder-heads", "fresh"])
+
+
+def test_bench_and_export_onnx_hand_the_line_over(capsys, monkeypatch):
+    """`model.py bench ...` runs `bench.py encoder ...` (its flags, its output);
+    `model.py export-onnx ...` hands its whole line to onnx_export.py the same way."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the handover sets sys.argv
+    args = model.parse_args(["bench", "tiny", "--image-size", "64", "--runs", "1", "--warmup", "0"])
+    assert args.rest == ["tiny", "--image-size", "64", "--runs", "1", "--warmup", "0"]
+    with pytest.raises(SystemExit) as done:
+        model.main(args)
+    assert done.value.code == 0
+    first, second = capsys.readouterr().out.strip().splitlines()
+    assert first.startswith("parameters: encoder ") and second.startswith("tiny@64 adapter=True ")
+    onnx = model.parse_args(["export-onnx", "ckpt.safetensors", "out", "--opset", "17"])
+    assert (onnx.command, onnx.rest) == (
+        "export-onnx",
+        ["ckpt.safetensors", "out", "--opset", "17"],
+    )
+    with pytest.raises(SystemExit):  # the other commands take no foreign flags
+        model.parse_args(["info", "tiny", "--runs", "3"])
 
 
 def test_info_command_prints_the_counts(capsys):
@@ -395,6 +574,18 @@ def test_wrong_model_is_named(tmp_path):
     torch.save(fake_state_dict(SamConfig.from_name("vit_l", image_size=1024, adapter=False)), path)
     with pytest.raises(ValueError, match=r"sam_vit_l\.pth: holds a vit_l model, but vit_b"):
         load_checkpoint(path, name="vit_b", verbose=False)
+
+
+def test_non_finite_weights_are_refused_at_load(tmp_path):
+    """Issue 13.9: a NaN weight gave an empty mask and exit 0; now the load names file and tensor
+    (every layout: tests/test_checkpoints.py)."""
+    sam = randomise(Sam(SamConfig.from_name("tiny")))
+    with torch.no_grad():
+        sam.mask_decoder.iou_prediction_head.layers[1].bias[3] = float("nan")
+    save_checkpoint(sam, tmp_path / "diverged.safetensors")
+    key = "mask_decoder.iou_prediction_head.layers.1.bias"
+    with pytest.raises(ValueError, match=rf"diverged\.safetensors: tensor {key} holds non-finite"):
+        load_checkpoint(tmp_path / "diverged.safetensors", verbose=False)
 
 
 def test_truncated_file(tmp_path):
