@@ -25,6 +25,7 @@ from pathlib import Path
 
 import requests
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import files
@@ -168,6 +169,22 @@ def _read_safetensors(path: Path) -> tuple:
     if not isinstance(config, dict):
         raise ValueError(f"{path}: its config metadata is not a JSON object")
     return sd, config
+
+
+def resample_grid(sd: dict, pos_key: str, table_keys: list, g: int) -> list:
+    """For a g x g token grid, in place -> report lines: the position embedding (1, h, w, C)
+    bilinearly, each relative-position table (2h-1, hs) linearly along its offsets, both without
+    corner alignment (as the official SAM-Med2D load_from)."""
+    pe = sd[pos_key].permute(0, 3, 1, 2).float()  # (1, C, h, w)
+    pe = F.interpolate(pe, size=(g, g), mode="bilinear", align_corners=False)
+    sd[pos_key] = pe.permute(0, 2, 3, 1).contiguous()  # (1, g, g, C)
+    report = [f"resized {pos_key} to {g}x{g} tokens (bilinear)"]
+    for key in table_keys:
+        t = sd[key].float().t()[None]  # (1, hs, 2h-1)
+        t = F.interpolate(t, size=2 * g - 1, mode="linear", align_corners=False)
+        sd[key] = t[0].t().contiguous()  # (2g-1, hs)
+        report.append(f"resized {key} to {2 * g - 1} offsets (linear)")
+    return report
 
 
 def check_keys(sd: dict, expected: dict, path, allow_missing=()) -> None:

@@ -606,10 +606,8 @@ def count_parameters(sam: Sam) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints: which layout, which keys, resize. Meta's SAM (a bare state dict at 1024 px),
-# SAM-Med2D's ({'model': ..., 'optimizer': ...}, BGR), LiteMedSAM's (TinyViT) and ours (safetensors
-# with the config); checkpoints.py reads the files (safely: no pickled code runs), this section
-# builds the model they describe and loads it strictly.
+# Checkpoints: which layout, which keys, resize. checkpoints.py reads the files (Meta's SAM,
+# SAM-Med2D's, LiteMedSAM's, ours) safely; this section builds the model they describe, strictly.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -641,26 +639,14 @@ def config_from_state_dict(sd: dict, path, layout: str) -> SamConfig:
 
 
 def resize_state_dict(sd: dict, cfg: SamConfig, image_size: int) -> list:
-    """Resample what depends on the token grid for another image size, in place; -> report lines.
-
-    pos_embed is resized bilinearly; the rel-pos tables of the *global* blocks (chosen by index from
-    the preset) linearly along their offset axis. Windowed blocks and the decoder keep theirs.
-    """
+    """Resample what depends on the token grid for another image size, in place -> report lines:
+    pos_embed and the rel-pos tables of the *global* blocks (chosen by index from the preset).
+    Windowed blocks (fixed 14x14 windows) and the decoder keep theirs."""
     if cfg.encoder == "tinyvit":  # windows and 1x1 patch convs: no weight depends on the grid
         return [f"TinyViT at {image_size} px: no weights depend on the image size"]
+    tables = [f"image_encoder.blocks.{i}.attn.rel_pos_{a}" for i in cfg.global_attn for a in "hw"]
     g = image_size // cfg.patch_size
-    pe = sd["image_encoder.pos_embed"].permute(0, 3, 1, 2).float()  # (1, C, h, w)
-    pe = F.interpolate(pe, size=(g, g), mode="bilinear", align_corners=False)
-    sd["image_encoder.pos_embed"] = pe.permute(0, 2, 3, 1).contiguous()  # (1, g, g, C)
-    report = [f"resized image_encoder.pos_embed to {g}x{g} tokens (bilinear)"]
-    for i in cfg.global_attn:
-        for axis in ("h", "w"):
-            key = f"image_encoder.blocks.{i}.attn.rel_pos_{axis}"
-            t = sd[key].float().t()[None]  # (1, hs, 2*g0-1)
-            t = F.interpolate(t, size=2 * g - 1, mode="linear", align_corners=False)
-            sd[key] = t[0].t().contiguous()  # (2*g-1, hs)
-            report.append(f"resized {key} to {2 * g - 1} offsets (linear)")
-    return report
+    return checkpoints.resample_grid(sd, "image_encoder.pos_embed", tables, g)
 
 
 # What the official build_sam.py (load_from) leaves out of a SAM file when it builds SAM-Med2D at
@@ -710,7 +696,8 @@ def load_checkpoint(path, image_size=None, adapter=None, device="cpu", name=None
             report.append(f"dropped the file's {sum('.Adapter.' in k for k in sd)} adapter tensors")
             sd = {k: v for k, v in sd.items() if ".Adapter." not in k}
     cfg = replace(cfg, adapter_init=adapter_init or cfg.adapter_init)
-    to_med2d = layout == "sam" and cfg.image_size != file_cfg.image_size and cfg.adapter
+    to_med2d = (layout == "sam" and cfg.image_size != file_cfg.image_size and cfg.adapter
+                and not file_cfg.adapter)  # fmt: skip
     if to_med2d and conventions == "sam-med2d":
         cfg = replace(cfg, channel_order="BGR", resize_mode="stretch")
         report.append("SAM-Med2D's input conventions: BGR, stretch (conventions='checkpoint': "
@@ -763,11 +750,10 @@ def main(args) -> None:
         save_checkpoint(sam, args.dst)
         print(f"wrote {args.dst} ({sam.cfg.name} at {sam.cfg.image_size} px)")
     elif args.command == "info":
-        given = {
-            k: v for k, v in vars(args).items() if k in ("image_size", "adapter") and v is not None
-        }
+        adapter = {} if args.adapter is None else dict(adapter=args.adapter)  # None: the preset's
         with torch.device("meta"):  # counting needs the shapes only
-            counts = count_parameters(Sam(SamConfig.from_name(args.preset, **given)))
+            cfg = SamConfig.from_name(args.preset, image_size=args.image_size or 256, **adapter)
+            counts = count_parameters(Sam(cfg))
         print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     else:  # that module's own command line, as if run as `python bench.py encoder ...`
         module, *first = HANDOVER[args.command]

@@ -386,6 +386,9 @@ def test_other_loads_keep_heads_and_conventions(tmp_path):
     save_med2d(official_med2d_state_dict(med), tmp_path / "med.pth")
     sam = load_checkpoint(tmp_path / "med.pth", image_size=512, verbose=False)
     assert sam.cfg.channel_order == "BGR" and sam.new_keys == []
+    torch.save(official_med2d_state_dict(med), tmp_path / "bare.pth")  # SAM's layout, adapters in
+    sam = load_checkpoint(tmp_path / "bare.pth", image_size=512, adapter=True, verbose=False)
+    assert sam.cfg.channel_order == "RGB" and sam.new_keys == []
 
 
 def test_train_builds_from_sam_with_these_options(tmp_path):
