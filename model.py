@@ -649,9 +649,8 @@ def resize_state_dict(sd: dict, cfg: SamConfig, image_size: int) -> list:
     return checkpoints.resample_grid(sd, "image_encoder.pos_embed", tables, g)
 
 
-# What the official build_sam.py (load_from) leaves out of a SAM file when it builds SAM-Med2D at
-# another size, so that they start from a fresh init: inherited from SAMed, where the number of
-# classes changes them; copied here as the default, with decoder_heads="keep" as the alternative.
+# What the official build_sam.py (load_from, inherited from SAMed) leaves out of a SAM file when
+# it builds SAM-Med2D at another size, so that they start afresh: the default here too.
 DECODER_HEADS = ("mask_decoder.mask_tokens.", "mask_decoder.output_hypernetworks_mlps.",
                  "mask_decoder.iou_prediction_head.")  # fmt: skip
 
@@ -665,13 +664,11 @@ def load_checkpoint(path, image_size=None, adapter=None, device="cpu", name=None
     freshly initialised adapters (True) or drop the file's (False); None keeps what the file has.
     name: the preset the caller expects; a file of another architecture is an error.
     Building SAM-Med2D from SAM (a SAM file at another size, adapters added) follows the official
-    code: conventions "sam-med2d" sets SAM-Med2D's input conventions (BGR, stretch: what its data
-    pipeline feeds) where "checkpoint" keeps SAM's (RGB, longest side); decoder_heads "reinit"
-    initialises DECODER_HEADS afresh, "keep" keeps SAM's. adapter_init: new adapters' init (None:
-    the config's); seed: seeds the fresh tensors (None: torch's global RNG).
-    The model is in eval mode; `sam.load_report` says what was resized or initialised, and
-    `sam.new_keys` names the fresh (untrained) tensors: fine to train, not to segment with.
-    """
+    code: conventions "sam-med2d" gives SAM-Med2D's input conventions (BGR, stretch), "checkpoint"
+    keeps SAM's (RGB, longest side); decoder_heads "reinit" starts DECODER_HEADS afresh, "keep"
+    keeps SAM's. adapter_init: new adapters' (None: the config's); seed: of the fresh tensors.
+    The model is in eval mode; `sam.load_report` says what was resized or initialised and
+    `sam.new_keys` names the fresh (untrained) tensors: fine to train, not to segment with."""
     if conventions not in ("sam-med2d", "checkpoint") or decoder_heads not in ("reinit", "keep"):
         raise ValueError(f"conventions must be sam-med2d or checkpoint (not {conventions!r}), "
                          f"decoder_heads reinit or keep (not {decoder_heads!r})")  # fmt: skip
