@@ -742,8 +742,8 @@ HANDOVER = {"bench": ["bench", "encoder"], "export-onnx": ["onnx_export"]}
 
 def main(args) -> None:
     if args.command == "convert":
-        sam = load_checkpoint(args.src, args.image_size, args.adapter, conventions=args.conventions,
-                              decoder_heads=args.decoder_heads)  # fmt: skip
+        kw = dict(conventions=args.input_conventions, decoder_heads=args.decoder_heads)
+        sam = load_checkpoint(args.src, args.image_size, args.adapter, **kw)
         save_checkpoint(sam, args.dst)
         print(f"wrote {args.dst} ({sam.cfg.name} at {sam.cfg.image_size} px)")
     elif args.command == "info":
@@ -764,7 +764,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     c = sub.add_parser("convert", help="official .pth (SAM, SAM-Med2D) -> our .safetensors")
     c.add_argument("src")
     c.add_argument("dst")
-    c.add_argument("--conventions", choices=("sam-med2d", "checkpoint"), default="sam-med2d")
+    c.add_argument("--input-conventions", choices=("sam-med2d", "checkpoint"), default="sam-med2d")
     c.add_argument("--decoder-heads", choices=("reinit", "keep"), default="reinit")
     info = sub.add_parser("info", help="parameter counts")
     info.add_argument("preset", choices=list(PRESETS))

@@ -506,8 +506,8 @@ def test_convert_command_builds_a_sam_med2d_start_or_keeps_sam(tmp_path):
     assert (med.cfg.channel_order, med.cfg.resize_mode) == ("BGR", "stretch")
     assert not torch.equal(med.state_dict()["mask_decoder.mask_tokens.weight"],
                            sd["mask_decoder.mask_tokens.weight"])  # fmt: skip
-    keep = [str(tmp_path / "keep.safetensors"), "--conventions", "checkpoint", "--decoder-heads",
-            "keep"]  # fmt: skip
+    keep = [str(tmp_path / "keep.safetensors"), "--input-conventions", "checkpoint",
+            "--decoder-heads", "keep"]  # fmt: skip
     model.main(model.parse_args([*args[:2], *keep, *args[2:]]))
     kept = load_checkpoint(tmp_path / "keep.safetensors", verbose=False)
     assert (kept.cfg.channel_order, kept.cfg.resize_mode) == ("RGB", "longest")
