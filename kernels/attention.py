@@ -339,7 +339,8 @@ def launch_config(dtype: torch.dtype, hs: int, kh: int, kw: int) -> dict:
     A key block is ROWS key-grid rows of BLOCK_KW columns: about 64 keys, at least 16 (tl.dot's
     minimum). The numbers are the largest tiles that compile without spilling in bf16/fp16, not
     yet timed on a GPU (none was available): a head of 80 is padded to BLOCK_D 128, whose fp32
-    dk/dv accumulators need the dk/dv kernel's query blocks halved and 8 warps.
+    accumulators need 8 warps in both backward kernels (and the dk/dv kernel's query blocks
+    halved, as for every head size: its tiles are transposed, keys first).
 
     fp32 is for parity checks only (the dispatcher's "auto" sends fp32 to PyTorch's SDPA): its dots
     run as "tf32x3" (three tf32 products per fp32 one, fp32 accuracy on the tensor cores) with
@@ -349,9 +350,10 @@ def launch_config(dtype: torch.dtype, hs: int, kh: int, kw: int) -> dict:
     fp32, wide = dtype == torch.float32, bd > 64
     rows = max(1, min(64 // bkw, triton.next_power_of_2(kh)), triton.cdiv(16, bkw))
     common = dict(ROWS=rows, BLOCK_KW=bkw, BLOCK_D=bd, PREC="tf32x3" if fp32 else "tf32")
-    query_major = dict(common, BLOCK_M=16 if fp32 else 64, num_warps=4, num_stages=2)
-    key_major = dict(common, BLOCK_M=16 if fp32 else 32, num_warps=8 if wide else 4, num_stages=2)
-    return dict(forward=query_major, dkdv=key_major, dq=query_major)
+    forward = dict(common, BLOCK_M=16 if fp32 else 64, num_warps=4, num_stages=2)
+    dkdv = dict(common, BLOCK_M=16 if fp32 else 32, num_warps=8 if wide else 4, num_stages=2)
+    dq = dict(forward, num_warps=8 if wide and not fp32 else 4)
+    return dict(forward=forward, dkdv=dkdv, dq=dq)
 
 
 def _check(q, k, v, rel_h, rel_w):

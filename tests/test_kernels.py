@@ -9,6 +9,7 @@ same tests run compiled, at full sizes, with bf16 added (the interpreter's bf16 
 triton-lang/triton#11584).
 """
 
+import json
 import os
 import re
 import subprocess
@@ -50,7 +51,7 @@ def max_err(a, b):
 # grids check that padding columns, rows past the grid and one-row blocks are masked right.
 SLOW = pytest.mark.slow  # big grids in the interpreter, vit_b-sized layers, torch.compile
 ATTN_SHAPES = (
-    [(2, 2, 14, 14, 16), pytest.param((1, 2, 16, 16, 64), marks=SLOW), (2, 1, 5, 7, 16)]
+    [(1, 2, 14, 14, 16), pytest.param((1, 2, 16, 16, 64), marks=SLOW), (2, 1, 5, 7, 16)]
     + [(1, 1, 14, 2, 16), (1, 1, 2, 33, 16)]
     if not ON_GPU
     else [(32, 12, 14, 14, 64), (8, 12, 16, 16, 64), (1, 16, 64, 64, 80), (3, 5, 9, 11, 48)]
@@ -395,7 +396,7 @@ def run_aot(*flags):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=3000)
 
 
-def check_aot(proc, arch):
+def check_aot(proc, arch, mma):
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith(f"{arch}: ") and lines[-1].endswith(
         " 0 failing (bf16/fp16 spills or smem)"
@@ -408,18 +409,46 @@ def check_aot(proc, arch):
             assert int(m[5]) == 0, m[0]  # no bf16/fp16 spills
     names = {m[1] for m in rows}
     assert {"attn_fwd", "attn_dkdv", "attn_dq", "gate_fwd", "epilogue_bwd"} <= names
-    mma = "wgmma" if arch == "sm_90" else "mma"
-    assert all(m[7] == mma for m in rows if m[1].startswith("attn")), "attention off tensor cores"
+    assert all(m[7] in mma for m in rows if m[1].startswith("attn")), "attention off tensor cores"
     return rows
 
 
 def test_aot_quick_sweep_has_no_spills():
     """The vit_b bf16 configurations compiled for sm_90: every one without spills, on wgmma."""
-    check_aot(run_aot("sm_90", "--quick"), "sm_90")
+    check_aot(run_aot("sm_90", "--quick"), "sm_90", mma=("wgmma",))
 
 
 @SLOW
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
 def test_aot_full_sweep_has_no_bf16_fp16_spills(arch):
-    rows = check_aot(run_aot(arch), arch)
+    # Edge windows (14x2: 32-key blocks) and fp32's 16-query tiles are under wgmma's 64 rows.
+    rows = check_aot(run_aot(arch), arch, mma=("wgmma", "mma") if arch == "sm_90" else ("mma",))
     assert {m[2] for m in rows} == {"float32", "float16", "bfloat16"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU run's script, rehearsed on the CPU (issue 16)
+# ---------------------------------------------------------------------------------------------
+
+
+@SLOW
+def test_gpu_check_dry_run_writes_its_results(tmp_path):
+    """kernels/gpu_check.py --dry: every section runs (interpreter, tiny sizes), the correctness
+    rows pass, and the three files the GPU run returns are written."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(root / "kernels" / "gpu_check.py"), str(tmp_path), "--dry"]
+    proc = subprocess.run(cmd + ["--budget", "1200"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["meta"]["dry"] and not doc["meta"]["nibabel_imported"]
+    sections = doc["sections"]
+    assert {"kernels", "blocks", "encoder", "ops", "training", "autotune"} <= set(sections)
+    checked = [row for row in sections["kernels"] + sections["blocks"] if row["status"] == "ok"]
+    assert len(checked) >= 4 and all(row["passed"] for row in checked)
+    for name in ("encoder", "ops", "training", "autotune"):  # timed, nothing failed
+        assert all(not row["status"].startswith("error") for row in sections[name]), name
+        assert any(row["status"] == "ok" for row in sections[name]), name
+    md = (tmp_path / "results.md").read_text()
+    assert "## kernels" in md and "| dtype | shape |" in md
+    assert "== autotune" in (tmp_path / "log.txt").read_text()
