@@ -2,14 +2,18 @@
 
 model.py calls `attention_layer(...)` and `adapter_layer(...)`; each call picks a path:
 
-  "auto"       Triton when the tensors are on CUDA and the kernel handles their shape and dtype,
-               otherwise the fast PyTorch path (the CPU default).
+  "auto"       Triton when the tensors are on CUDA and the kernel handles their shape and dtype
+               (attention: bf16 and fp16; its fp32 kernels exist for parity checks), otherwise
+               the fast PyTorch path (the CPU default).
   "torch"      the fast PyTorch path: real tokens only, SDPA with the bias as attn_mask,
                convolutions as matmuls. Exact: the same math as the reference (fp32 results agree
                to ~1e-6).
   "triton"     the Triton kernels; on a CPU only under TRITON_INTERPRET=1 (tests).
-  "reference"  the official computation, op by op (padded windows, materialised bias): what every
-               other path is tested against and measured against.
+
+The official computation ("reference": padded windows, materialised bias), which every path is
+tested and timed against, is model.py's own (Attention and Adapter with kernels="reference"): it
+never comes here. Each op's spec sits beside its kernel at the op level instead
+(attention.attention_reference, adapter.adapter_reference), as in Triton's tutorials.
 
 The choice is made per call (never from an environment variable read at import), and it is
 recorded: `last_path[op]` is the path of the latest call of op ("attention" or "adapter") and
@@ -33,12 +37,17 @@ last_path: dict[str, str] = {}
 calls: Counter = Counter()
 
 
-def _choose(op: str, impl: str, x: torch.Tensor, supported: bool) -> str:
+def _choose(op: str, impl: str, x: torch.Tensor, supported: bool, preferred: bool = True) -> str:
     if impl not in IMPLS:
         raise ValueError(f"kernels.{op}_layer: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        raise ValueError(
+            f"kernels.{op}_layer: the reference path is model.py's (kernels='reference'), "
+            "not the dispatcher's"
+        )
     path = impl
     if impl == "auto":
-        path = "triton" if x.is_cuda and supported else "torch"
+        path = "triton" if x.is_cuda and supported and preferred else "torch"
     elif impl == "triton" and not supported:
         raise ValueError(
             f"kernels.{op}_layer: the Triton kernel does not handle {tuple(x.shape)} {x.dtype}"
@@ -67,10 +76,9 @@ def attention_layer(
         )
     hs = C // num_heads
     win = window_size if window_size > 0 else max(H, W)
-    path = _choose("attention", impl, x, attention_kernels.triton_supported(x.dtype, hs, win))
+    supported = attention_kernels.triton_supported(x.dtype, hs, win)
+    path = _choose("attention", impl, x, supported, preferred=x.dtype != torch.float32)
     args = (x, qkv_weight, qkv_bias, proj_weight, proj_bias, rel_pos_h, rel_pos_w, num_heads)
-    if path == "reference":
-        return attention_kernels.attention_layer_reference(*args, window_size)
     return attention_kernels.attention_fast(*args, window_size, core=path)
 
 
@@ -90,8 +98,7 @@ def adapter_layer(
     weights = (x, w_down, w_up, w_conv, w_deconv, ln_weight, ln_bias, eps)
     if path == "triton":  # the sums happen inside the fused epilogue
         return adapter_kernels.adapter_triton(*weights, residual=residual, mlp=mlp)
-    fn = adapter_kernels.adapter_torch if path == "torch" else adapter_kernels.adapter_reference
-    out = fn(*weights)
+    out = adapter_kernels.adapter_torch(*weights)
     for extra in (residual, mlp):
         out = out + extra if extra is not None else out
     return out

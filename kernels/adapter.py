@@ -225,6 +225,21 @@ def _epilogue_bwd_kernel(
 launches: Counter = Counter()  # Triton launches by kernel family and pass, for the tests
 
 
+def launch_config(C: int) -> dict:
+    """Block sizes and warps of each adapter kernel for C channels: the only place they are chosen,
+    read by the launches below and by `python kernels/bench.py --aot` (which compiles every one
+    for the H100/H200 and prints registers and spills). A program holds whole rows of C channels;
+    the gate reads 8 tokens (or 8 hidden units) of a row at a time, the reduction 32 x 128."""
+    bc = triton.next_power_of_2(C)
+    return dict(
+        gate_fwd=dict(BLOCK_L=8, BLOCK_C=bc, BLOCK_R=8, num_warps=8),
+        gate_bwd_reduce=dict(BLOCK_L=32, BLOCK_C=128),
+        gate_bwd_dx=dict(BLOCK_L=8, BLOCK_C=bc),
+        epilogue_fwd=dict(BLOCK_C=bc),
+        epilogue_bwd=dict(BLOCK_C=bc, rows_per_program=32),
+    )
+
+
 @torch.library.custom_op("sam_med2d::adapter_gate", mutates_args=())
 def _gate_op(
     x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor
@@ -236,9 +251,8 @@ def _gate_op(
     hid = torch.empty(B, CR, device=x.device, dtype=torch.float32)
     launches["gate_forward"] += 1
     _gate_fwd_kernel[(B,)](
-        x, w_down, w_up, xg, g, mean, hid, L, C, CR, BLOCK_L=8,
-        BLOCK_C=triton.next_power_of_2(C), BLOCK_R=8, num_warps=8,
-    )  # fmt: skip
+        x, w_down, w_up, xg, g, mean, hid, L, C, CR, **launch_config(C)["gate_fwd"]
+    )
     return xg, g, mean, hid
 
 
@@ -257,7 +271,9 @@ def _gate_bwd_op(
     B, L, C = x.shape
     dg = torch.empty(B, C, device=x.device, dtype=torch.float32)
     launches["gate_backward"] += 1
-    _gate_bwd_reduce_kernel[(B, triton.cdiv(C, 128))](dxg, x, dg, L, C, BLOCK_L=32, BLOCK_C=128)
+    c = launch_config(C)
+    grid = (B, triton.cdiv(C, c["gate_bwd_reduce"]["BLOCK_C"]))
+    _gate_bwd_reduce_kernel[grid](dxg, x, dg, L, C, **c["gate_bwd_reduce"])
     # The gate's little MLP, backwards (B x C and C x C/4 sized: plain PyTorch).
     da = dg * g * (1 - g)  # (B, C) through the sigmoid
     dw_up = da.T @ hid  # (C, CR)
@@ -265,9 +281,8 @@ def _gate_bwd_op(
     dw_down = dh.T @ mean  # (CR, C)
     dmean = dh @ w_down.float()  # (B, C)
     dx = torch.empty_like(x)
-    _gate_bwd_dx_kernel[(B, triton.cdiv(L, 8))](
-        dxg, g, dmean, dx, L, C, BLOCK_L=8, BLOCK_C=triton.next_power_of_2(C)
-    )  # fmt: skip
+    grid = (B, triton.cdiv(L, c["gate_bwd_dx"]["BLOCK_L"]))
+    _gate_bwd_dx_kernel[grid](dxg, g, dmean, dx, L, C, **c["gate_bwd_dx"])
     return dx, dw_down.to(w_down.dtype), dw_up.to(w_up.dtype)
 
 
@@ -303,7 +318,7 @@ def _epilogue_op(
     _epilogue_fwd_kernel[(R,)](
         x, d, res if res is not None else x, mlp if mlp is not None else x, ln_w, ln_b, out, mean,
         rstd, C, eps, HAS_RES=res is not None, HAS_MLP=mlp is not None,
-        BLOCK_C=triton.next_power_of_2(C),
+        **launch_config(C)["epilogue_fwd"],
     )  # fmt: skip
     return out, mean, rstd
 
@@ -320,14 +335,14 @@ def _epilogue_bwd_op(
     rstd: torch.Tensor, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     R, C = x.shape
-    rows = 32
+    c = dict(launch_config(C)["epilogue_bwd"])
+    rows = c.pop("rows_per_program")
     progs = triton.cdiv(R, rows)
     dx, dd = torch.empty_like(x), torch.empty_like(d)
     launches["epilogue_backward"] += 1
     parts = torch.empty(2, progs, C, device=x.device, dtype=torch.float32)
     _epilogue_bwd_kernel[(progs,)](
-        dout, x, d, ln_w, mean, rstd, dx, dd, parts[0], parts[1], R, C, eps, rows,
-        BLOCK_C=triton.next_power_of_2(C),
+        dout, x, d, ln_w, mean, rstd, dx, dd, parts[0], parts[1], R, C, eps, rows, **c
     )  # fmt: skip
     dw, db = parts[0].sum(0), parts[1].sum(0)  # (C,) each
     return dx, dd, dw.to(ln_w.dtype), db.to(ln_w.dtype)

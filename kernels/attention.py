@@ -24,8 +24,8 @@ and because the real tokens of a window are its top-left rh x rw rectangle, the 
 (`pad_key_logit`). Padded queries are never computed: their outputs are cropped away. This is exact
 math; the roundings differ from the official order only in the last bits.
 
-Paths (chosen by kernels.attention_layer):
-  reference  the official computation: pad, partition, qkv on every token, materialised bias.
+Paths (chosen by kernels.attention_layer; the official computation, which pads, partitions and
+materialises the bias, is model.py's Attention with kernels="reference"):
   torch      real tokens only; F.scaled_dot_product_attention on 4-D q/k/v with the bias (and the
              padded key's logit) as attn_mask, which reaches PyTorch's CPU flash kernel (when no
              gradient flows into the mask; in training PyTorch takes its math path).
@@ -87,13 +87,14 @@ def pad_key_logit(rel_h, rel_w, rh: int, rw: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# The reference core: materialised bias (what the official code computes)
+# The op's spec: the bias materialised (the kernels' tests run it in float64)
 
 
 def attention_reference(q, k, v, rel_h, rel_w, scale: float):
     """q, k, v (Z, nh, N, hs); rel_h (Z, nh, N, kh), rel_w (Z, nh, N, kw) with kh * kw = N.
 
-    Returns (out (Z, nh, N, hs), lse (Z, nh, N) fp32): softmax(S) V and the log-sum-exp of S."""
+    Returns (out (Z, nh, N, hs), lse (Z, nh, N) fp32): softmax(S) V and the log-sum-exp of S.
+    Same signature and result as attention_triton, which must match it."""
     attn = (q * scale) @ k.transpose(-2, -1)  # (Z, nh, N, N)
     bias = rel_h[..., :, None] + rel_w[..., None, :]  # (Z, nh, N, kh, kw)
     attn = attn + bias.flatten(-2)  # (Z, nh, N, N)
@@ -143,27 +144,37 @@ def attention_sdpa(q, k, v, rel_h, rel_w, scale: float, k_e=None, v_e=None, extr
 # --------------------------------------------------------------------------------------------------
 # Triton kernels. Tensors are contiguous: q, k, v, o, do, dq, dk, dv (Z*nh, N, HS); rel_h, d_rel_h
 # (Z*nh, N, KH); rel_w, d_rel_w (Z*nh, N, KW); lse, delta (Z*nh, N) fp32. Program axis 0 is the
-# (window, head) pair, axis 1 the block of queries (forward, dq) or keys (dk, dv).
+# (window, head) pair, axis 1 the block of queries (forward, dq) or of key rows (dk, dv).
+#
+# Register budget. The bias tile must never be gathered element by element: a (BLOCK_M, BLOCK_N)
+# tensor of 64-bit pointers per term is what made the first version of these kernels spill (see
+# docs/kernels.md). Instead a block of keys is ROWS whole rows of the key grid, each padded to
+# BLOCK_KW = next_pow2(KW) columns, so key j of the block sits at row y0 + j // BLOCK_KW, column
+# j % BLOCK_KW (compile-time shifts), and the bias is a broadcast sum of two small blocks:
+#
+#     bias[i, (r, c)] = rel_h[i, y0 + r] + rel_w[i, c]     (BLOCK_M, ROWS) and (BLOCK_M, BLOCK_KW)
+#
+# The same layout turns dq's rel-pos gradients into plain reductions of the dS tile: a key row
+# holds all keys with one y, so d_rel_h[i, y0 + r] = sum_c dS[i, (r, c)] is final when its block is
+# done (stored at once), and d_rel_w[i, c] = sum over every block and r of dS[i, (r, c)] is one
+# (BLOCK_M, BLOCK_KW) accumulator.
 
 
 @triton.jit
-def _bias_tile(rh_rows, rw_rows, offs_n, mask, KW):
-    """The (BLOCK_M, BLOCK_N) tile rel_h[i, ky(j)] + rel_w[i, kx(j)], gathered from the small terms.
-
-    rh_rows / rw_rows: pointers to the rows of rel_h / rel_w of this tile's queries (BLOCK_M, 1)."""
-    ky = offs_n // KW
-    kx = offs_n % KW
-    bh = tl.load(rh_rows + ky[None, :], mask=mask, other=0.0)
-    bw = tl.load(rw_rows + kx[None, :], mask=mask, other=0.0)
-    return bh.to(tl.float32) + bw.to(tl.float32)
+def _key_rows(y0, KH, KW, ROWS: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """Token indices (BLOCK_N,) of the key block starting at key row y0, and which of them exist
+    (the block's last rows may run past KH; columns past KW are padding)."""
+    j = tl.arange(0, ROWS * BLOCK_KW)
+    ky, kx = y0 + j // BLOCK_KW, j % BLOCK_KW
+    return ky * KW + kx, (ky < KH) & (kx < KW)
 
 
 @triton.jit
-def _scores(q, k, rh_rows, rw_rows, offs_n, mask, scale, KW, PREC: tl.constexpr):
-    """The (BLOCK_M, BLOCK_N) logits tile scale * q k^T + rel_h + rel_w, in fp32: the one place the
-    forward and both backward kernels form S."""
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-    return s + _bias_tile(rh_rows, rw_rows, offs_n, mask, KW)
+def _bias(rel_h, rel_w, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """The (BLOCK_M, ROWS * BLOCK_KW) bias tile from rel_h (BLOCK_M, ROWS) and rel_w (BLOCK_M,
+    BLOCK_KW): a broadcast add, reshaped row-major (as the key block is laid out)."""
+    b = rel_h[:, :, None] + rel_w[:, None, :]  # (BLOCK_M, ROWS, BLOCK_KW)
+    return tl.reshape(b, (BLOCK_M, ROWS * BLOCK_KW))
 
 
 @triton.jit
@@ -174,38 +185,39 @@ def _fwd_kernel(
     LSE,  # (Z*nh, N) fp32 log-sum-exp of every query's logits (kept for the backward)
     N, HS, KH, KW,  # tokens, head size, key grid height and width (N == KH * KW)
     scale,  # softmax scale, hs ** -0.5
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     zh = tl.program_id(0).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d, offs_r, offs_c = tl.arange(0, BLOCK_D), tl.arange(0, ROWS), tl.arange(0, BLOCK_KW)
     m_ok, d_ok = offs_m < N, offs_d < HS
-    base = zh * N * HS
-    q_ptrs = Q + base + offs_m[:, None] * HS + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    rh_rows = RH + zh * N * KH + offs_m[:, None] * KH
-    rw_rows = RW + zh * N * KW + offs_m[:, None] * KW
+    Q, K, V, O = Q + zh * N * HS, K + zh * N * HS, V + zh * N * HS, O + zh * N * HS
+    RH, RW = RH + zh * N * KH + offs_m[:, None] * KH, RW + zh * N * KW + offs_m[:, None] * KW
+    q = tl.load(Q + offs_m[:, None] * HS + offs_d[None, :], m_ok[:, None] & d_ok[None, :], 0.0)
+    rel_w = tl.load(RW + offs_c[None, :], m_ok[:, None] & (offs_c < KW)[None, :], 0.0)
+    rel_w = rel_w.to(tl.float32)  # (BLOCK_M, BLOCK_KW), the same for every key block
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        kv_ptrs = base + offs_n[:, None] * HS + offs_d[None, :]
-        k = tl.load(K + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = _scores(q, k, rh_rows, rw_rows, offs_n, m_ok[:, None] & n_ok[None, :], scale, KW, PREC)
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+    for y0 in range(0, KH, ROWS):
+        offs_n, n_ok = _key_rows(y0, KH, KW, ROWS, BLOCK_KW)
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + offs_n[:, None] * HS + offs_d[None, :], kv_ok, 0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + offs_n[:, None] * HS + offs_d[None, :], kv_ok, 0.0)
+        rh_ok = m_ok[:, None] & (y0 + offs_r < KH)[None, :]
+        rel_h = tl.load(RH + y0 + offs_r[None, :], rh_ok, 0.0).to(tl.float32)  # (BLOCK_M, ROWS)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s += _bias(rel_h, rel_w, BLOCK_M, ROWS, BLOCK_KW)
+        s = tl.where(n_ok[None, :], s, float("-inf"))  # (BLOCK_M, BLOCK_N) logits
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
-    o_ptrs = O + base + offs_m[:, None] * HS + offs_d[None, :]
-    tl.store(
-        o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :]
-    )
+    o = (acc / l_i[:, None]).to(O.dtype.element_ty)
+    tl.store(O + offs_m[:, None] * HS + offs_d[None, :], o, m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + zh * N + offs_m, m_i + tl.log(l_i), mask=m_ok)
 
 
@@ -215,38 +227,47 @@ def _bwd_dkdv_kernel(
     DO,  # (Z*nh, N, HS) gradient of the output
     LSE, DELTA,  # (Z*nh, N) fp32: forward lse, and rowsum(dO * O) - dlse
     DK, DV,  # (Z*nh, N, HS) outputs
-    N, HS, KH, KW, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    N, HS, KH, KW, scale,  # as in the forward
+    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr,
 ):  # fmt: skip
+    # Transposed tiles, keys first (Triton tutorial 06's dk/dv loop): S^T = K Q^T is (BLOCK_N,
+    # BLOCK_M), so every product here has the key block as its M side and BLOCK_M (the streamed
+    # queries) can be small without leaving Hopper's 64-row wgmma.
     zh = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_ok, d_ok = offs_n < N, offs_d < HS
+    y0 = tl.program_id(1) * ROWS  # this program's key rows
+    offs_n, n_ok = _key_rows(y0, KH, KW, ROWS, BLOCK_KW)
+    offs_d, offs_r, offs_c = tl.arange(0, BLOCK_D), tl.arange(0, ROWS), tl.arange(0, BLOCK_KW)
+    d_ok = offs_d < HS
     base = zh * N * HS
     kv_ptrs = base + offs_n[:, None] * HS + offs_d[None, :]
-    k = tl.load(K + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    kv_ok = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + kv_ptrs, kv_ok, 0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(V + kv_ptrs, kv_ok, 0.0)
+    dk = tl.zeros([ROWS * BLOCK_KW, BLOCK_D], tl.float32)
+    dv = tl.zeros([ROWS * BLOCK_KW, BLOCK_D], tl.float32)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N
         q_ptrs = base + offs_m[:, None] * HS + offs_d[None, :]
-        q = tl.load(Q + q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(DO + q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        lse = tl.load(LSE + zh * N + offs_m, mask=m_ok, other=0.0)
-        delta = tl.load(DELTA + zh * N + offs_m, mask=m_ok, other=0.0)
-        tile_ok = m_ok[:, None] & n_ok[None, :]
-        rh_rows = RH + zh * N * KH + offs_m[:, None] * KH
-        rw_rows = RW + zh * N * KW + offs_m[:, None] * KW
-        s = _scores(q, k, rh_rows, rw_rows, offs_n, tile_ok, scale, KW, PREC)
-        p = tl.where(tile_ok, tl.exp(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N) probabilities
-        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])  # dL/dS
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
-    tl.store(DK + kv_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
-    tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+        q = tl.load(Q + q_ptrs, m_ok[:, None] & d_ok[None, :], 0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(DO + q_ptrs, m_ok[:, None] & d_ok[None, :], 0.0)
+        lse = tl.load(LSE + zh * N + offs_m, m_ok, 0.0)
+        delta = tl.load(DELTA + zh * N + offs_m, m_ok, 0.0)
+        rh_ptrs = RH + zh * N * KH + offs_m[None, :] * KH + y0 + offs_r[:, None]
+        rel_h = tl.load(rh_ptrs, m_ok[None, :] & (y0 + offs_r < KH)[:, None], 0.0)
+        rw_ptrs = RW + zh * N * KW + offs_m[None, :] * KW + offs_c[:, None]
+        rel_w = tl.load(rw_ptrs, m_ok[None, :] & (offs_c < KW)[:, None], 0.0)
+        bias = rel_h.to(tl.float32)[:, None, :] + rel_w.to(tl.float32)[None, :, :]  # (R, KW, M)
+        s = tl.dot(k, tl.trans(q), input_precision=PREC) * scale  # (BLOCK_N, BLOCK_M) S^T
+        s += tl.reshape(bias, (ROWS * BLOCK_KW, BLOCK_M))
+        p = tl.where(n_ok[:, None] & m_ok[None, :], tl.exp(s - lse[None, :]), 0.0)  # P^T
+        dv += tl.dot(p.to(do.dtype), do, input_precision=PREC)
+        dp = tl.dot(v, tl.trans(do), input_precision=PREC)  # dP^T
+        ds = p * (dp - delta[None, :])  # dL/dS^T
+        dk += tl.dot(ds.to(q.dtype), q, input_precision=PREC)
+    tl.store(DK + kv_ptrs, (dk * scale).to(DK.dtype.element_ty), kv_ok)
+    tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), kv_ok)
 
 
 @triton.jit
@@ -254,60 +275,85 @@ def _bwd_dq_kernel(
     Q, K, V, RH, RW, DO, LSE, DELTA,  # as in _bwd_dkdv_kernel
     DQ,  # (Z*nh, N, HS) output
     DRH, DRW,  # (Z*nh, N, KH) and (Z*nh, N, KW) outputs: dL/drel_h, dL/drel_w
-    N, HS, KH, KW, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_KH: tl.constexpr, BLOCK_KW: tl.constexpr, PREC: tl.constexpr,
+    N, HS, KH, KW, scale,  # as in the forward
+    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     zh = tl.program_id(0).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d, offs_r, offs_c = tl.arange(0, BLOCK_D), tl.arange(0, ROWS), tl.arange(0, BLOCK_KW)
     m_ok, d_ok = offs_m < N, offs_d < HS
     base = zh * N * HS
     q_ptrs = base + offs_m[:, None] * HS + offs_d[None, :]
-    q = tl.load(Q + q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    lse = tl.load(LSE + zh * N + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(DELTA + zh * N + offs_m, mask=m_ok, other=0.0)
-    rh_rows = RH + zh * N * KH + offs_m[:, None] * KH
-    rw_rows = RW + zh * N * KW + offs_m[:, None] * KW
+    q = tl.load(Q + q_ptrs, m_ok[:, None] & d_ok[None, :], 0.0)
+    do = tl.load(DO + q_ptrs, m_ok[:, None] & d_ok[None, :], 0.0)
+    lse = tl.load(LSE + zh * N + offs_m, m_ok, 0.0)
+    delta = tl.load(DELTA + zh * N + offs_m, m_ok, 0.0)
+    rh_rows = zh * N * KH + offs_m[:, None] * KH  # (BLOCK_M, 1) offsets of rel_h and d_rel_h
+    rw_ptrs = zh * N * KW + offs_m[:, None] * KW + offs_c[None, :]
+    rw_ok = m_ok[:, None] & (offs_c < KW)[None, :]
+    rel_w = tl.load(RW + rw_ptrs, rw_ok, 0.0).to(tl.float32)  # (BLOCK_M, BLOCK_KW)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    drh = tl.zeros([BLOCK_M, BLOCK_KH], tl.float32)
     drw = tl.zeros([BLOCK_M, BLOCK_KW], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        tile_ok = m_ok[:, None] & n_ok[None, :]
-        kv_ptrs = base + offs_n[:, None] * HS + offs_d[None, :]
-        k = tl.load(K + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = _scores(q, k, rh_rows, rw_rows, offs_n, tile_ok, scale, KW, PREC)
-        p = tl.where(tile_ok, tl.exp(s - lse[:, None]), 0.0)
+    for y0 in range(0, KH, ROWS):
+        offs_n, n_ok = _key_rows(y0, KH, KW, ROWS, BLOCK_KW)
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + base + offs_n[:, None] * HS + offs_d[None, :], kv_ok, 0.0)
+        v = tl.load(V + base + offs_n[:, None] * HS + offs_d[None, :], kv_ok, 0.0)
+        rh_ok = m_ok[:, None] & (y0 + offs_r < KH)[None, :]
+        rel_h = tl.load(RH + rh_rows + y0 + offs_r[None, :], rh_ok, 0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s += _bias(rel_h, rel_w, BLOCK_M, ROWS, BLOCK_KW)
+        p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N) dL/dS
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-        # dL/drel_h[i, y] = sum of ds[i, j] over the keys j in row y: a matmul with a one-hot
-        # (BLOCK_N, BLOCK_KH) matrix, so the segmented sum runs on the tensor cores.
-        hot_h = (offs_n // KW)[:, None] == tl.arange(0, BLOCK_KH)[None, :]
-        hot_w = (offs_n % KW)[:, None] == tl.arange(0, BLOCK_KW)[None, :]
-        drh += tl.dot(ds, hot_h.to(tl.float32), input_precision="ieee")
-        drw += tl.dot(ds, hot_w.to(tl.float32), input_precision="ieee")
-    tl.store(DQ + q_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    offs_kh, offs_kw = tl.arange(0, BLOCK_KH), tl.arange(0, BLOCK_KW)
-    drh_ptrs = DRH + zh * N * KH + offs_m[:, None] * KH + offs_kh[None, :]
-    drw_ptrs = DRW + zh * N * KW + offs_m[:, None] * KW + offs_kw[None, :]
-    tl.store(drh_ptrs, drh.to(DRH.dtype.element_ty), mask=m_ok[:, None] & (offs_kh < KH)[None, :])
-    tl.store(drw_ptrs, drw.to(DRW.dtype.element_ty), mask=m_ok[:, None] & (offs_kw < KW)[None, :])
+        ds = tl.reshape(ds, (BLOCK_M, ROWS, BLOCK_KW))  # keys by (row, column) of the key grid
+        drh = tl.sum(ds, 2)  # (BLOCK_M, ROWS): these rows' keys are all in this block
+        tl.store(DRH + rh_rows + y0 + offs_r[None, :], drh.to(DRH.dtype.element_ty), rh_ok)
+        drw += tl.sum(ds, 1)  # (BLOCK_M, BLOCK_KW)
+    tl.store(DQ + q_ptrs, (dq * scale).to(DQ.dtype.element_ty), m_ok[:, None] & d_ok[None, :])
+    tl.store(DRW + rw_ptrs, drw.to(DRW.dtype.element_ty), rw_ok)
 
 
 # --------------------------------------------------------------------------------------------------
-# Host side: shape checks, launch, custom ops (torch.compile sees opaque ops with fake shapes)
+# Host side: launch configurations, shape checks, custom ops (torch.compile sees opaque ops)
 
 launches: Counter = Counter()  # Triton launches by pass ("forward", "backward"), for the tests
+MAX_SIDE = 128  # the widest key-grid row a block holds (BLOCK_KW); the dispatcher falls back above
 
 
 def triton_supported(dtype: torch.dtype, head_size: int, window: int) -> bool:
-    """What the kernels handle (one tile holds a head; the one-hot rel-pos gradient holds a window
-    side); the dispatcher falls back to PyTorch otherwise."""
-    return dtype in (torch.float32, torch.float16, torch.bfloat16) and max(head_size, window) <= 128
+    """What the kernels handle (one tile holds a head; a key block holds whole key-grid rows);
+    the dispatcher falls back to PyTorch otherwise."""
+    fits = head_size <= 128 and window <= MAX_SIDE
+    return dtype in (torch.float32, torch.float16, torch.bfloat16) and fits
+
+
+def launch_config(dtype: torch.dtype, hs: int, kh: int, kw: int) -> dict:
+    """Block sizes, dot precision, warps and stages of each kernel ("forward", "dkdv", "dq") for
+    one shape: the only place they are chosen, read by the launches below and by
+    `python kernels/bench.py --aot`, which compiles every configuration this can return for the
+    H100/H200 and prints registers and spills (docs/kernels.md has the tables).
+
+    A key block is ROWS key-grid rows of BLOCK_KW columns: about 64 keys, at least 16 (tl.dot's
+    minimum). The numbers are the largest tiles that compile without spilling in bf16/fp16, not
+    yet timed on a GPU (none was available): a head of 80 is padded to BLOCK_D 128, whose fp32
+    accumulators need 8 warps in both backward kernels (and the dk/dv kernel's query blocks
+    halved, as for every head size: its tiles are transposed, keys first).
+
+    fp32 is for parity checks only (the dispatcher's "auto" sends fp32 to PyTorch's SDPA): its dots
+    run as "tf32x3" (three tf32 products per fp32 one, fp32 accuracy on the tensor cores) with
+    16-query blocks; it still spills a little at head size 80 (docs/kernels.md). Full "ieee" fp32
+    dots run on the FMA units and spill far more at any useful tile size."""
+    bd, bkw = max(16, triton.next_power_of_2(hs)), triton.next_power_of_2(kw)
+    fp32, wide = dtype == torch.float32, bd > 64
+    rows = max(1, min(64 // bkw, triton.next_power_of_2(kh)), triton.cdiv(16, bkw))
+    common = dict(ROWS=rows, BLOCK_KW=bkw, BLOCK_D=bd, PREC="tf32x3" if fp32 else "tf32")
+    forward = dict(common, BLOCK_M=16 if fp32 else 64, num_warps=4, num_stages=2)
+    dkdv = dict(common, BLOCK_M=16 if fp32 else 32, num_warps=8 if wide else 4, num_stages=2)
+    dq = dict(forward, num_warps=8 if wide and not fp32 else 4)
+    return dict(forward=forward, dkdv=dkdv, dq=dq)
 
 
 def _check(q, k, v, rel_h, rel_w):
@@ -318,15 +364,7 @@ def _check(q, k, v, rel_h, rel_w):
     )
     assert rel_h.shape[-1] * rel_w.shape[-1] == N, "the key grid kh x kw must hold the N tokens"
     assert q.dtype == k.dtype == v.dtype, "q, k, v must share a dtype"
-
-
-def _consts(q):
-    """Launch constants. Not tuned on a GPU yet (none was available while this was written): 64 x 64
-    tiles, halved when fp32 tiles of a wide head (vit_h: hs 80 -> 128) would crowd shared memory."""
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 parity with the reference
-    bd = max(16, triton.next_power_of_2(q.shape[-1]))
-    block = 32 if q.dtype == torch.float32 and bd > 64 else 64
-    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=bd, PREC=prec, num_warps=4, num_stages=2)
+    assert rel_w.shape[-1] <= MAX_SIDE, f"key-grid rows of {rel_w.shape[-1]} > {MAX_SIDE}"
 
 
 @torch.library.custom_op("sam_med2d::rel_pos_attention", mutates_args=())
@@ -335,14 +373,13 @@ def _rel_pos_attention_op(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     Z, nh, N, hs = q.shape
+    kh, kw = rel_h.shape[-1], rel_w.shape[-1]
     o = torch.empty_like(q)  # inputs are contiguous (attention_triton), so o is too
     lse = torch.empty((Z, nh, N), device=q.device, dtype=torch.float32)
     launches["forward"] += 1
-    c = _consts(q)
+    c = launch_config(q.dtype, hs, kh, kw)["forward"]
     grid = (Z * nh, triton.cdiv(N, c["BLOCK_M"]))
-    _fwd_kernel[grid](
-        q, k, v, rel_h, rel_w, o, lse, N, hs, rel_h.shape[-1], rel_w.shape[-1], scale, **c,
-    )  # fmt: skip
+    _fwd_kernel[grid](q, k, v, rel_h, rel_w, o, lse, N, hs, kh, kw, scale, **c)
     return o, lse
 
 
@@ -360,16 +397,14 @@ def _rel_pos_attention_bwd_op(
     kh, kw = rel_h.shape[-1], rel_w.shape[-1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     drh, drw = torch.empty_like(rel_h), torch.empty_like(rel_w)
-    c = _consts(q)
+    c = launch_config(q.dtype, hs, kh, kw)
     launches["backward"] += 1
     args = (q, k, v, rel_h, rel_w, do, lse, delta)
-    _bwd_dkdv_kernel[(Z * nh, triton.cdiv(N, c["BLOCK_N"]))](
-        *args, dk, dv, N, hs, kh, kw, scale, **c
-    )  # fmt: skip
-    bkh, bkw = max(16, triton.next_power_of_2(kh)), max(16, triton.next_power_of_2(kw))
-    _bwd_dq_kernel[(Z * nh, triton.cdiv(N, c["BLOCK_M"]))](
-        *args, dq, drh, drw, N, hs, kh, kw, scale, BLOCK_KH=bkh, BLOCK_KW=bkw, **c
-    )  # fmt: skip
+    dkdv, dq_c = c["dkdv"], c["dq"]
+    grid = (Z * nh, triton.cdiv(kh, dkdv["ROWS"]))
+    _bwd_dkdv_kernel[grid](*args, dk, dv, N, hs, kh, kw, scale, **dkdv)
+    grid = (Z * nh, triton.cdiv(N, dq_c["BLOCK_M"]))
+    _bwd_dq_kernel[grid](*args, dq, drh, drw, N, hs, kh, kw, scale, **dq_c)
     return dq, dk, dv, drh, drw
 
 
@@ -456,24 +491,3 @@ def attention_fast(x, qkv_w, qkv_b, proj_w, proj_b, rel_pos_h, rel_pos_w, num_he
             o, "(b ny nx) nh (h w) hs -> b (ny h) (nx w) (nh hs)", b=B, ny=(y1 - y0) // rh, h=rh
         )
     return F.linear(out, proj_w, proj_b)  # (B, H, W, C)
-
-
-def attention_layer_reference(x, qkv_w, qkv_b, proj_w, proj_b, rel_pos_h, rel_pos_w, num_heads, ws):
-    """The official Block + Attention: pad, partition, qkv on every token, materialised bias."""
-    B, H, W, C = x.shape
-    hs = C // num_heads
-    if ws > 0:
-        ph, pw = (ws - H % ws) % ws, (ws - W % ws) % ws
-        x = F.pad(x, (0, 0, 0, pw, 0, ph))  # (B, Hp, Wp, C)
-        x = rearrange(x, "b (ny h) (nx w) c -> (b ny nx) h w c", h=ws, w=ws)  # (Z, ws, ws, C)
-    Z, gh, gw, _ = x.shape
-    qkv = F.linear(x, qkv_w, qkv_b)  # (Z, gh, gw, 3C)
-    q, k, v = rearrange(qkv, "z h w (t nh hs) -> t z nh (h w) hs", t=3, nh=num_heads)
-    rh_table = rel_pos_table(gh, rel_pos_h)  # (gh, gh, hs)
-    rw_table = rel_pos_table(gw, rel_pos_w)  # (gw, gw, hs)
-    rel_h, rel_w = rel_pos_terms(q, (gh, gw), rh_table, rw_table)
-    o, _ = attention_reference(q, k, v, rel_h, rel_w, hs**-0.5)  # (Z, nh, N, hs)
-    o = rearrange(o, "z nh (h w) hs -> z h w (nh hs)", h=gh)  # (Z, gh, gw, C)
-    if ws > 0:
-        o = rearrange(o, "(b ny nx) h w c -> b (ny h) (nx w) c", b=B, ny=(H + ph) // ws)
-    return F.linear(o[:, :H, :W], proj_w, proj_b)  # (B, H, W, C)
