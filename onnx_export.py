@@ -362,10 +362,12 @@ def bench(sam: model.Sam, out_dir, threads: int = 2, runs: int = 5, warmup: int 
 
 def main(args) -> dict:
     sam = model.load_checkpoint(args.checkpoint, image_size=args.image_size)
-    try:
-        written = export(sam, args.out_dir, opset=args.opset)
-    except ExportError as e:
-        raise SystemExit(f"{args.checkpoint}: {e}") from None
+    written = {}
+    if not args.skip_export:
+        try:
+            written = export(sam, args.out_dir, opset=args.opset)
+        except ExportError as e:
+            raise SystemExit(f"{args.checkpoint}: {e}") from None
     for path in written.values():
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     if args.bench:
@@ -388,5 +390,8 @@ if __name__ == "__main__":
     p.add_argument("--bench", action="store_true", help="then time onnxruntime vs PyTorch")
     p.add_argument("--threads", type=int, default=2, help="for --bench, both runtimes")
     p.add_argument("--runs", type=int, default=5, help="for --bench")
+    p.add_argument(
+        "--skip-export", action="store_true", help="--bench the files in OUT_DIR as they are"
+    )
     main(p.parse_args())
     sys.exit(0)

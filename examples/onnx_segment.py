@@ -3,6 +3,7 @@ onnxruntime, no PyTorch. The proof that the exported files are self-sufficient, 
 putting the model into a viewer or a service.
 
     python examples/onnx_segment.py MODEL_DIR IMAGE --box X0 Y0 X1 Y1 --out mask.png
+        [--point X Y] [--neg X Y] (clicks that refine the box)  [--no-multimask]
 
 MODEL_DIR holds encoder.onnx, decoder.onnx (three masks, the best kept by predicted IoU),
 decoder_single.onnx (one mask) and preprocess.json. The steps mirror data.preprocess,

@@ -54,14 +54,14 @@ def perturbed(cfg: model.SamConfig, seed: int = 0) -> model.Sam:
     return sam
 
 
-def prompts(kind: str, P: int, S: int, seed: int = 1) -> tuple:
+def prompts(kind: str, P: int, S: int, low: int, seed: int = 1) -> tuple:
     """-> Sam.decode's keyword arguments and the same prompts as decoder.onnx inputs."""
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(P, 2, 2, generator=g) * S  # (P, 2, 2): two clicks per prompt
     lab = torch.tensor([[1, 0]]).repeat(P, 1)  # (P, 2)
     x0y0 = torch.rand(P, 2, generator=g) * S / 2
     boxes = torch.cat([x0y0, x0y0 + S / 4 + torch.rand(P, 2, generator=g) * S / 4], 1)  # (P, 4)
-    mask = torch.rand(P, 1, S // 4, S // 4, generator=g)  # sigmoid probabilities
+    mask = torch.rand(P, 1, low, low, generator=g)  # sigmoid probabilities
     kw, coords, labels = {}, [], []
     if "points" in kind:
         kw["points"] = (xy, lab)
@@ -89,7 +89,7 @@ def check_encoder(sam, out_dir, x):
 
 
 def check_decoder(sam, out_dir, emb, kind, P, multimask):
-    kw, coords, labels, mask = prompts(kind, P, sam.cfg.image_size)
+    kw, coords, labels, mask = prompts(kind, P, sam.cfg.image_size, sam.cfg.low_res_size)
     with torch.no_grad():
         ref = sam.decode(torch.from_numpy(emb), multimask=multimask, **kw)
     name = "decoder.onnx" if multimask else "decoder_single.onnx"
