@@ -27,6 +27,7 @@ is refused before anything is written. See docs/deploy.md.
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -191,7 +192,11 @@ def find_failing_module(graph: nn.Module, args: tuple, opset: int) -> str:
 
 
 def _first_line(e: Exception) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    """The innermost cause's first line (the exporter's own says only which step failed), e.g.
+    "DispatchError: No ONNX function found for <OpOverload(op='...')>", without colour codes."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
