@@ -6,6 +6,7 @@ The fast tests export the `tiny` preset once (module fixture); vit_b@256 with ad
 LiteMedSAM's real weights are in the slow tests (minutes of export on a small CPU).
 """
 
+import functools
 import importlib.util
 import json
 import subprocess
@@ -79,10 +80,16 @@ def prompts(kind: str, P: int, S: int, low: int, seed: int = 1) -> tuple:
     return kw, coords, labels, (mask.numpy() if "mask" in kind else None)
 
 
+@functools.cache
+def session(path: Path):
+    """One onnxruntime session per exported file, shared by the tests that run it."""
+    return ox.session(path)
+
+
 def check_encoder(sam, out_dir, x):
     with torch.no_grad():
         ref = sam.encode(x).numpy()
-    (got,) = ox.session(out_dir / "encoder.onnx").run(None, {"image": x.numpy()})
+    (got,) = session(out_dir / "encoder.onnx").run(None, {"image": x.numpy()})
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
     return ref
@@ -93,7 +100,7 @@ def check_decoder(sam, out_dir, emb, kind, P, multimask):
     with torch.no_grad():
         ref = sam.decode(torch.from_numpy(emb), multimask=multimask, **kw)
     name = "decoder.onnx" if multimask else "decoder_single.onnx"
-    got = ox.session(out_dir / name).run(None, ox.decoder_feed(emb, coords, labels, mask))
+    got = session(out_dir / name).run(None, ox.decoder_feed(emb, coords, labels, mask))
     for g, r in zip(got, ref, strict=True):
         assert g.shape == tuple(r.shape)
         np.testing.assert_allclose(g, r.numpy(), rtol=0, atol=TOL)
@@ -106,7 +113,9 @@ def check_decoder(sam, out_dir, emb, kind, P, multimask):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    sam = perturbed(model.SamConfig.from_name("tiny", image_size=64))
+    # Two encoder blocks (one windowed, one global) keep the export's graph, and its time, small.
+    cfg = model.SamConfig.from_name("tiny", image_size=64, encoder_depth=2, global_attn=(1,))
+    sam = perturbed(cfg)
     out = tmp_path_factory.mktemp("onnx_tiny")
     written = ox.export(sam, out, parts=("encoder", "decoder"))  # decoder_single: slow tests
     assert sorted(written) == ["decoder.onnx", "encoder.onnx", "preprocess.json"]
@@ -286,6 +295,7 @@ def test_vit_b_adapter_export(tmp_path):
         for P in (1, 8):
             check_decoder(sam, tmp_path, emb, kind, P, multimask=True)
     check_decoder(sam, tmp_path, emb, "box+mask", 8, multimask=False)
+    session.cache_clear()  # the 1 GB encoder session
 
 
 @pytest.fixture(scope="module")
