@@ -137,7 +137,9 @@ def intensity_range(data: np.ndarray, window=None) -> tuple[float, float]:
         if window not in WINDOWS:
             raise ValueError(f"unknown CT window {window!r}; presets: {', '.join(WINDOWS)}")
         window = WINDOWS[window]
-    level, width = window
+    level, width = (float(v) for v in window)
+    if not (np.isfinite(level) and np.isfinite(width) and width > 0):
+        raise ValueError(f"CT window needs a finite LEVEL and a WIDTH > 0, got {level:g} {width:g}")
     return level - width / 2, level + width / 2
 
 

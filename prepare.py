@@ -43,8 +43,8 @@ from files import read_json, write_json, write_png
 @dataclass
 class DataConfig:
     kind: str = "volumes"  # "volumes" (3D NIfTI + label volumes) or "images" (2D files + masks)
-    images: str = ""  # folder of input images / volumes
-    labels: str = ""  # folder of label volumes / masks, matched to images by file name
+    images: str = ""  # folder of images / volumes (or an MSD root, or a root of case folders)
+    labels: str = ""  # folder of label volumes / masks, paired by file name (see find_cases)
     out: str = "sa_med2d_out"  # output root in the SA-Med2D-20M layout
     modality: str = "mr"  # first name field, e.g. ct, mr_t1, xray
     dataset: str = "dataset"  # second name field
@@ -52,6 +52,11 @@ class DataConfig:
     window: str | tuple | None = None  # CT preset or (level, width); None: percentiles
     instances: bool = False  # split every label into connected components (instance masks)
     min_area: float = 0.00153  # drop masks below this fraction of the image (the paper's)
+    max_anisotropy: float = (
+        3.0  # volumes: skip slice axes whose pixel side ratio exceeds it (0: off)
+    )
+    resample: bool = True  # volumes: resample anisotropic slices to square pixels (else as stored)
+    max_labels: int = 255  # refuse label volumes/maps with more distinct labels (intensities)
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/val/test fractions, by case
     seed: int = 0  # seed of the case-level split
     case_pattern: str = ""  # 2D: regex on the file stem whose group 1 is the case (patient) id
@@ -68,6 +73,7 @@ class Case:
     name: str  # the case field of the output names
     pairs: list  # [(image path, label path)]: one volume pair, or the 2D images of a patient
     error: str = ""  # a problem found while pairing files
+    rule: str = ""  # the naming rule that paired its files
 
 
 def _clean(s: str) -> str:
@@ -85,36 +91,153 @@ def _list_files(folder: Path, suffixes) -> list[Path]:
     return sorted(p for p in folder.iterdir() if ok(p))
 
 
+# File-name pairing. A role token ends a stem after "_", "-" or ".": "case01_seg", "case01-image".
+LABEL_ROLES = {"label", "labels", "seg", "segmentation", "mask", "gt"}
+IMAGE_ROLES = {"image", "img", "imaging", "vol", "volume", "data"}
+
+
+def _role(stem: str) -> tuple[str, str]:
+    """A stem -> (role, base): ("label", "case01") for "case01_seg", ("image", "") for "imaging",
+    ("", stem) without a role token."""
+    base, token = re.fullmatch(r"(?:(.*)[_.-])?([^_.-]*)", stem).groups()
+    token = token.lower()
+    role = "label" if token in LABEL_ROLES else "image" if token in IMAGE_ROLES else ""
+    return (role, base or "") if role else ("", stem)
+
+
+def _layout(cfg: DataConfig, suffixes) -> tuple[Path, Path | None, str]:
+    """-> (images folder, labels folder or None for one folder per case, layout note)."""
+    images = Path(cfg.images)
+    if cfg.labels and Path(cfg.labels).resolve() != images.resolve():
+        return images, Path(cfg.labels), ""
+    if not cfg.labels and (images / "imagesTr").is_dir() and (images / "labelsTr").is_dir():
+        return images / "imagesTr", images / "labelsTr", "MSD/nnU-Net root: imagesTr + labelsTr"
+    subdirs = [d for d in sorted(images.iterdir()) if d.is_dir() and d.name[0] != "."]
+    if subdirs and not _list_files(images, suffixes):
+        return images, None, f"one folder per case ({len(subdirs)} folders)"
+    if not cfg.labels:
+        raise DataError(f"{images}: give --labels (or a root with imagesTr/ and labelsTr/, or "
+                        "one folder per case)")  # fmt: skip
+    return images, images, "images and labels in one folder: paired by role suffixes only"
+
+
+def _pair(images: list[Path], labels: list[Path], one_folder: bool):
+    """Candidate labels of each image under every naming rule; -> {image: {label: rule}} and
+    the images set aside as further nnU-Net channels."""
+    by_stem, by_base = {}, {}
+    for lab in labels:
+        by_stem.setdefault(data.stem(lab), []).append(lab)
+        role, base = _role(data.stem(lab))
+        if role == "label":
+            by_base.setdefault(base, []).append(lab)
+    stems = {data.stem(f) for f in images}
+    found, channels = {}, []
+    for f in images:
+        st, cands = data.stem(f), {}
+        role, base = _role(st)
+        if role == "label" and one_folder:
+            continue  # a label file, not an image
+        nn = re.fullmatch(r"(.*)_(\d{4})", st)
+        if nn and nn.group(2) != "0000" and nn.group(1) in by_stem:
+            channels.append(f)  # another nnU-Net channel of a case: set aside
+            continue
+        if not one_folder:
+            cands.update({lab: "same stem" for lab in by_stem.get(st, [])})
+        if nn and not one_folder:
+            cands.update({lab: "nnU-Net _0000" for lab in by_stem.get(nn.group(1), [])})
+        if role != "label":
+            cands.update({lab: "role suffix" for lab in by_base.get(base, []) if lab != f})
+            if role == "image" and not one_folder:  # case01_image + case01
+                cands.update({lab: "role suffix" for lab in by_stem.get(base, [])})
+        found[f] = cands
+    lonely = [c for c in channels if data.stem(c)[:-5] + "_0000" not in stems]
+    return found, channels, lonely
+
+
 def find_cases(cfg: DataConfig) -> list[Case]:
-    """Pair every image with its label file (the same name; for volumes nnU-Net's `_0000`
-    channel suffix may be dropped) and group files into cases (a volume; for 2D the case_pattern
-    group, or the image itself)."""
+    """Pair every image with its label file and group files into cases. Layouts (docs/data.md):
+    the same stem in two folders; nnU-Net's `case_0000` image + `case` label (other channels set
+    aside); role suffixes (`case_image` + `case_label`, also _img/_seg/_mask/_gt; the only rule
+    within one folder); one folder per case (`case/image.nii.gz` + `case/label.nii.gz`); an MSD
+    root with imagesTr/ + labelsTr/. An image with two candidate labels, or a label claimed by two
+    images, is an error, never a guess. The pairing is printed."""
     suffixes = VOLUME_SUFFIXES if cfg.kind == "volumes" else IMAGE_SUFFIXES
-    labels: dict[str, list[Path]] = {}
-    for p in _list_files(Path(cfg.labels), suffixes):
-        labels.setdefault(data.stem(p), []).append(p)
+    image_dir, label_dir, note = _layout(cfg, suffixes)
+    pairs = []  # (case id, image, label or None, rule, error)
+    if label_dir is None:  # one folder per case
+        for d in sorted(p for p in image_dir.iterdir() if p.is_dir() and p.name[0] != "."):
+            files = _list_files(d, suffixes)
+            labs = [f for f in files if _role(data.stem(f))[0] == "label"]
+            imgs = [f for f in files if _role(data.stem(f))[0] == "image"] or [
+                f for f in files if not _role(data.stem(f))[0]]  # fmt: skip
+            names = lambda fs: [f.name for f in fs]
+            err = "" if len(imgs) == len(labs) == 1 else (
+                f"{d}: need one image and one label file (role names such as image/label), "
+                f"found images {names(imgs)}, labels {names(labs)}")  # fmt: skip
+            pairs.append((d.name, imgs[0] if imgs else d, labs[0] if len(labs) == 1 else None,
+                          "case folder", err))  # fmt: skip
+        labels = [p[2] for p in pairs if p[2]]
+    else:
+        images, labels = _list_files(image_dir, suffixes), _list_files(label_dir, suffixes)
+        one_folder = label_dir == image_dir
+        found, channels, lonely = _pair(images, labels, one_folder)
+        if one_folder and not any(_role(data.stem(f))[0] == "label" for f in labels):
+            raise DataError(f"{image_dir}: --images and --labels are the same folder and no file "
+                            "name has a label role (_label, _seg, _mask, _gt): every image would "
+                            "be its own label map")  # fmt: skip
+        if channels:
+            print(f"{len(channels)} further nnU-Net channels set aside (e.g. {channels[0].name}); "
+                  "the _0000 image of each case is used")  # fmt: skip
+        claims = {}
+        for f, cands in found.items():
+            for lab in cands:
+                claims.setdefault(lab, []).append(f)
+        for f, cands in found.items():
+            lab, rule = next(iter(cands.items()), (None, ""))
+            base = data.stem(lab) if lab else data.stem(f)
+            case_id = _role(base)[1] if rule == "role suffix" else base
+            if len(cands) > 1:
+                err = f"{f}: ambiguous, {len(cands)} label files fit: {', '.join(map(str, cands))}"
+            elif lab and len(claims[lab]) > 1:
+                err = f"{lab}: ambiguous, claimed by {', '.join(map(str, claims[lab]))}"
+            else:
+                err = "" if lab else f"{f}: no label file for it in {label_dir}"
+            pairs.append((case_id, f, lab, rule, err))
+        pairs += [(data.stem(c), c, None, "", f"{c}: an nnU-Net channel without its _0000 image")
+                  for c in lonely]  # fmt: skip
     cases: dict[str, Case] = {}
-    for f in _list_files(Path(cfg.images), suffixes):
-        stem = data.stem(f)
-        key = stem[:-5] if stem not in labels and stem.endswith("_0000") else stem
-        case_id, error = key if cfg.kind == "volumes" else stem, ""
+    for case_id, f, lab, rule, error in pairs:
         if cfg.kind == "images" and cfg.case_pattern:
-            match = re.search(cfg.case_pattern, stem)
-            case_id = match.group(1) if match else stem
-            error = "" if match else f"{f}: case pattern {cfg.case_pattern!r} does not match"
-        found = labels.get(key, [])
-        if len(found) != 1:
-            error = error or f"{f}: {len(found) or 'no'} label files named {key}.* in {cfg.labels}"
-        case = cases.setdefault(_clean(case_id), Case(_clean(case_id), []))
-        case.pairs.append((f, found[0] if found else None))
+            match = re.search(cfg.case_pattern, data.stem(f))
+            case_id = match.group(1) if match else case_id
+            error = error or ("" if match else f"{f}: case pattern {cfg.case_pattern!r} does not "
+                              "match")  # fmt: skip
+        case = cases.setdefault(_clean(case_id), Case(_clean(case_id), [], rule=rule))
+        case.pairs.append((f, lab))
         if cfg.kind == "volumes" and len(case.pairs) > 1:
             error = f"{f}: case name {case.name} is also used by {case.pairs[0][0]}"
         case.error = case.error or error
-    used = {lab for c in cases.values() for _, lab in c.pairs}
-    unused = sorted(str(p) for ps in labels.values() for p in ps if p not in used)
+    out = [cases[k] for k in sorted(cases)]
+    _print_pairing(out, note)
+    used = {lab for c in out for _, lab in c.pairs}
+    unused = [str(p) for p in labels if p not in used]
     if unused:  # not an error, but never silent
         print(f"{len(unused)} label files have no image: {', '.join(unused)}")
-    return [cases[k] for k in sorted(cases)]
+    return out
+
+
+def _print_pairing(cases: list[Case], note: str) -> None:
+    rules = {}
+    for c in cases:
+        rules[c.rule or "unpaired"] = rules.get(c.rule or "unpaired", 0) + 1
+    print(f"pairing rule: {', '.join(f'{r} ({n} cases)' for r, n in rules.items())}"
+          + (f"; {note}" if note else ""))  # fmt: skip
+    for c in cases[:10]:
+        f, lab = c.pairs[0]
+        more = f" (+{len(c.pairs) - 1} more)" if len(c.pairs) > 1 else ""
+        print(f"  {c.name}: {f.name} + {lab.name if lab else '(no label)'}{more}")
+    if len(cases) > 10:
+        print(f"  ... and {len(cases) - 10} more cases")
 
 
 def split_cases(names, fractions, seed: int) -> dict[str, str]:

@@ -299,7 +299,7 @@ def test_cli_bad_inputs_named_and_skipped(tmp_path, capsys):
     _save_nifti(lab / "corrupt.nii.gz", labels, np.eye(4))
     bad["corrupt"] = "corrupt.nii.gz: cannot read NIfTI"
     _save_nifti(img / "nolabel.nii.gz", image, np.eye(4))
-    bad["nolabel"] = "nolabel.nii.gz: no label files named nolabel"
+    bad["nolabel"] = "nolabel.nii.gz: no label file for it in"
     _save_nifti(lab / "orphan.nii.gz", labels, np.eye(4))  # a label without an image: noted
     for name, msg in bad.items():
         one = tmp_path / f"only_{name}"
