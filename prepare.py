@@ -252,17 +252,19 @@ def split_cases(names, fractions, seed: int) -> dict[str, str]:
     return {names[i]: s for i, s in zip(order, split, strict=True)}
 
 
-def _slice_masks(lab: np.ndarray, cfg: DataConfig) -> list[tuple[int, int, np.ndarray]]:
-    """(H, W) integer labels -> [(label, instance, mask)] that pass the area filter: a mask is
-    dropped when its area is below cfg.min_area of the image (the paper's 0.153%)."""
+def _slice_masks(lab: np.ndarray, cfg: DataConfig) -> tuple[list, int]:
+    """(H, W) integer labels -> ([(label, instance, mask)] that pass the area filter, the number
+    dropped): a mask is dropped when its area is below cfg.min_area of the image (the paper's
+    0.153%), counted on the slice as written (square pixels after resampling)."""
     min_px = cfg.min_area * lab.size
-    out = []
+    out, dropped = [], 0
     for label in np.unique(lab[lab > 0]).tolist():
         m = lab == label
         parts = _instances(m) if cfg.instances else [m]
         keep = [p for p in parts if p.sum() >= min_px]
         out += [(label, k, p) for k, p in enumerate(keep)]
-    return out
+        dropped += len(parts) - len(keep)
+    return out, dropped
 
 
 def _instances(m: np.ndarray) -> list[np.ndarray]:
@@ -287,9 +289,69 @@ def _write_slice(out: Path, name: str, image: np.ndarray, masks) -> tuple[str, l
     return image_rel, mask_rels
 
 
+# ----------------------------------------------------------------------------------------------
+# Thick slices: nnU-Net's anisotropy rule (docs/data.md). A slice's pixels are (row, col) mm from
+# the canonical spacing; a slice axis whose pixels are more than max_anisotropy times longer than
+# wide is skipped (nnU-Net's 2D model never sees through-plane slices of thick data), a milder
+# ratio is resampled to square pixels at the finer spacing, upsampling only.
+
+PIXEL_AXES = {"x": (2, 1), "y": (2, 0), "z": (1, 0)}  # slice axis -> canonical (row, col) axes
+
+
+def axis_plan(spacing, shape, axis: str, cfg: DataConfig) -> dict:
+    """What happens to the slices along `axis` of a volume with canonical voxel `spacing` (mm)
+    and `shape`: {"action": "kept" | "resampled" | "skipped", "size": [H, W] as written,
+    "pixel_mm": [row, col] as written, "ratio": longer / shorter pixel side}."""
+    r, c = PIXEL_AXES[axis]
+    (row, col), size = (float(spacing[r]), float(spacing[c])), [shape[r], shape[c]]
+    ratio = max(row, col) / min(row, col)
+    plan = dict(action="kept", size=size, pixel_mm=[row, col], ratio=round(ratio, 4))
+    if cfg.max_anisotropy and ratio > cfg.max_anisotropy:
+        plan.update(action="skipped", size=None)
+    elif cfg.resample and ratio > 1 + 1e-3:  # header rounding (0.9375 vs 0.94) is not resampled
+        t = min(row, col)  # nnU-Net's compute_new_shape: round(n * old / new)
+        plan.update(action="resampled", size=[round(size[0] * row / t), round(size[1] * col / t)],
+                    pixel_mm=[t, t], stored=size, stored_mm=[row, col])  # fmt: skip
+    return plan
+
+
+def plan_text(plan: dict, cfg: DataConfig) -> str:
+    (row, col), size = plan["pixel_mm"], plan["size"]
+    if plan["action"] == "skipped":
+        limit = f"ratio {plan['ratio']:.1f} > {cfg.max_anisotropy:g}"
+        return f"skipped, pixels {row:.2f} x {col:.2f} mm (rows x cols; {limit})"
+    min_px = int(np.ceil(cfg.min_area * size[0] * size[1]))
+    area = f"min area {100 * cfg.min_area:.3g}% = {min_px} px ({min_px * row * col:.0f} mm^2)"
+    if plan["action"] == "kept":
+        return f"kept, HxW {size[0]}x{size[1]} px at {row:.2f} x {col:.2f} mm; {area}"
+    (h, w), (r0, c0) = plan["stored"], plan["stored_mm"]
+    which = f"rows {r0:.2f}" if h != size[0] else f"cols {c0:.2f}"
+    return (f"resampled HxW {h}x{w} -> {size[0]}x{size[1]} px ({which} -> {row:.2f} mm), "
+            f"image linear, labels nearest; {area}")  # fmt: skip
+
+
+def resample_slice(image: np.ndarray, labels: np.ndarray, size) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) uint8 image and integer labels -> (H', W'): the image linearly interpolated (from its
+    8-bit values, rounded back), the labels nearest, both on the pixel-centre grid (torch's
+    align_corners=False: output pixel i samples (i + 0.5) * n / n' - 0.5, edges clamped), so that
+    image and labels stay aligned. The labels are resampled as one map, before masks are split."""
+    img = image.astype(np.float64)
+    for axis, n_new in enumerate(size):
+        n = img.shape[axis]
+        if n_new == n:
+            continue
+        centre = (np.arange(n_new) + 0.5) * (n / n_new)  # output pixel centres, source pixels
+        labels = np.take(labels, np.minimum(np.floor(centre).astype(np.int64), n - 1), axis)
+        src = np.clip(centre - 0.5, 0, n - 1)
+        i0 = np.floor(src).astype(np.int64)
+        w = (src - i0).reshape((-1, 1) if axis == 0 else (1, -1))
+        img = np.take(img, i0, axis) * (1 - w) + np.take(img, np.minimum(i0 + 1, n - 1), axis) * w
+    return np.round(img).clip(0, 255).astype(np.uint8), labels
+
+
 @functools.lru_cache(maxsize=1)  # per process: the last case read, shared by that case's units
-def _read_case_volume(image_path: Path, label_path: Path, window):
-    """-> (uint8 image volume, int32 label volume, a note on the normalisation), checked."""
+def _read_case_volume(image_path: Path, label_path: Path, window, max_labels: int):
+    """-> (uint8 image volume, int32 label volume, spacing (3,) mm, a note), checked."""
     vol, lab = data.read_volume(image_path), data.read_volume(label_path)
     if vol.data.shape != lab.data.shape:
         raise DataError(
@@ -300,31 +362,57 @@ def _read_case_volume(image_path: Path, label_path: Path, window):
         d = np.abs(vol.affine - lab.affine).max()
         raise DataError(f"{label_path}: affine differs from image {image_path}'s (by {d:.3g})")
     data.check_labels(lab.data, label_path)
+    if np.array_equal(vol.data, lab.data):
+        raise DataError(f"{label_path}: identical to its image {image_path}: an intensity "
+                        "volume, not a label map")  # fmt: skip
+    labels = lab.data.astype(np.int64)
+    top = int(labels.max(initial=0))
+    values, counts = (np.arange(top + 1), np.bincount(labels.ravel())) if top < 2**16 else (
+        np.unique(labels, return_counts=True))  # fmt: skip
+    present = [(int(v), int(c)) for v, c in zip(values, counts, strict=True) if v > 0 and c]
+    if len(present) > max_labels:
+        raise DataError(f"{label_path}: {len(present)} distinct labels: an intensity volume, not "
+                        f"a label map (at most --max-labels {max_labels})")  # fmt: skip
     lo, hi = data.intensity_range(vol.data, window)
     how = "percentiles 0.5-99.5 of non-zero voxels" if window is None else "CT window"
     name = f" {window}" if isinstance(window, str) else ""
-    note = f"intensity {how}{name} -> [{lo:g}, {hi:g}] mapped to 0-255"
-    return data.scale_to_uint8(vol.data, lo, hi), lab.data.astype(np.int32), note
+    spacing = np.sqrt((vol.affine[:3, :3] ** 2).sum(0))  # mm along canonical x, y, z
+    shown = ", ".join(f"{v}: {c}" for v, c in present[:10]) + (", ..." if present[10:] else "")
+    note = (f"{'x'.join(map(str, vol.data.shape))} voxels, spacing "
+            f"{' x '.join(f'{v:.2f}' for v in spacing)} mm (RAS), intensity {how}{name} -> "
+            f"[{lo:g}, {hi:g}] mapped to 0-255; label voxels {{{shown}}}")  # fmt: skip
+    return data.scale_to_uint8(vol.data, lo, hi), labels.astype(np.int32), spacing, note
 
 
 def _volume_unit(case: Case, cfg: DataConfig, axis: str, part: int, parts: int):
-    image, labels, note = _read_case_volume(*case.pairs[0], cfg.window)
-    ax = "xyz".index(axis)
-    ks = np.array_split(np.arange(labels.shape[ax]), parts)[part]
-    entries = []
-    for k in ks:
+    image, labels, spacing, note = _read_case_volume(*case.pairs[0], cfg.window, cfg.max_labels)
+    plans = {a: axis_plan(spacing, labels.shape, a, cfg) for a in cfg.axes}
+    if all(p["action"] == "skipped" for p in plans.values()):
+        raise DataError(
+            f"{case.pairs[0][0]}: every slice axis asked for ({', '.join(cfg.axes)}) has pixels "
+            f"more elongated than --max-anisotropy {cfg.max_anisotropy:g} (spacing "
+            f"{' x '.join(f'{v:.2f}' for v in spacing)} mm); ask for --axes z or raise the limit"
+        )
+    plan, entries, dropped = plans[axis], [], 0
+    ks = np.array_split(np.arange(labels.shape["xyz".index(axis)]), parts)[part]
+    for k in ks if plan["action"] != "skipped" else ():
         lab = data.volume_slice(labels, axis, k)  # (H, W)
-        masks = _slice_masks(lab, cfg) if lab.any() else []
+        if not lab.any():
+            continue
+        img = data.volume_slice(image, axis, k)  # (H, W)
+        if plan["action"] == "resampled":
+            img, lab = resample_slice(img, lab, plan["size"])  # (H', W')
+        masks, n = _slice_masks(lab, cfg)
+        dropped += n
         if masks:
             name = _image_name(cfg, case, f"{axis}_{k:04d}")
-            img = data.volume_slice(image, axis, k)
             entries.append(_write_slice(Path(cfg.out), name, img, masks))
-    return entries, f"{case.name}: {note}"
+    return entries, dict(note=note, axis=axis, plan=plan, dropped=dropped)
 
 
 def _images_unit(case: Case, cfg: DataConfig):
     """2D: every image of the case with its mask or label map (0/1 and 0/255 are one label, 1)."""
-    entries, names = [], set()
+    entries, names, dropped = [], set(), 0
     for image_path, mask_path in case.pairs:
         image = data.read_image(image_path)  # (H, W, 3)
         lab = data.read_label_map(mask_path, image.shape[:2], image_path)  # (H, W)
@@ -334,14 +422,19 @@ def _images_unit(case: Case, cfg: DataConfig):
         if name in names:
             raise DataError(f"{image_path}: output name {name} is already used in case {case.name}")
         names.add(name)
-        masks = _slice_masks(lab, cfg)
+        n_labels = len(np.unique(lab)) - 1
+        if n_labels > cfg.max_labels:
+            raise DataError(f"{mask_path}: {n_labels} distinct labels: an intensity image, not a "
+                            f"label map (at most --max-labels {cfg.max_labels})")  # fmt: skip
+        masks, n = _slice_masks(lab, cfg)
+        dropped += n
         grey = (image[..., :1] == image).all()
         if masks:
             entries.append(
                 _write_slice(Path(cfg.out), name, image[..., 0] if grey else image, masks)
             )
-    note = f"{case.name}: {len(case.pairs)} 2D images (8-bit kept; 16-bit/float scaled min-max)"
-    return entries, note
+    note = f"{len(case.pairs)} 2D images (8-bit kept; 16-bit/float scaled min-max)"
+    return entries, dict(note=note, axis="2d", plan=None, dropped=dropped)
 
 
 def _run_unit(cfg: DataConfig, case: Case, axis: str, part: int, parts: int):
@@ -372,7 +465,7 @@ def _unit_results(units, cfg: DataConfig):
     fork = "fork" in multiprocessing.get_all_start_methods()
     if fork and cfg.kind == "volumes" and len({id(u[0]) for u in units}) == 1:
         try:  # one volume: read it once here; forked workers share it instead of each reading it
-            _read_case_volume(*units[0][0].pairs[0], cfg.window)
+            _read_case_volume(*units[0][0].pairs[0], cfg.window, cfg.max_labels)
         except DataError:
             pass  # every unit meets the same error and reports it
     ctx = multiprocessing.get_context("fork" if fork else "spawn")
@@ -391,7 +484,8 @@ def _fingerprint(cfg: DataConfig, case: Case) -> dict:
     return dict(
         kind=cfg.kind, modality=cfg.modality, dataset=cfg.dataset, axes=list(cfg.axes),
         window=cfg.window if not isinstance(cfg.window, tuple) else list(cfg.window),
-        instances=cfg.instances, min_area=cfg.min_area,
+        instances=cfg.instances, min_area=cfg.min_area, resample=cfg.resample,
+        max_anisotropy=cfg.max_anisotropy if np.isfinite(cfg.max_anisotropy) else 0,
         sources=[[str(a.name), str(b.name)] for a, b in case.pairs],
     )  # fmt: skip
 
@@ -433,15 +527,51 @@ def _process_units(units, cases, cfg: DataConfig, out: Path) -> tuple[int, dict[
         done[case.name][j] = res
         if len(done[case.name]) == need[case.name] and case.name not in bad:
             parts = [res for _, res in sorted(done.pop(case.name).items())]
-            images = [[img, ms] for entries, _ in parts for img, ms in entries]
-            note = f"{parts[0][1]}; {len(images)} slices"
-            record = dict(case=case.name, fingerprint=_fingerprint(cfg, case), note=note,
-                          images=images)  # fmt: skip
+            record = _case_record(case, cfg, parts)
             write_json(out / "cases" / f"{case.name}.json", record)
-            n_slices += len(images)
-            bar.write(note)
+            n_slices += len(record["images"])
+            bar.write(record["note"])
     bar.close()
     return n_slices, bad
+
+
+def _case_record(case: Case, cfg: DataConfig, parts: list) -> dict:
+    """A finished case's record: its slices, the pairing, what was done per axis, and the printed
+    note (one block per case)."""
+    images = [[img, ms] for entries, _ in parts for img, ms in entries]
+    plans = {info["axis"]: info["plan"] for _, info in parts if info["plan"]}
+    lines = [f"{case.name}: {parts[0][1]['note']}"]
+    lines += [f"  {axis}: {plan_text(plan, cfg)}" for axis, plan in plans.items()]
+    n_masks = sum(len(ms) for _, ms in images)
+    dropped = sum(info["dropped"] for _, info in parts)
+    lines.append(f"  {len(images)} slices, {n_masks} masks written, {dropped} below the min area")
+    pairs = [[str(a), str(b)] for a, b in case.pairs]
+    return dict(case=case.name, fingerprint=_fingerprint(cfg, case), note="\n".join(lines),
+                pairing=dict(rule=case.rule, pairs=pairs), axes=plans, images=images)  # fmt: skip
+
+
+def _axis_totals(out: Path, cases: list[Case]) -> str:
+    """-> "z: 3 kept; x: 3 skipped" over the recorded cases, so that skipped axes are never
+    silent."""
+    totals: dict[str, dict[str, int]] = {}
+    for case in cases:
+        path = out / "cases" / f"{case.name}.json"
+        for axis, plan in (read_json(path).get("axes", {}) if path.is_file() else {}).items():
+            counts = totals.setdefault(axis, {})
+            counts[plan["action"]] = counts.get(plan["action"], 0) + 1
+    return "; ".join(f"{a}: " + ", ".join(f"{n} {k}" for k, n in c.items())
+                     for a, c in sorted(totals.items()))  # fmt: skip
+
+
+def _warn_empty_splits(splits: dict[str, str], fractions) -> None:
+    """Build time is when an empty split can still be fixed cheaply: say which, why, what to do."""
+    n, total = len(splits), sum(fractions)
+    for name, f in zip(SPLITS, fractions, strict=True):
+        if f > 0 and name not in splits.values():
+            print(f"warning: the {name} split is empty: {n} cases x {f / total:.2g} rounds to 0 "
+                  f"cases. train.py validates on val and infer.py --eval scores test: use more "
+                  f"cases or other --split fractions (e.g. --split 0.34 0.33 0.33), or train "
+                  f"with --val-every 0")  # fmt: skip
 
 
 def write_manifests(out: Path, cases: list[Case], splits: dict[str, str]) -> int:
@@ -486,6 +616,7 @@ def run(cfg: DataConfig) -> dict:
     if not cases:
         raise DataError(f"{cfg.images}: no {cfg.kind} found")
     splits = split_cases([c.name for c in cases], cfg.split, cfg.seed)
+    _warn_empty_splits(splits, cfg.split)
     i, n = cfg.shard
     mine = cases[i::n]
     for d in ("images", "masks", "cases"):
@@ -505,6 +636,8 @@ def run(cfg: DataConfig) -> dict:
     seconds = time.perf_counter() - t0
     print(f"{n_slices} slices in {seconds:.1f} s; manifests cover {len(cases) - missing} of "
           f"{len(cases)} cases")  # fmt: skip
+    if cfg.kind == "volumes":
+        print(f"slice axes over the recorded cases: {_axis_totals(out, mine)}")
     if bad:
         print(f"skipped {len(bad)} bad cases:")
         for msg in bad.values():

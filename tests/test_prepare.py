@@ -125,7 +125,12 @@ def test_cli_marker_orientation_all_axes(tmp_path):
            "--labels", str(tmp_path / "lab"), "--out", str(out), "--modality", "MR_T1",
            "--dataset", "SYN", "--min-area", "0", "--window", "500", "1000"]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    assert "case0000: intensity CT window -> [0, 1000] mapped to 0-255" in res.stderr + res.stdout
+    printed = res.stderr + res.stdout
+    assert (
+        "case0000: 64x64x8 voxels, spacing 1.00 x 1.00 x 1.00 mm (RAS), intensity CT window "
+        "-> [0, 1000] mapped to 0-255" in printed
+    )
+    assert "  z: kept, HxW 64x64 px at 1.00 x 1.00 mm; min area 0% = 0 px (0 mm^2)" in printed
     # marker at RAS voxel (X-2, Y-2, Z-2): patient right, anterior, superior -> in every view
     # one pixel from the top-left corner (radiological: right on the left; sagittal: anterior
     # on the left; superior/anterior at the top)
