@@ -168,8 +168,7 @@ def find_cases(cfg: DataConfig) -> list[Case]:
         for d in sorted(p for p in image_dir.iterdir() if p.is_dir() and p.name[0] != "."):
             files = _list_files(d, suffixes)
             labs = [f for f in files if _role(data.stem(f))[0] == "label"]
-            imgs = [f for f in files if _role(data.stem(f))[0] == "image"] or [
-                f for f in files if not _role(data.stem(f))[0]]  # fmt: skip
+            imgs = [f for f in files if _role(data.stem(f))[0] != "label"]  # image or no role
             names = lambda fs: [f.name for f in fs]
             err = "" if len(imgs) == len(labs) == 1 else (
                 f"{d}: need one image and one label file (role names such as image/label), "
@@ -566,12 +565,13 @@ def _axis_totals(out: Path, cases: list[Case]) -> str:
 def _warn_empty_splits(splits: dict[str, str], fractions) -> None:
     """Build time is when an empty split can still be fixed cheaply: say which, why, what to do."""
     n, total = len(splits), sum(fractions)
+    use = dict(train="train.py has nothing to train on", val="train.py validates on it (or "
+               "train with --val-every 0)", test="infer.py --eval scores it")  # fmt: skip
     for name, f in zip(SPLITS, fractions, strict=True):
         if f > 0 and name not in splits.values():
-            print(f"warning: the {name} split is empty: {n} cases x {f / total:.2g} rounds to 0 "
-                  f"cases. train.py validates on val and infer.py --eval scores test: use more "
-                  f"cases or other --split fractions (e.g. --split 0.34 0.33 0.33), or train "
-                  f"with --val-every 0")  # fmt: skip
+            print(f"warning: the {name} split is empty ({n} cases x {f / total:.2g} rounds to "
+                  f"0); {use[name]}. Use more cases or other --split fractions, e.g. --split "
+                  "0.34 0.33 0.33")  # fmt: skip
 
 
 def write_manifests(out: Path, cases: list[Case], splits: dict[str, str]) -> int:
