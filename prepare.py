@@ -22,9 +22,14 @@ normalisation, slicing and components are data.py's.
 """
 
 import argparse
+import ctypes
 import functools
 import multiprocessing
+import os
 import re
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -468,14 +473,39 @@ def _unit_results(units, cfg: DataConfig):
         except DataError:
             pass  # every unit meets the same error and reports it
     ctx = multiprocessing.get_context("fork" if fork else "spawn")
-    pool = ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=torch.set_num_threads,
-                               initargs=(1,))  # fmt: skip
+    pool = ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(os.getpid(),))  # fmt: skip
     try:
         futures = {pool.submit(_run_unit, cfg, *u): j for j, u in enumerate(units)}
         for fut in as_completed(futures):
             yield futures[fut], fut.result()
+    except BaseException:  # Ctrl-C, an error, the consumer stopping: stop the units now
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.kill()  # their outputs are atomic; the case records are the parent's
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_init(parent: int) -> None:
+    """A pool worker: one torch thread; Ctrl-C (sent to the whole process group by a terminal)
+    is the parent's to handle; and it dies with its parent, however the parent ends (SIGKILL
+    included): Linux sends it SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG), elsewhere
+    a thread watches the parent's pid."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PDEATHSIG
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _fingerprint(cfg: DataConfig, case: Case) -> dict:
@@ -514,23 +544,22 @@ def _process_units(units, cases, cfg: DataConfig, out: Path) -> tuple[int, dict[
     need = {c.name: sum(u[0].name == c.name for u in units) for c in cases}
     bad, n_slices = {}, 0
     bar = tqdm(total=len(units), unit="part", desc="preprocess", dynamic_ncols=True)
-    for j, res in _unit_results(units, cfg):
-        bar.update(1)
-        case = units[j][0]
-        if isinstance(res, DataError):
-            if not cfg.skip_bad:
-                bar.close()
-                raise res
-            bad.setdefault(case.name, str(res))
-            continue
-        done[case.name][j] = res
-        if len(done[case.name]) == need[case.name] and case.name not in bad:
-            parts = [res for _, res in sorted(done.pop(case.name).items())]
-            record = _case_record(case, cfg, parts)
-            write_json(out / "cases" / f"{case.name}.json", record)
-            n_slices += len(record["images"])
-            bar.write(record["note"])
-    bar.close()
+    with bar:  # closed on the way out, also by an error or Ctrl-C: the message stays the last line
+        for j, res in _unit_results(units, cfg):
+            bar.update(1)
+            case = units[j][0]
+            if isinstance(res, DataError):
+                if not cfg.skip_bad:
+                    raise res
+                bad.setdefault(case.name, str(res))
+                continue
+            done[case.name][j] = res
+            if len(done[case.name]) == need[case.name] and case.name not in bad:
+                parts = [res for _, res in sorted(done.pop(case.name).items())]
+                record = _case_record(case, cfg, parts)
+                write_json(out / "cases" / f"{case.name}.json", record)
+                n_slices += len(record["images"])
+                bar.write(record["note"])
     return n_slices, bad
 
 

@@ -678,3 +678,92 @@ def test_pairing_layout_end_to_end(tmp_path):
     record = read_json(tmp_path / "out" / "cases" / "p1.json")
     assert record["pairing"]["rule"] == "case folder"
     assert record["pairing"]["pairs"][0][1].endswith("p1/label.nii.gz")
+
+
+# ----------------------------------------------------------------------------------------------
+# The worker pool dies with its parent; Ctrl-C stops it promptly (issue 13.5)
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) for every process, from /proc."""
+    table = {}
+    for d in Path("/proc").iterdir():
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split() if d.name.isdigit() else 0
+        except OSError:  # gone meanwhile
+            continue
+        if fields:
+            table[int(d.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _descendants(pid: int) -> set[int]:
+    table, found, todo = _proc_table(), set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, (pp, _) in table.items() if pp == p}
+        found |= kids
+        todo += kids
+    return found
+
+
+def _alive(pids) -> set[int]:
+    """The pids that still run (a zombie has finished; it waits only to be reaped)."""
+    table = _proc_table()
+    return {p for p in pids if p in table and table[p][1] != "Z"}
+
+
+def _busy_pool(tmp_path):
+    """A `data.py volumes --workers 2` run with enough work to be killed mid-way: -> (process,
+    the pids of its workers)."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lab").mkdir()
+    rng = np.random.default_rng(0)
+    labels = np.zeros((96, 96, 48), np.uint8)
+    labels[20:80, 20:80, :] = 1
+    for c in range(8):
+        image = rng.integers(0, 1000, labels.shape).astype(np.float32)
+        _save_nifti(tmp_path / "img" / f"c{c}.nii.gz", image, np.eye(4))
+        _save_nifti(tmp_path / "lab" / f"c{c}.nii.gz", labels, np.eye(4))
+    cmd = [sys.executable, data.__file__, "volumes", "--images", str(tmp_path / "img"), "--labels",
+           str(tmp_path / "lab"), "--out", str(tmp_path / "out"), "--workers", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline, workers = time.time() + 60, set()
+    while time.time() < deadline and proc.poll() is None:
+        workers = _descendants(proc.pid)
+        if len(workers) >= 2 and any((tmp_path / "out" / "masks").glob("*.png")):
+            return proc, workers
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail(f"the pool never got busy (exit {proc.poll()}, workers {workers})")
+
+
+def _gone_within(pids, seconds: float) -> set[int]:
+    deadline = time.time() + seconds
+    while _alive(pids) and time.time() < deadline:
+        time.sleep(0.02)
+    return _alive(pids)
+
+
+@pytest.mark.slow  # subprocesses and a pool
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_workers_die_with_a_killed_parent(tmp_path, sig):
+    proc, workers = _busy_pool(tmp_path)
+    os.kill(proc.pid, sig)  # the parent only, as `kill PID` does
+    proc.communicate(timeout=30)
+    assert _gone_within(workers, 5.0) == set(), f"workers {workers} outlived the parent"
+
+
+@pytest.mark.slow  # subprocesses and a pool
+def test_ctrl_c_stops_the_pool_promptly(tmp_path):
+    proc, workers = _busy_pool(tmp_path)
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
+    _, err = proc.communicate(timeout=30)
+    seconds = time.time() - t0
+    assert proc.returncode == 130 and seconds < 5.0, (proc.returncode, seconds, err)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1] == "data.py: interrupted" and "Traceback" not in err
+    assert _gone_within(workers, 2.0) == set()
+    assert not (tmp_path / "out" / "image2label_train.json").exists()  # stopped before the end
