@@ -714,19 +714,18 @@ def _alive(pids) -> set[int]:
 
 
 def _busy_pool(tmp_path):
-    """A `data.py volumes --workers 2` run with enough work to be killed mid-way: -> (process,
-    the pids of its workers)."""
+    """A `data.py volumes --workers 2` run whose units take seconds (one volume, 16 slices per
+    unit, 256 instance masks per slice), caught mid-unit: -> (process, its workers' pids)."""
     (tmp_path / "img").mkdir()
     (tmp_path / "lab").mkdir()
-    rng = np.random.default_rng(0)
-    labels = np.zeros((96, 96, 48), np.uint8)
-    labels[20:80, 20:80, :] = 1
-    for c in range(8):
-        image = rng.integers(0, 1000, labels.shape).astype(np.float32)
-        _save_nifti(tmp_path / "img" / f"c{c}.nii.gz", image, np.eye(4))
-        _save_nifti(tmp_path / "lab" / f"c{c}.nii.gz", labels, np.eye(4))
+    labels = np.zeros((128, 128, 128), np.uint8)
+    labels[2::8, 2::8, :] = labels[3::8, 2::8, :] = 1  # 16 x 16 separate 2-px blobs per slice
+    image = np.random.default_rng(0).integers(0, 1000, labels.shape).astype(np.float32)
+    _save_nifti(tmp_path / "img" / "c.nii", image, np.eye(4))  # uncompressed: quick to write
+    _save_nifti(tmp_path / "lab" / "c.nii", labels, np.eye(4))
     cmd = [sys.executable, data.__file__, "volumes", "--images", str(tmp_path / "img"), "--labels",
-           str(tmp_path / "lab"), "--out", str(tmp_path / "out"), "--workers", "2"]  # fmt: skip
+           str(tmp_path / "lab"), "--out", str(tmp_path / "out"), "--workers", "2", "--axes", "z",
+           "--instances", "--min-area", "0"]  # fmt: skip
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline, workers = time.time() + 60, set()
