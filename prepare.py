@@ -691,9 +691,13 @@ def _window(values: tuple):
         return values[0]
     try:
         level, width = map(float, values)
-        return level, width
     except ValueError:
         raise ValueError(f"--window takes a preset name or LEVEL WIDTH, got {values}") from None
+    try:
+        data.intensity_range(None, (level, width))  # nan, or a width <= 0: refused here
+    except ValueError as e:
+        raise ValueError(f"--window: {e}") from None
+    return level, width
 
 
 def main(args) -> dict:
@@ -708,7 +712,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Build SA-Med2D-20M style 2D data from 3D or 2D data")
     p.add_argument("kind", choices=["volumes", "images"], help="3D NIfTI volumes or 2D images")
     notes = cli.field_comments(DataConfig)
-    required = {k: dict(required=True, help=notes[k]) for k in ("images", "labels", "out")}
+    required = {k: dict(required=True, help=notes[k]) for k in ("images", "out")}
     shard_help = "i/n: this job's share of the cases, 0-based (default: 0/1)"
     windows = f"CT window: a preset ({', '.join(WINDOWS)}) or LEVEL WIDTH"
     cli.add_config_args(

@@ -266,6 +266,13 @@ def test_command_line_flags_make_the_config(monkeypatch):
         prepare.main(prepare.parser().parse_args([*required, "--window", "40", "wide"]))
     with pytest.raises(SystemExit):
         prepare.parser().parse_args([*required, "--shard", "3"])
+    thick = prepare.main(prepare.parser().parse_args(
+        [*required, "--max-anisotropy", "inf", "--no-resample", "--max-labels", "9"]))  # fmt: skip
+    assert (thick.max_anisotropy, thick.resample, thick.max_labels) == (float("inf"), False, 9)
+    for bad in (["nan", "100"], ["40", "0"], ["40", "-400"], ["inf", "10"]):
+        with pytest.raises(ValueError, match=r"--window: CT window needs a finite LEVEL and a "
+                           r"WIDTH > 0, got"):  # fmt: skip
+            prepare.main(prepare.parser().parse_args([*required, "--window", *bad]))
 
 
 def test_command_errors_are_one_line(tmp_path, capsys):
@@ -276,6 +283,22 @@ def test_command_errors_are_one_line(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path / 'none'}: not a folder" in err
+    # a NaN window and a NaN volume: one line each, naming the flag / the file; nothing written
+    make_volumes(tmp_path)
+    args = ["volumes", "--images", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"),
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        prepare.command([*args, "--window", "nan", "100"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "--window: CT window" in err
+    image, _ = synthetic_case()
+    image[5, 5, 5] = np.nan
+    save_lps(tmp_path / "img" / "case0000_0000.nii.gz", image)
+    with pytest.raises(SystemExit) as exit_:
+        prepare.command(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.strip().endswith("case0000_0000.nii.gz: 1 NaN/inf voxels")
+    assert not list((tmp_path / "out").rglob("*.png"))
 
 
 # ----------------------------------------------------------------------------------------------
