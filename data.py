@@ -12,8 +12,7 @@ datasets that training and evaluation draw from it.
     image2label_{split}.json --read_manifest--> {image: [masks]}
         --TrainDataset--> image + M masks + prompts; --TestDataset--> image + one mask
 
-Building an SA-Med2D-20M style dataset from NIfTI volumes or 2D folders (cases, slices, workers,
-shards, manifests) is prepare.py's job; `python data.py volumes|images ...` runs that command.
+prepare.py builds SA-Med2D-20M style datasets; `python data.py volumes|images ...` runs it.
 
 Conventions (DESIGN.md): coordinates are (x, y) pixels, boxes x0, y0, x1, y1; point labels 1
 foreground, 0 background, -1 padding; masks on disk are 0/255 PNGs, in memory bool tensors.
@@ -262,12 +261,9 @@ def geometry(height: int, width: int, size: int, resize_mode: str, nearest="cv2"
 def preprocess(image: np.ndarray, cfg, nearest="cv2") -> tuple[torch.Tensor, Geometry]:
     """(H, W, 3) uint8 RGB -> x (1, 3, S, S) float32 in the model's channel order, and Geometry.
 
-    SAM-Med2D ("stretch"): the official code reads BGR with OpenCV and subtracts SAM's RGB mean
-    from those channels as they are, then resizes with OpenCV's INTER_NEAREST (nearest_indices;
-    `nearest="torch"` uses torch's rule, which differs for some sizes; Pillow's NEAREST samples
-    pixel centres and differs more) or pads centred with zeros after normalising. With
-    cfg.channel_order "BGR" we flip to BGR and then apply cfg.pixel_mean/std position by
-    position, exactly like that.
+    SAM-Med2D ("stretch"): the official code reads BGR with OpenCV, subtracts SAM's RGB mean from
+    those channels as they are, then resizes with OpenCV's INTER_NEAREST (`nearest="torch"`: torch's
+    rule) or pads centred with zeros. cfg.channel_order "BGR" reproduces that exactly.
     SAM ("longest"): bilinear resize of the 8-bit image, normalise, pad bottom/right.
     MedSAM / LiteMedSAM (cfg.intensity "min_max"): the same resize, then each image scaled to
     [0, 1] by its own min and max instead of mean/std, then the pad."""
@@ -448,11 +444,9 @@ def boxes_from_masks(
     m = torch.clamp(torch.floor(0.1 * side), max=5.0).float()[:, None]  # (P, 1)
     u = torch.rand(P, 4, generator=generator, device=masks.device)  # (P, 4)
     box = box + torch.floor(u * (2 * m + 1)) - m
-    x0 = box[:, 0].clamp(0, W - 1)
-    y0 = box[:, 1].clamp(0, H - 1)
-    x1 = torch.maximum(box[:, 2], x0 + 1).clamp(max=W)
-    y1 = torch.maximum(box[:, 3], y0 + 1).clamp(max=H)
-    return torch.stack([x0, y0, x1, y1], 1)  # (P, 4)
+    lo = torch.minimum(box[:, :2].clamp(min=0), box.new_tensor([W - 1, H - 1]))  # (P, 2) x0, y0
+    hi = torch.minimum(torch.maximum(box[:, 2:], lo + 1), box.new_tensor([W, H]))  # (P, 2) x1, y1
+    return torch.cat([lo, hi], 1)  # (P, 4)
 
 
 _largest = largest_component  # boxes_from_masks has an argument of the same name
@@ -576,13 +570,9 @@ def _item_seed(*parts: int) -> int:
 
 class TrainDataset(torch.utils.data.Dataset):
     """A training sample: one image and M of its masks, with prompts sampled in model space as the
-    official code does (DataLoader.py:153-163).
-
-    mask_sampling "with" (official: random.choices, k=M): M masks drawn with replacement;
-    "without": a random order without replacement, then repeats when the image has fewer than M.
-    box_rule "official": the box of the mask's largest 8-connected component, shifted whole by
-    the official jitter; "ours": the whole-mask box with per-corner clamped jitter (see
-    boxes_from_masks). `jitter` False: tight boxes, no draws.
+    official code does (DataLoader.py:153-163). mask_sampling "with" (official random.choices) or
+    "without" (repeats only when there are fewer than M); box_rule "official" (largest component,
+    whole-box jitter) or "ours" (whole mask, per-corner clamped jitter): see boxes_from_masks.
     Item keys: image (3, S, S) float32 normalised; masks (M, S, S) float32 0/1; boxes (M, 4)
     float32; point_coords (M, n, 2) float32 x, y; point_labels (M, n) int64; index () int64.
     Each item draws from its own generator seeded by (seed, epoch, index), so samples repeat
