@@ -427,12 +427,15 @@ def _images_unit(case: Case, cfg: DataConfig):
             raise DataError(f"{image_path}: output name {name} is already used in case {case.name}")
         names.add(name)
         n_labels = len(np.unique(lab)) - 1
-        if n_labels > cfg.max_labels:
-            raise DataError(f"{mask_path}: {n_labels} distinct labels: an intensity image, not a "
-                            f"label map (at most --max-labels {cfg.max_labels})")  # fmt: skip
+        grey = (image[..., :1] == image).all()
+        if n_labels > cfg.max_labels or (
+            n_labels > 1 and grey and np.array_equal(lab, image[..., 0])
+        ):
+            why = "identical to its image" if n_labels <= cfg.max_labels else (
+                f"{n_labels} distinct labels (at most --max-labels {cfg.max_labels})")  # fmt: skip
+            raise DataError(f"{mask_path}: {why}: an intensity image, not a label map")
         masks, n = _slice_masks(lab, cfg)
         dropped += n
-        grey = (image[..., :1] == image).all()
         if masks:
             entries.append(
                 _write_slice(Path(cfg.out), name, image[..., 0] if grey else image, masks)

@@ -394,6 +394,17 @@ def test_cli_2d_folders(tmp_path):
     np.testing.assert_array_equal(
         read_png(out / "masks/xray--T--p01--p01_b--label_1_000.png"), m * 255
     )
+    grey = rng.integers(0, 256, (40, 50), dtype=np.uint8)  # an image given as its own label map
+    Image.fromarray(grey).save(img / "p04_a.png")
+    Image.fromarray(grey).save(lab / "p04_a.png")
+    with pytest.raises(data.DataError, match=r"lab/p04_a.png: identical to its image: an "
+                       "intensity image, not a label map"):  # fmt: skip
+        prepare.run(prepare.DataConfig(**{**cfg.__dict__, "out": str(tmp_path / "o3")}))
+    with pytest.raises(data.DataError, match=r"lab/p04_a.png: 25\d distinct labels \(at most "
+                       r"--max-labels 9\): an intensity image"):  # fmt: skip
+        prepare.run(prepare.DataConfig(**{**cfg.__dict__, "out": str(tmp_path / "o4"),
+                                          "max_labels": 9}))  # fmt: skip
+    (img / "p04_a.png").unlink()
     (img / "p03_a.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # corrupt, skipped
     Image.fromarray(m).save(lab / "p03_a.png")
     summary = prepare.run(prepare.DataConfig(**{**cfg.__dict__, "out": str(tmp_path / "o1"),
