@@ -68,6 +68,7 @@ class DataConfig:
     workers: int = 1  # processes; 1 runs in this process
     shard: tuple[int, int] = (0, 1)  # (i, n): this run handles cases i, i+n, i+2n, ... (0-based)
     skip_bad: bool = False  # continue past bad inputs and list them at the end
+    channel: int = 0  # nnU-Net file names: the image channel to use (0 = the _0000 files)
 
 
 SPLITS = ("train", "val", "test")
@@ -126,7 +127,7 @@ def _layout(cfg: DataConfig, suffixes) -> tuple[Path, Path | None, str]:
     return images, images, "images and labels in one folder: paired by role suffixes only"
 
 
-def _pair(images: list[Path], labels: list[Path], one_folder: bool):
+def _pair(images: list[Path], labels: list[Path], one_folder: bool, channel: str):
     """Candidate labels of each image under every naming rule; -> {image: {label: rule}} and
     the images set aside as further nnU-Net channels."""
     by_stem, by_base = {}, {}
@@ -143,19 +144,19 @@ def _pair(images: list[Path], labels: list[Path], one_folder: bool):
         if role == "label" and one_folder:
             continue  # a label file, not an image
         nn = re.fullmatch(r"(.*)_(\d{4})", st)
-        if nn and nn.group(2) != "0000" and nn.group(1) in by_stem:
+        if nn and nn.group(2) != channel and nn.group(1) in by_stem:
             channels.append(f)  # another nnU-Net channel of a case: set aside
             continue
         if not one_folder:
             cands.update({lab: "same stem" for lab in by_stem.get(st, [])})
         if nn and not one_folder:
-            cands.update({lab: "nnU-Net _0000" for lab in by_stem.get(nn.group(1), [])})
+            cands.update({lab: "nnU-Net channel" for lab in by_stem.get(nn.group(1), [])})
         if role != "label":
             cands.update({lab: "role suffix" for lab in by_base.get(base, []) if lab != f})
             if role == "image" and not one_folder:  # case01_image + case01
                 cands.update({lab: "role suffix" for lab in by_stem.get(base, [])})
         found[f] = cands
-    lonely = [c for c in channels if data.stem(c)[:-5] + "_0000" not in stems]
+    lonely = [c for c in channels if f"{data.stem(c)[:-5]}_{channel}" not in stems]
     return found, channels, lonely
 
 
@@ -184,14 +185,14 @@ def find_cases(cfg: DataConfig) -> list[Case]:
     else:
         images, labels = _list_files(image_dir, suffixes), _list_files(label_dir, suffixes)
         one_folder = label_dir == image_dir
-        found, channels, lonely = _pair(images, labels, one_folder)
+        found, channels, lonely = _pair(images, labels, one_folder, f"{cfg.channel:04d}")
         if one_folder and not any(_role(data.stem(f))[0] == "label" for f in labels):
             raise DataError(f"{image_dir}: --images and --labels are the same folder and no file "
                             "name has a label role (_label, _seg, _mask, _gt): every image would "
                             "be its own label map")  # fmt: skip
         if channels:
             print(f"{len(channels)} further nnU-Net channels set aside (e.g. {channels[0].name}); "
-                  "the _0000 image of each case is used")  # fmt: skip
+                  f"the _{cfg.channel:04d} image of each case is used (--channel)")  # fmt: skip
         claims = {}
         for f, cands in found.items():
             for lab in cands:
@@ -207,7 +208,8 @@ def find_cases(cfg: DataConfig) -> list[Case]:
             else:
                 err = "" if lab else f"{f}: no label file for it in {label_dir}"
             pairs.append((case_id, f, lab, rule, err))
-        pairs += [(data.stem(c), c, None, "", f"{c}: an nnU-Net channel without its _0000 image")
+        pairs += [(data.stem(c), c, None, "", f"{c}: an nnU-Net channel without its "
+                   f"_{cfg.channel:04d} image")
                   for c in lonely]  # fmt: skip
     cases: dict[str, Case] = {}
     for case_id, f, lab, rule, error in pairs:

@@ -640,7 +640,7 @@ def _paired(root, capsys=None, **kw):
      "labels", {"a": ("images/a.nii.gz", "labels/a.nii.gz"), "b": ("images/b.nii", "labels/b.nii")},
      "same stem"),
     ("nnU-Net", ["images/a_0000.nii.gz", "images/a_0001.nii.gz", "labels/a.nii.gz"], "labels",
-     {"a": ("images/a_0000.nii.gz", "labels/a.nii.gz")}, "nnU-Net _0000"),
+     {"a": ("images/a_0000.nii.gz", "labels/a.nii.gz")}, "nnU-Net channel"),
     ("role suffixes, two folders", ["images/a_image.nii.gz", "labels/a_label.nii.gz",
      "images/b.nii.gz", "labels/b_seg.nii.gz"], "labels",
      {"a": ("images/a_image.nii.gz", "labels/a_label.nii.gz"),
@@ -670,6 +670,9 @@ def test_pairing_layouts(tmp_path, capsys, layout, files, labels_dir, want, rule
     assert f"  {name}: {Path(image).name} + {Path(label).name}" in printed
     if layout == "nnU-Net":
         assert "1 further nnU-Net channels set aside (e.g. a_0001.nii.gz)" in printed
+        pairs, errors, _ = _paired(tmp_path, labels=labels, channel=1)  # --channel 1
+        assert errors == {} and pairs == {"a": [("images/a_0001.nii.gz", "labels/a.nii.gz")]}
+        assert "the _0001 image of each case is used" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("files, labels_dir, message", [
