@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import data
@@ -125,7 +126,12 @@ def test_cli_marker_orientation_all_axes(tmp_path):
            "--labels", str(tmp_path / "lab"), "--out", str(out), "--modality", "MR_T1",
            "--dataset", "SYN", "--min-area", "0", "--window", "500", "1000"]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    assert "case0000: intensity CT window -> [0, 1000] mapped to 0-255" in res.stderr + res.stdout
+    printed = res.stderr + res.stdout
+    assert (
+        "case0000: 64x64x8 voxels, spacing 1.00 x 1.00 x 1.00 mm (RAS), intensity CT window "
+        "-> [0, 1000] mapped to 0-255" in printed
+    )
+    assert "  z: kept, HxW 64x64 px at 1.00 x 1.00 mm; min area 0% = 0 px (0 mm^2)" in printed
     # marker at RAS voxel (X-2, Y-2, Z-2): patient right, anterior, superior -> in every view
     # one pixel from the top-left corner (radiological: right on the left; sagittal: anterior
     # on the left; superior/anterior at the top)
@@ -260,6 +266,13 @@ def test_command_line_flags_make_the_config(monkeypatch):
         prepare.main(prepare.parser().parse_args([*required, "--window", "40", "wide"]))
     with pytest.raises(SystemExit):
         prepare.parser().parse_args([*required, "--shard", "3"])
+    thick = prepare.main(prepare.parser().parse_args(
+        [*required, "--max-anisotropy", "inf", "--no-resample", "--max-labels", "9"]))  # fmt: skip
+    assert (thick.max_anisotropy, thick.resample, thick.max_labels) == (float("inf"), False, 9)
+    for bad in (["nan", "100"], ["40", "0"], ["40", "-400"], ["inf", "10"]):
+        with pytest.raises(ValueError, match=r"--window: CT window needs a finite LEVEL and a "
+                           r"WIDTH > 0, got"):  # fmt: skip
+            prepare.main(prepare.parser().parse_args([*required, "--window", *bad]))
 
 
 def test_command_errors_are_one_line(tmp_path, capsys):
@@ -270,6 +283,22 @@ def test_command_errors_are_one_line(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path / 'none'}: not a folder" in err
+    # a NaN window and a NaN volume: one line each, naming the flag / the file; nothing written
+    make_volumes(tmp_path)
+    args = ["volumes", "--images", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"),
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        prepare.command([*args, "--window", "nan", "100"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "--window: CT window" in err
+    image, _ = synthetic_case()
+    image[5, 5, 5] = np.nan
+    save_lps(tmp_path / "img" / "case0000_0000.nii.gz", image)
+    with pytest.raises(SystemExit) as exit_:
+        prepare.command(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.strip().endswith("case0000_0000.nii.gz: 1 NaN/inf voxels")
+    assert not list((tmp_path / "out").rglob("*.png"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +328,7 @@ def test_cli_bad_inputs_named_and_skipped(tmp_path, capsys):
     _save_nifti(lab / "corrupt.nii.gz", labels, np.eye(4))
     bad["corrupt"] = "corrupt.nii.gz: cannot read NIfTI"
     _save_nifti(img / "nolabel.nii.gz", image, np.eye(4))
-    bad["nolabel"] = "nolabel.nii.gz: no label files named nolabel"
+    bad["nolabel"] = "nolabel.nii.gz: no label file for it in"
     _save_nifti(lab / "orphan.nii.gz", labels, np.eye(4))  # a label without an image: noted
     for name, msg in bad.items():
         one = tmp_path / f"only_{name}"
@@ -365,6 +394,17 @@ def test_cli_2d_folders(tmp_path):
     np.testing.assert_array_equal(
         read_png(out / "masks/xray--T--p01--p01_b--label_1_000.png"), m * 255
     )
+    grey = rng.integers(0, 256, (40, 50), dtype=np.uint8)  # an image given as its own label map
+    Image.fromarray(grey).save(img / "p04_a.png")
+    Image.fromarray(grey).save(lab / "p04_a.png")
+    with pytest.raises(data.DataError, match=r"lab/p04_a.png: identical to its image: an "
+                       "intensity image, not a label map"):  # fmt: skip
+        prepare.run(prepare.DataConfig(**{**cfg.__dict__, "out": str(tmp_path / "o3")}))
+    with pytest.raises(data.DataError, match=r"lab/p04_a.png: 25\d distinct labels \(at most "
+                       r"--max-labels 9\): an intensity image"):  # fmt: skip
+        prepare.run(prepare.DataConfig(**{**cfg.__dict__, "out": str(tmp_path / "o4"),
+                                          "max_labels": 9}))  # fmt: skip
+    (img / "p04_a.png").unlink()
     (img / "p03_a.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # corrupt, skipped
     Image.fromarray(m).save(lab / "p03_a.png")
     summary = prepare.run(prepare.DataConfig(**{**cfg.__dict__, "out": str(tmp_path / "o1"),
@@ -417,3 +457,349 @@ def test_mni152_builds_with_the_area_filter(tmp_path):
     assert summary["slices"] == len({m.rsplit("--", 1)[0] for m in want})
     mask = read_png(out / "masks/mr_t1--MNI152--case0000--z_0090--label_2_000.png") > 0
     np.testing.assert_array_equal(mask, (labels[::-1, ::-1, 90] == 2).T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Thick slices (nnU-Net's anisotropy rule), refused label volumes, empty splits
+
+
+@pytest.mark.parametrize("n, n_new", [(10, 72), (38, 190), (7, 25), (25, 173)])
+def test_resample_slice_matches_torch(n, n_new):
+    """Image: torch's bilinear (align_corners=False) to within rounding; labels: torch's
+    nearest-exact, exactly; both axes."""
+    rng = np.random.default_rng(n)
+    img, lab = rng.integers(0, 256, (n, 17), dtype=np.uint8), rng.integers(0, 5, (n, 17))
+    up = lambda a, size, mode: torch.nn.functional.interpolate(
+        torch.from_numpy(a)[None, None].double(), size, mode=mode
+    )[0, 0].numpy()  # fmt: skip
+    for transpose in (False, True):
+        t = (lambda a: a.T) if transpose else (lambda a: a)
+        size = t(np.zeros((n_new, 17))).shape
+        got_img, got_lab = prepare.resample_slice(t(img), t(lab), size)
+        want = up(np.ascontiguousarray(t(img)), size, "bilinear")
+        assert got_img.shape == size and np.abs(got_img - want).max() <= 0.5 + 1e-9
+        np.testing.assert_array_equal(
+            got_lab, up(np.ascontiguousarray(t(lab)), size, "nearest-exact")
+        )
+
+
+def _thick_mni(root):
+    """The MNI152 template (1 mm) with GM/WM labels, keeping every 5th axial slice: 1 x 1 x 5 mm,
+    the affine's z column scaled by 5. -> the full-resolution labels."""
+    t1, gm, wm = mni_paths()
+    (root / "img").mkdir()
+    (root / "lab").mkdir()
+    img = nib.load(str(t1))
+    affine = img.affine.copy()
+    affine[:3, 2] *= 5
+    _save_nifti(root / "img" / "case0000.nii.gz", np.asarray(img.dataobj)[:, :, ::5], affine)
+    g, w = (np.asarray(nib.load(str(p)).dataobj) for p in (gm, wm))
+    full = np.zeros(g.shape, np.uint8)
+    full[g >= 128] = 1
+    full[w >= 128] = 2
+    _save_nifti(root / "lab" / "case0000.nii.gz", full[:, :, ::5], affine)
+    return full
+
+
+def test_thick_mni152_axes_skipped_or_resampled(tmp_path, capsys):
+    full = _thick_mni(tmp_path)  # (197, 233, 189) at 1 mm; the files are 197 x 233 x 38
+    out = tmp_path / "out"
+    prepare.run(volume_cfg(tmp_path, out, axes=("x", "y", "z"), modality="mr", dataset="MNI"))
+    printed = capsys.readouterr().out
+    assert "case0000: 197x233x38 voxels, spacing 1.00 x 1.00 x 5.00 mm (RAS)" in printed
+    assert "  x: skipped, pixels 5.00 x 1.00 mm (rows x cols; ratio 5.0 > 3)" in printed
+    assert "  y: skipped, pixels 5.00 x 1.00 mm (rows x cols; ratio 5.0 > 3)" in printed
+    assert "  z: kept, HxW 233x197 px at 1.00 x 1.00 mm; min area 0.153% = 71 px (71 mm^2)" in (
+        printed
+    )
+    assert "slice axes over the recorded cases: x: 1 skipped; y: 1 skipped; z: 1 kept" in printed
+    images = list(read_json(out / "image2label_train.json"))
+    assert images and all("--z_" in p for p in images)
+    assert read_png(out / images[0]).shape == (233, 197)
+    record = read_json(out / "cases" / "case0000.json")
+    assert {a: p["action"] for a, p in record["axes"].items()} == {
+        "x": "skipped", "y": "skipped", "z": "kept"
+    }  # fmt: skip
+    assert record["pairing"]["rule"] == "same stem"
+    # a higher limit: the sagittal slices are resampled to 1 mm pixels, 38 -> 190 rows
+    out2 = tmp_path / "out2"
+    prepare.run(volume_cfg(tmp_path, out2, axes=("x",), max_anisotropy=6, modality="mr",
+                           dataset="MNI"))  # fmt: skip
+    assert "x: resampled HxW 38x233 -> 190x233 px (rows 5.00 -> 1.00 mm)" in capsys.readouterr().out
+    name = "mr--MNI--case0000--x_0070"
+    sag = read_png(out2 / f"images/{name}.png")
+    wm = read_png(out2 / f"masks/{name}--label_2_000.png") > 0
+    assert sag.shape == wm.shape == (190, 233)
+    # geometry: resampled row i is at z = 187 - i mm; the full-resolution slice's row r at
+    # z = 188 - r. Rows 2, 7, ... sit exactly on the kept 5 mm slices: equal there, and close
+    # to the 1 mm truth everywhere (nearest within 2.5 mm)
+    truth = data.volume_slice(full, "x", 70) == 2  # (189, 233)
+    np.testing.assert_array_equal(wm[2:188:5], truth[3:189:5])
+    dice = 2 * (wm[:188] & truth[1:]).sum() / (wm[:188].sum() + truth[1:].sum())
+    assert dice > 0.85
+    thick = data.read_volume(tmp_path / "img" / "case0000.nii.gz").data
+    np.testing.assert_array_equal(sag[2::5], data.volume_slice(data.normalize_intensity(thick),
+                                                               "x", 70))  # fmt: skip
+
+
+def _lps_volume(path_img, path_lab, spacing=(0.9, 0.9, 6.5)):
+    """A 40 x 48 x 10 volume stored L-P-S with 0.9 x 0.9 x 6.5 mm voxels (a clinical MRI); label 3
+    fills i 5:15, j 10:30, k 3:6 (RAS voxels): 19.5 mm thick."""
+    sx, sy, sz = spacing
+    affine = np.array([[-sx, 0, 0, 39 * sx], [0, -sy, 0, 47 * sy], [0, 0, sz, 0], [0, 0, 0, 1]])
+    i, j, k = np.meshgrid(np.arange(40), np.arange(48), np.arange(10), indexing="ij")
+    image = (100 + i + 2 * j + 10 * k).astype(np.float32)
+    labels = np.zeros((40, 48, 10), np.uint8)
+    labels[5:15, 10:30, 3:6] = 3
+    _save_nifti(path_img, image[::-1, ::-1], affine)
+    _save_nifti(path_lab, labels[::-1, ::-1], affine)
+
+
+def test_thick_synthetic_lps_volume(tmp_path, capsys):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lab").mkdir()
+    _lps_volume(tmp_path / "img" / "mri.nii.gz", tmp_path / "lab" / "mri.nii.gz")
+    run = lambda out, **kw: prepare.run(volume_cfg(tmp_path, tmp_path / out, min_area=0, **kw))
+    run("all", axes=("x", "y", "z"))
+    printed = capsys.readouterr().out
+    assert "spacing 0.90 x 0.90 x 6.50 mm (RAS)" in printed
+    assert "  x: skipped, pixels 6.50 x 0.90 mm (rows x cols; ratio 7.2 > 3)" in printed
+    assert "  y: skipped" in printed and "  z: kept, HxW 48x40 px at 0.90 x 0.90 mm" in printed
+    with pytest.raises(data.DataError, match=r"mri.nii.gz: every slice axis asked for \(x, y\)"
+                       r".*--max-anisotropy 3 \(spacing 0.90 x 0.90 x 6.50 mm\)"):  # fmt: skip
+        run("xy", axes=("x", "y"))
+    # the limit off (0): resampled to square pixels, 10 rows of 6.5 mm -> round(72.2) = 72
+    run("res", axes=("x",), max_anisotropy=0)
+    sag = read_png(tmp_path / "res/masks/MR_T1--SYN--mri--x_0010--label_3_000.png") > 0
+    assert sag.shape == (72, 48)
+    rows = np.nonzero(sag.any(1))[0]
+    pixel = 6.5 * 10 / 72  # mm per resampled row
+    assert abs(len(rows) * pixel - 19.5) <= pixel  # 3 slices of 6.5 mm
+    centre_mm = (rows[0] + rows[-1] + 1) / 2 * pixel  # from the top (superior) edge
+    assert abs(centre_mm - (10 - 4.5) * 6.5) <= pixel  # RAS k 3..5 are rows 4..6 from the top
+    cols = np.nonzero(sag.any(0))[0]  # columns: anterior -> posterior, not resampled
+    assert (cols[0], cols[-1]) == (47 - 29, 47 - 10)
+    # resampling off as well: the stored pixels, as before this rule existed
+    run("raw", axes=("x",), max_anisotropy=0, resample=False)
+    assert read_png(tmp_path / "raw/images/MR_T1--SYN--mri--x_0010.png").shape == (10, 48)
+    capsys.readouterr()
+    run("inf", axes=("y",), max_anisotropy=float("inf"), resample=False)  # strict JSON records
+    assert "y: kept, HxW 10x40 px at 6.50 x 0.90 mm" in capsys.readouterr().out
+
+
+def test_refuses_intensity_volumes_as_labels(tmp_path):
+    make_volumes(tmp_path)
+    img, lab = tmp_path / "img", tmp_path / "lab"
+    with pytest.raises(data.DataError, match="same folder and no file name has a label role"):
+        prepare.run(volume_cfg(tmp_path, tmp_path / "o1", labels=str(img)))
+    image, _ = synthetic_case()
+    noisy = image + np.random.default_rng(0).integers(0, 500, image.shape)  # ~700 values
+    save_lps(lab / "case0000.nii.gz", noisy.astype(np.int16))  # an MR stored as integers
+    with pytest.raises(data.DataError, match=r"case0000.nii.gz: \d+ distinct labels: an "
+                       "intensity volume, not a label map"):  # fmt: skip
+        prepare.run(volume_cfg(tmp_path, tmp_path / "o2"))
+    few = np.minimum(image, 40).astype(np.float32)  # few values: only equality gives it away
+    save_lps(img / "case0000_0000.nii.gz", few)
+    save_lps(lab / "case0000.nii.gz", few.astype(np.int16))
+    with pytest.raises(data.DataError, match="case0000.nii.gz: identical to its image"):
+        prepare.run(volume_cfg(tmp_path, tmp_path / "o3"))
+    assert not (tmp_path / "o2" / "masks").exists() or not any((tmp_path / "o2/masks").iterdir())
+
+
+def test_empty_split_warned_at_build_time(tmp_path, capsys):
+    make_volumes(tmp_path, n=3)
+    prepare.run(volume_cfg(tmp_path, tmp_path / "out"))  # 0.8/0.1/0.1 of 3 -> 2/0/1
+    printed = capsys.readouterr().out
+    assert "warning: the val split is empty (3 cases x 0.1 rounds to 0); train.py validates" in (
+        printed
+    )
+    assert "the test split is empty" not in printed
+    prepare.run(volume_cfg(tmp_path, tmp_path / "out2", split=(0.34, 0.33, 0.33)))
+    assert "warning" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# File-name pairing layouts (find_cases reads names only: empty files will do)
+
+
+def _touch(root, *names):
+    for n in names:
+        (root / n).parent.mkdir(parents=True, exist_ok=True)
+        (root / n).write_bytes(b"")
+
+
+def _paired(root, capsys=None, **kw):
+    cfg = prepare.DataConfig(**{"images": str(root / "images"), "labels": "", **kw})
+    cases = prepare.find_cases(cfg)
+    return {c.name: [(str(a.relative_to(root)), b and str(b.relative_to(root))) for a, b in c.pairs]
+            for c in cases}, {c.name: c.error for c in cases if c.error}, cases  # fmt: skip
+
+
+@pytest.mark.parametrize("layout, files, labels_dir, want, rule", [
+    ("same stem", ["images/a.nii.gz", "labels/a.nii.gz", "images/b.nii", "labels/b.nii"],
+     "labels", {"a": ("images/a.nii.gz", "labels/a.nii.gz"), "b": ("images/b.nii", "labels/b.nii")},
+     "same stem"),
+    ("nnU-Net", ["images/a_0000.nii.gz", "images/a_0001.nii.gz", "labels/a.nii.gz"], "labels",
+     {"a": ("images/a_0000.nii.gz", "labels/a.nii.gz")}, "nnU-Net channel"),
+    ("role suffixes, two folders", ["images/a_image.nii.gz", "labels/a_label.nii.gz",
+     "images/b.nii.gz", "labels/b_seg.nii.gz"], "labels",
+     {"a": ("images/a_image.nii.gz", "labels/a_label.nii.gz"),
+      "b": ("images/b.nii.gz", "labels/b_seg.nii.gz")}, "role suffix"),
+    ("role suffixes, one folder", ["images/a-img.nii.gz", "images/a-mask.nii.gz",
+     "images/b.nii.gz", "images/b_gt.nii.gz"], "images",
+     {"a": ("images/a-img.nii.gz", "images/a-mask.nii.gz"),
+      "b": ("images/b.nii.gz", "images/b_gt.nii.gz")}, "role suffix"),
+    ("case folders (KiTS)", ["images/c1/imaging.nii.gz", "images/c1/segmentation.nii.gz",
+     "images/c2/c2_image.nii.gz", "images/c2/c2_label.nii.gz"], "",
+     {"c1": ("images/c1/imaging.nii.gz", "images/c1/segmentation.nii.gz"),
+      "c2": ("images/c2/c2_image.nii.gz", "images/c2/c2_label.nii.gz")}, "case folder"),
+    ("MSD root", ["images/imagesTr/BRATS_001.nii.gz", "images/labelsTr/BRATS_001.nii.gz",
+     "images/imagesTr/._BRATS_001.nii.gz", "images/imagesTs/BRATS_900.nii.gz"], "",
+     {"BRATS_001": ("images/imagesTr/BRATS_001.nii.gz", "images/labelsTr/BRATS_001.nii.gz")},
+     "same stem"),
+])  # fmt: skip
+def test_pairing_layouts(tmp_path, capsys, layout, files, labels_dir, want, rule):
+    _touch(tmp_path, *files)
+    labels = str(tmp_path / labels_dir) if labels_dir else ""
+    pairs, errors, cases = _paired(tmp_path, labels=labels)
+    assert errors == {} and {k: v[0] for k, v in pairs.items()} == want, layout
+    assert {c.rule for c in cases} == {rule}
+    printed = capsys.readouterr().out
+    assert f"pairing rule: {rule} ({len(want)} cases)" in printed
+    name, (image, label) = next(iter(want.items()))
+    assert f"  {name}: {Path(image).name} + {Path(label).name}" in printed
+    if layout == "nnU-Net":
+        assert "1 further nnU-Net channels set aside (e.g. a_0001.nii.gz)" in printed
+        pairs, errors, _ = _paired(tmp_path, labels=labels, channel=1)  # --channel 1
+        assert errors == {} and pairs == {"a": [("images/a_0001.nii.gz", "labels/a.nii.gz")]}
+        assert "the _0001 image of each case is used" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("files, labels_dir, message", [
+    (["images/a.nii.gz", "labels/a.nii.gz", "labels/a.nii"], "labels",
+     r"images/a.nii.gz: ambiguous, 2 label files fit"),
+    (["images/a.nii.gz", "labels/a_label.nii.gz", "labels/a_seg.nii.gz"], "labels",
+     r"images/a.nii.gz: ambiguous, 2 label files fit"),
+    (["images/a.nii.gz", "images/a_0000.nii.gz", "labels/a.nii.gz"], "labels",
+     r"labels/a.nii.gz: ambiguous, claimed by .*images/a.nii.gz, .*images/a_0000.nii.gz"),
+    (["images/a_0001.nii.gz", "labels/a.nii.gz"], "labels",
+     r"images/a_0001.nii.gz: an nnU-Net channel without its _0000 image"),
+    (["images/c1/imaging.nii.gz", "images/c1/scan.nii.gz", "images/c1/seg.nii.gz"], "",
+     r"images/c1: need one image and one label file"),
+    (["images/a.nii.gz", "labels/b.nii.gz"], "labels", r"images/a.nii.gz: no label file"),
+])  # fmt: skip
+def test_pairing_ambiguity_is_an_error(tmp_path, capsys, files, labels_dir, message):
+    _touch(tmp_path, *files)
+    labels = str(tmp_path / labels_dir) if labels_dir else ""
+    _, errors, _ = _paired(tmp_path, labels=labels)
+    assert any(re.search(message, e) for e in errors.values()), errors
+
+
+def test_pairing_refusals(tmp_path):
+    _touch(tmp_path, "images/a.nii.gz", "images/b.nii.gz")
+    with pytest.raises(data.DataError, match="same folder and no file name has a label role"):
+        _paired(tmp_path, labels=str(tmp_path / "images"))
+    with pytest.raises(data.DataError, match="give --labels"):
+        _paired(tmp_path)
+
+
+def test_pairing_layout_end_to_end(tmp_path):
+    """Case folders with real volumes: built like the same files in two folders."""
+    image, labels = synthetic_case()
+    for c in ("p1", "p2"):
+        (tmp_path / "cases" / c).mkdir(parents=True)
+        save_lps(tmp_path / "cases" / c / "image.nii.gz", image)
+        save_lps(tmp_path / "cases" / c / "label.nii.gz", labels)
+    cfg = volume_cfg(tmp_path, tmp_path / "out", images=str(tmp_path / "cases"), labels="")
+    assert prepare.run(cfg)["slices"] == 2 * 5
+    record = read_json(tmp_path / "out" / "cases" / "p1.json")
+    assert record["pairing"]["rule"] == "case folder"
+    assert record["pairing"]["pairs"][0][1].endswith("p1/label.nii.gz")
+
+
+# ----------------------------------------------------------------------------------------------
+# The worker pool dies with its parent; Ctrl-C stops it promptly (issue 13.5)
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) for every process, from /proc."""
+    table = {}
+    for d in Path("/proc").iterdir():
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split() if d.name.isdigit() else 0
+        except OSError:  # gone meanwhile
+            continue
+        if fields:
+            table[int(d.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _descendants(pid: int) -> set[int]:
+    table, found, todo = _proc_table(), set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, (pp, _) in table.items() if pp == p}
+        found |= kids
+        todo += kids
+    return found
+
+
+def _alive(pids) -> set[int]:
+    """The pids that still run (a zombie has finished; it waits only to be reaped)."""
+    table = _proc_table()
+    return {p for p in pids if p in table and table[p][1] != "Z"}
+
+
+def _busy_pool(tmp_path):
+    """A `data.py volumes --workers 2` run whose units take seconds (one volume, 16 slices per
+    unit, 256 instance masks per slice), caught mid-unit: -> (process, its workers' pids)."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lab").mkdir()
+    labels = np.zeros((128, 128, 128), np.uint8)
+    labels[2::8, 2::8, :] = labels[3::8, 2::8, :] = 1  # 16 x 16 separate 2-px blobs per slice
+    image = np.random.default_rng(0).integers(0, 1000, labels.shape).astype(np.float32)
+    _save_nifti(tmp_path / "img" / "c.nii", image, np.eye(4))  # uncompressed: quick to write
+    _save_nifti(tmp_path / "lab" / "c.nii", labels, np.eye(4))
+    cmd = [sys.executable, data.__file__, "volumes", "--images", str(tmp_path / "img"), "--labels",
+           str(tmp_path / "lab"), "--out", str(tmp_path / "out"), "--workers", "2", "--axes", "z",
+           "--instances", "--min-area", "0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline, workers = time.time() + 60, set()
+    while time.time() < deadline and proc.poll() is None:
+        workers = _descendants(proc.pid)
+        if len(workers) >= 2 and any((tmp_path / "out" / "masks").glob("*.png")):
+            return proc, workers
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail(f"the pool never got busy (exit {proc.poll()}, workers {workers})")
+
+
+def _gone_within(pids, seconds: float) -> set[int]:
+    deadline = time.time() + seconds
+    while _alive(pids) and time.time() < deadline:
+        time.sleep(0.02)
+    return _alive(pids)
+
+
+@pytest.mark.slow  # subprocesses and a pool
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_workers_die_with_a_killed_parent(tmp_path, sig):
+    proc, workers = _busy_pool(tmp_path)
+    os.kill(proc.pid, sig)  # the parent only, as `kill PID` does
+    proc.communicate(timeout=30)
+    assert _gone_within(workers, 5.0) == set(), f"workers {workers} outlived the parent"
+
+
+@pytest.mark.slow  # subprocesses and a pool
+def test_ctrl_c_stops_the_pool_promptly(tmp_path):
+    proc, workers = _busy_pool(tmp_path)
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
+    _, err = proc.communicate(timeout=30)
+    seconds = time.time() - t0
+    assert proc.returncode == 130 and seconds < 5.0, (proc.returncode, seconds, err)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1] == "data.py: interrupted" and "Traceback" not in err
+    assert _gone_within(workers, 2.0) == set()
+    assert not (tmp_path / "out" / "image2label_train.json").exists()  # stopped before the end
