@@ -90,7 +90,8 @@ class Prompt:
 
 
 def check_prompts(prompts: list, hw: tuple) -> None:
-    """Boxes must satisfy 0 <= x0 < x1 <= W, 0 <= y0 < y1 <= H; points must lie in the image."""
+    """Boxes must satisfy 0 <= x0 < x1 <= W, 0 <= y0 < y1 <= H (x1, y1 exclusive: pixel edges);
+    points must lie in the image. Sizes in messages are height x width, like array shapes."""
     H, W = hw
     if not prompts:
         raise ValueError("no prompts")
@@ -99,11 +100,14 @@ def check_prompts(prompts: list, hw: tuple) -> None:
             x0, y0, x1, y1 = p.box
             if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
                 raise ValueError(
-                    f"box {i} {p.box} is not inside the {W}x{H} image with x0 < x1 and y0 < y1"
+                    f"box {i} {p.box} is not inside the {H}x{W} (HxW) image with x0 < x1 and "
+                    "y0 < y1"
                 )
         for x, y in p.points:
             if not (0 <= x < W and 0 <= y < H):
-                raise ValueError(f"point ({x}, {y}) of prompt {i} is outside the {W}x{H} image")
+                raise ValueError(
+                    f"point ({x}, {y}) of prompt {i} is outside the {H}x{W} (HxW) image"
+                )
         if p.box is None and not p.points:
             raise ValueError(f"prompt {i} has neither a box nor points")
 
@@ -134,13 +138,59 @@ def _prompt_tensors(prompts: list, geom) -> tuple:
 # ------------------------------------------------------------------------------------------------
 
 
+CHUNK_BYTES = 256 * 2**20  # full-size float32 logits held at once when masks are made
+DECODE_BATCH = 64  # prompts per decoder call: the decoder's activations grow with the batch
+
+
 @dataclass
 class Segmentation:
-    masks: np.ndarray  # (P, H, W) bool at the original size
-    logits: np.ndarray  # (P, H, W) float32, the chosen mask's logits at the original size
-    iou: np.ndarray  # (P,) predicted IoU of the chosen masks
+    """The decoder's answer for P prompts, kept at its low resolution. Full-size results are
+    made from it a chunk of prompts at a time (`label_map`), so memory stays bounded by one chunk
+    of H x W logits however many prompts there are; `masks` and `logits` stack all P at once
+    (P x H x W: fine for a few prompts on a small image, not for 1000 boxes on 6000 x 6000)."""
+
+    low: torch.Tensor  # (P, 1, S/4, S/4) float32 low-res logits of the chosen masks, on the CPU
+    iou: np.ndarray  # (P,) the decoder's predicted IoU of them: its own, uncalibrated estimate
+    geom: data.Geometry  # maps the low-res logits back to the original (H, W)
+    threshold: float = 0.0  # logits above it are the mask
     timings: dict = field(default_factory=dict)  # seconds: encode (with preprocessing), decode
-    # (with postprocessing); filled by segment()
+    # (the decoder only; full-size masks are made on demand); filled by segment()
+
+    def chunks(self, chunk: int | None = None):
+        """Yield (first prompt index, logits (c, H, W) float32 at the original size) for chunks
+        of `chunk` prompts (default: as many as fit in CHUNK_BYTES, at least one)."""
+        H, W = self.geom.original
+        chunk = chunk or max(1, CHUNK_BYTES // (4 * H * W))
+        for s in range(0, len(self.low), chunk):
+            yield s, self.geom.logits_to_original(self.low[s : s + chunk])[:, 0]  # (c, H, W)
+
+    @property
+    def logits(self) -> np.ndarray:
+        """(P, H, W) float32: every prompt's logits at the original size, stacked."""
+        return torch.cat([lg for _, lg in self.chunks()]).numpy()
+
+    @property
+    def masks(self) -> np.ndarray:
+        """(P, H, W) bool: every prompt's mask at the original size, stacked."""
+        return torch.cat([lg > self.threshold for _, lg in self.chunks()]).numpy()
+
+    def label_map(self, chunk: int | None = None) -> tuple:
+        """-> ids (H, W): 0 background, i+1 where prompt i's mask is (overlaps go to the highest
+        logit, the first prompt on ties), uint8 (uint16 beyond 255 prompts, uint32 beyond 65535);
+        and areas (P,) int64, each prompt's own mask size in pixels. Built chunk by chunk."""
+        H, W = self.geom.original
+        P = len(self.low)
+        dtype = np.uint8 if P < 2**8 else np.uint16 if P < 2**16 else np.uint32
+        ids = np.zeros((H, W), dtype)
+        best = torch.full((H, W), float(self.threshold))  # the winning logit so far
+        areas = np.zeros(P, np.int64)
+        for s, logits in self.chunks(chunk):
+            for j, lg in enumerate(logits):  # (H, W)
+                areas[s + j] = int((lg > self.threshold).sum())
+                win = lg > best  # claimed (> threshold) and above every earlier claim
+                ids[win.numpy()] = s + j + 1
+                torch.maximum(best, lg, out=best)
+        return ids, areas
 
 
 def _model_io(sam) -> tuple:
@@ -189,26 +239,44 @@ def _decode_best(sam, emb, points=None, boxes=None, mask_input=None, multimask=T
 
 @torch.inference_mode()
 def decode_prompts(sam, emb, geom, prompts: list, multimask: bool = True) -> "Segmentation":
-    """Checked prompts in original pixels -> masks at the original size, one batch per kind."""
-    H, W = geom.original
-    logits = torch.empty(len(prompts), H, W)  # (P, H, W)
+    """Checked prompts in original pixels -> a Segmentation (low-res logits, predicted IoU): one
+    decoder call per kind of prompt and DECODE_BATCH prompts. Non-finite logits (broken weights,
+    float16 overflow) are an error, never a silently empty mask."""
+    S4 = sam.cfg.image_size // 4
+    low = torch.empty(len(prompts), 1, S4, S4)  # (P, 1, S/4, S/4)
     iou = torch.empty(len(prompts))
-    for idx in _prompt_groups(prompts).values():
-        points, boxes = _prompt_tensors([prompts[i] for i in idx], geom)
-        low, pred_iou = _decode_best(sam, emb, points, boxes, multimask=multimask)  # (p,1,h,w)
-        logits[idx] = geom.logits_to_original(low.float().cpu())[:, 0]  # (p, H, W)
-        iou[idx] = pred_iou.float().cpu()
-    masks = logits > sam.cfg.mask_threshold
-    return Segmentation(masks.numpy(), logits.numpy(), iou.numpy())
+    for kind in _prompt_groups(prompts).values():
+        for s in range(0, len(kind), DECODE_BATCH):
+            idx = kind[s : s + DECODE_BATCH]
+            points, boxes = _prompt_tensors([prompts[i] for i in idx], geom)
+            lo, pred_iou = _decode_best(sam, emb, points, boxes, multimask=multimask)  # (p,1,h,w)
+            low[idx], iou[idx] = lo.float().cpu(), pred_iou.float().cpu()
+    bad = ~torch.isfinite(low).flatten(1).all(1) | ~torch.isfinite(iou)  # (P,)
+    if bad.any():
+        raise ValueError(
+            f"the model returned NaN/inf logits for {int(bad.sum())} of {len(prompts)} prompts "
+            "(broken weights, or overflow in float16): no mask written"
+        )
+    return Segmentation(low, iou.numpy(), geom, sam.cfg.mask_threshold)
 
 
 def load_model(cfg: InferConfig):
     """The checkpoint on the chosen device and dtype, in eval mode. Without one, LiteMedSAM's
-    weights (default_checkpoint); cfg.checkpoint is then set to that file, so outputs record it."""
+    weights (default_checkpoint); cfg.checkpoint is then set to that file, so outputs record it.
+    `adapter=True` on a file without adapters is refused: its adapters would be freshly
+    initialised, untrained weights (training may add them; inference never uses them)."""
     if cfg.checkpoint is None:
         cfg.checkpoint = str(default_checkpoint())
     path = resolve_checkpoint(cfg.checkpoint)
-    sam = model.load_checkpoint(path, adapter=cfg.adapter, device=cli.resolve_device(cfg.device))
+    device = cli.resolve_device(cfg.device)
+    # adapter=True loads as the file is (None) and then checks: load_checkpoint would otherwise
+    # build the missing adapters from a random initialisation
+    sam = model.load_checkpoint(path, adapter=None if cfg.adapter else cfg.adapter, device=device)
+    if cfg.adapter and not sam.cfg.adapter or getattr(sam, "new_keys", None):
+        raise ValueError(
+            f"{path}: --adapter asks for adapters this checkpoint does not have; they would be "
+            "untrained random weights. Fine-tune them with train.py first, or leave out --adapter"
+        )
     return sam.to(dtype=DTYPES[cfg.dtype]).eval()
 
 
@@ -462,18 +530,23 @@ def main(args) -> int:
 
 def parse_window(w):
     """A CT window from the command line (["lung"], ["40", "400"]) or JSON ("lung", [40, 400])
-    -> a data.WINDOWS name or (level, width) floats; None stays None (percentiles)."""
+    -> a data.WINDOWS name or (level, width) floats, finite with width > 0; None stays None
+    (percentiles)."""
     if isinstance(w, list | tuple) and len(w) == 1:
         w = w[0]
     if w is None or (isinstance(w, str) and w in data.WINDOWS):
         return w
     try:
-        level, width = w
-        return float(level), float(width)
+        if isinstance(w, str) or any(isinstance(v, bool) for v in w):
+            raise TypeError
+        level, width = (float(v) for v in w)
     except (TypeError, ValueError):
         raise ValueError(
             f"window is one of {', '.join(data.WINDOWS)} or LEVEL WIDTH, not {w!r}"
         ) from None
+    if not (np.isfinite(level) and np.isfinite(width) and width > 0):
+        raise ValueError(f"window LEVEL WIDTH must be finite with WIDTH > 0, not {w!r}")
+    return level, width
 
 
 def config_from_args(args) -> InferConfig:
