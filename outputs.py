@@ -26,6 +26,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -391,6 +392,7 @@ def run_job(sam, src: Source, outs: dict, cfg: InferConfig) -> dict:
             "width": int(W),
             "checkpoint": cfg.checkpoint,
             "multimask": cfg.multimask,
+            "threads": torch.get_num_threads(),
             "prompts": [asdict(p) for p in src.prompts],
             **record,
             "predicted_iou_note": IOU_NOTE,

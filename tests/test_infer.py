@@ -431,7 +431,9 @@ def test_four_d_nifti_keeps_its_shape(ckpt, tmp_path):
     """Issue 13.10: an (X, Y, Z, 1) input gives an (X, Y, Z, 1) label volume."""
     vol = _volume(tmp_path, (40, 36, 5, 1))
     out = tmp_path / "m.nii.gz"
-    run([vol, "--slice", 2, "--box", 2, 2, 30, 30, "--checkpoint", ckpt, "--out", out])
+    run([vol, "--slice", 2, "--box", 2, 2, 30, 30, "--checkpoint", ckpt, "--out", out,
+         "--threads", 1])  # fmt: skip
+    assert json.loads((tmp_path / "m.json").read_text())["threads"] == 1
     res = nib.load(out)
     assert res.shape == (40, 36, 5, 1) and res.get_fdata()[:, :, 2, 0].any()
     assert not res.get_fdata()[:, :, [0, 1, 3, 4], 0].any()
@@ -446,6 +448,19 @@ def test_prompt_memory_is_bounded_by_a_chunk(monkeypatch):
     res = bench.prompt_memory(counts=(1, 20), size=1500)["counts"]
     assert res[20]["whole_stack_mib"] == 215
     assert res[20]["peak_mib"] < res[1]["peak_mib"] + 30, res
+
+
+def test_threads_default_leaves_busy_cores_alone(monkeypatch):
+    """Issue 12.8: --threads N is N; the default 0 is the cores the load average leaves idle."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert infer.cpu_threads(0) == 8 and infer.cpu_threads(3) == 3
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.6, 0.0, 0.0))
+    assert infer.cpu_threads(0) == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (30.0, 0.0, 0.0))
+    assert infer.cpu_threads(0) == 1
+    with pytest.raises(ValueError, match="--threads must be 0"):
+        infer.cpu_threads(-1)
 
 
 def _wait(cond, seconds, what):
