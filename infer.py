@@ -247,14 +247,14 @@ def decode_prompts(sam, emb, geom, prompts: list, multimask: bool = True) -> "Se
     """Checked prompts in original pixels -> a Segmentation (low-res logits, predicted IoU): one
     decoder call per kind of prompt and DECODE_BATCH prompts. Non-finite logits (broken weights,
     float16 overflow) are an error, never a silently empty mask."""
-    S4 = sam.cfg.image_size // 4
-    low = torch.empty(len(prompts), 1, S4, S4)  # (P, 1, S/4, S/4)
-    iou = torch.empty(len(prompts))
+    low, iou = None, torch.empty(len(prompts))
     for kind in _prompt_groups(prompts).values():
         for s in range(0, len(kind), DECODE_BATCH):
             idx = kind[s : s + DECODE_BATCH]
             points, boxes = _prompt_tensors([prompts[i] for i in idx], geom)
             lo, pred_iou = _decode_best(sam, emb, points, boxes, multimask=multimask)  # (p,1,h,w)
+            if low is None:  # h = S/4 for SAM's decoder, 256 for LiteMedSAM's
+                low = torch.empty(len(prompts), *lo.shape[1:])  # (P, 1, h, w)
             low[idx], iou[idx] = lo.float().cpu(), pred_iou.float().cpu()
     bad = ~torch.isfinite(low).flatten(1).all(1) | ~torch.isfinite(iou)  # (P,)
     if bad.any():
