@@ -373,6 +373,17 @@ def test_adapter_flag_on_a_checkpoint_with_adapters_loads_them(ckpt, sam):
     assert adapters and all(torch.equal(a[n], dict(sam.named_parameters())[n]) for n in adapters)
 
 
+def test_decoders_with_other_low_res_sizes_segment():
+    """LiteMedSAM's decoder returns 256x256 low-res logits (SAM's: S/4); the Segmentation keeps
+    whatever size the decoder gives."""
+    torch.manual_seed(0)
+    lite = model.Sam(model.SamConfig.from_name("lite_medsam")).eval()
+    image = np.stack([blob_image(64, 80)] * 3, -1)
+    seg = infer.segment(lite, image, boxes=[[2, 2, 40, 40], [20, 10, 70, 60]])
+    assert seg.low.shape == (2, 1, 256, 256) and seg.masks.shape == (2, 64, 80)
+    assert seg.label_map()[1].tolist() == seg.masks.sum((1, 2)).tolist()
+
+
 def test_non_finite_logits_are_an_error_not_a_blank_mask(ckpt):
     """Issue 13.9: NaN anywhere in the decoder's path gives NaN logits; segment refuses them."""
     broken = model.load_checkpoint(ckpt, verbose=False)
