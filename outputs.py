@@ -2,7 +2,13 @@
 and what it writes (mask PNG or NIfTI label volume, overlay PNG, JSON record; a folder of them
 with a summary; the evaluation's results). infer.py holds the segmenting and the evaluation; this
 module turns a command line or a prompt file into jobs, runs them through infer.segment, and
-writes the results atomically (files.py), refusing to overwrite outputs without --force.
+writes the results.
+
+Everything a user can get wrong is checked before the model loads: the prompts (against the
+image or slice they are for), the slices, the window, and the outputs (distinct files, none of
+them an input, writable folders, no existing file without --force). A job's outputs are one
+files.OutputSet: temp files first, renamed together at the end, so a failed, interrupted or
+concurrent run never leaves a mixed or half-written set.
 
 Errors name the file (and the prompt-file entry) they come from: infer.segment's errors say
 what is wrong with a prompt, and this layer adds where it was given. In folder mode a bad file
@@ -11,12 +17,16 @@ is reported and skipped, and listed in summary.json.
 
 import csv
 import io
+import math
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -26,12 +36,26 @@ import infer
 from infer import InferConfig, Prompt
 
 AXES = {"x": 0, "y": 1, "z": 2}  # of the canonical RAS+ volume: sagittal, coronal, axial
-PALETTE = [(255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (200, 64, 255),
-           (0, 200, 200)]  # fmt: skip
+PALETTE = [(64, 128, 255), (255, 160, 0), (220, 64, 220), (0, 200, 200), (150, 100, 40),
+           (140, 90, 255)]  # fmt: skip  # mask tints: none is the box's or the points' colour
+BOX_COLOUR = (255, 255, 255)  # box outlines: white, unlike every mask tint
+POINT_COLOURS = {1: (0, 255, 0), 0: (255, 0, 0)}  # foreground green, background red
+DISPLAY_SIDE = 512  # overlays of smaller images are enlarged (whole pixels) to at least this long
+IOU_NOTE = (
+    "the decoder's own estimate, used to pick the best of its 3 candidate masks; uncalibrated: "
+    "not a measure of how right the mask is"
+)
 
 # ------------------------------------------------------------------------------------------------
 # Prompt files and jobs: what to segment in which file
 # ------------------------------------------------------------------------------------------------
+
+
+def _numbers(values) -> list:
+    """JSON numbers as floats; strings ("10") and booleans (true) are refused, not converted."""
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+        raise TypeError
+    return [float(v) for v in values]
 
 
 def parse_prompt(obj) -> Prompt:
@@ -49,12 +73,12 @@ def parse_prompt(obj) -> Prompt:
     labels = obj.get("labels", [1] * len(points))
     if not isinstance(labels, list) or len(labels) != len(points):
         raise ValueError("labels must be a list with one label per point")
-    if any(lab not in (0, 1) for lab in labels):
+    if any(isinstance(lab, bool) or lab not in (0, 1) for lab in labels):
         raise ValueError("point labels are 1 (foreground) or 0 (background)")
     try:
-        box = None if box is None else [float(v) for v in box]
-        points = [[float(x), float(y)] for x, y in points]
-    except (TypeError, ValueError):
+        box = None if box is None else _numbers(box)
+        points = [_numbers(p) for p in points]
+    except TypeError:
         raise ValueError(f"coordinates must be numbers, got {obj!r}") from None
     return Prompt(box, points, [int(v) for v in labels])
 
@@ -67,20 +91,26 @@ class Job:
     prompts: list  # [Prompt]; coordinates in the (slice) image's pixels
     slice: int | None = None  # NIfTI: the slice index along `axis`
     axis: str = "z"  # x sagittal, y coronal, z axial (of the canonical RAS+ volume)
-    box3d: list | None = None  # NIfTI: [x0, y0, z0, x1, y1, z1], z = slice indices, inclusive
+    box3d: list | None = None  # NIfTI: [x0, y0, z0, x1, y1, z1]; x1, y1, z1 exclusive
     window: object = None  # NIfTI intensity: CT preset name or (level, width); None: percentiles
 
 
 def parse_entry(path: Path, entry, defaults: dict | None = None) -> Job:
     """A --prompts entry: a list of prompts, or {"prompts": [...], "slice", "axis", "box3d",
-    "window"} for NIfTI volumes. Keys it lacks come from `defaults` (the command line's)."""
+    "window"} for NIfTI volumes. Keys it lacks come from `defaults` (the command line's); slice
+    and box3d are alternatives, so a default of either applies only when the entry has neither."""
     if isinstance(entry, list):
         entry = {"prompts": entry}
     keys = {"prompts", "slice", "axis", "box3d", "window"}
     if not isinstance(entry, dict) or not set(entry) <= keys:
         raise ValueError(f"an entry is a list of prompts or a dict with keys {sorted(keys)}")
     if is_nifti(path):  # the command line's NIfTI options do not apply to 2D files
-        entry = {**{k: v for k, v in (defaults or {}).items() if v is not None}, **entry}
+        given = {k: v for k, v in (defaults or {}).items() if v is not None}
+        if "slice" in entry or "box3d" in entry:
+            given = {k: v for k, v in given.items() if k not in ("slice", "box3d")}
+        entry = {**given, **entry}
+    elif set(entry) & {"slice", "axis", "box3d", "window"}:
+        raise ValueError("slice, axis, box3d and window are for NIfTI volumes")
     if not isinstance(entry.get("prompts", []), list):
         raise ValueError("prompts must be a list of prompts")
     prompts = []
@@ -97,11 +127,15 @@ def parse_entry(path: Path, entry, defaults: dict | None = None) -> Job:
         raise ValueError(f"slice must be a whole number, not {job.slice!r}")
     job.window = infer.parse_window(job.window)
     b3 = job.box3d
-    six_numbers = (
-        isinstance(b3, list) and len(b3) == 6 and all(isinstance(v, int | float) for v in b3)
-    )
-    if b3 is not None and (prompts or not six_numbers):
-        raise ValueError("box3d is [x0, y0, z0, x1, y1, z1] and replaces other prompts")
+    if b3 is not None:
+        try:
+            job.box3d = _numbers(b3) if isinstance(b3, list) and len(b3) == 6 else None
+        except TypeError:
+            job.box3d = None
+        if job.box3d is None or prompts or job.slice is not None:
+            raise ValueError(
+                "box3d is [x0, y0, z0, x1, y1, z1] and replaces other prompts and the slice"
+            )
     return job
 
 
@@ -117,6 +151,10 @@ def _cli_defaults(args, cfg: InferConfig) -> dict:
 def job_from_args(args, path: Path, cfg: InferConfig) -> Job:
     """The one-file job: a --prompts JSON (a list of prompts), or --box/--point/--neg, where each
     box is one object and points refine the single box they come with (or form one object)."""
+    if not is_nifti(path) and (args.slice is not None or args.box3d is not None or cfg.window):
+        raise ValueError(f"{path}: --slice, --box3d and --window are for NIfTI volumes")
+    if args.slice is not None and args.box3d is not None:
+        raise ValueError("--box3d covers its own slices z0..z1: leave out --slice")
     if args.prompts:
         entry = files.read_json(args.prompts)
         if args.box or args.point or args.neg:
@@ -144,47 +182,143 @@ def job_from_args(args, path: Path, cfg: InferConfig) -> Job:
 
 
 # ------------------------------------------------------------------------------------------------
+# Reading a job's input and checking its prompts: all before the model loads
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """A job's input, read and checked against its prompts."""
+
+    job: Job
+    prompts: list  # [Prompt], checked against the image (each slice)
+    slices: list  # NIfTI: the slice indices along job.axis; [None] for a 2D image
+    image: np.ndarray | None = None  # (H, W, 3) uint8 RGB: a 2D input
+    volume: np.ndarray | None = None  # (X, Y, Z) uint8 canonical RAS+: a NIfTI input
+
+    def frame(self, k) -> np.ndarray:
+        """The (H, W, 3) uint8 image of slice k (None: the 2D image)."""
+        if k is None:
+            return self.image
+        gray = data.volume_slice(self.volume, self.job.axis, k)  # (H, W)
+        return np.repeat(gray[..., None], 3, axis=2)  # (H, W, 3)
+
+
+def read_source(job: Job) -> Source:
+    """Read the job's file and check its prompts and slices against it."""
+    if is_nifti(job.path):
+        vol = data.read_volume(job.path)
+        u8 = data.normalize_intensity(vol.data, job.window)  # (X, Y, Z) uint8
+        ks, prompts = _job_slices(job, u8.shape[AXES[job.axis]])
+        src = Source(job, prompts, list(ks), volume=u8)
+        where = f"{job.path} ({job.axis} slices)"
+    else:
+        src = Source(job, job.prompts, [None], image=data.read_image(job.path))
+        where = str(job.path)
+    try:
+        infer.check_prompts(src.prompts, src.frame(src.slices[0]).shape[:2])
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    return src
+
+
+def _job_slices(job: Job, n: int) -> tuple:
+    """The slice indices a NIfTI job covers, and its prompts. box3d's z1 is exclusive, like x1
+    and y1: it covers slices z0 <= k < z1."""
+    if job.box3d is not None:
+        x0, y0, z0, x1, y1, z1 = job.box3d
+        if not (0 <= z0 < z1 <= n and float(z0).is_integer() and float(z1).is_integer()):
+            raise ValueError(
+                f"{job.path}: box3d z0 {z0:g}, z1 {z1:g} must be whole slice numbers with "
+                f"0 <= z0 < z1 <= {n} along {job.axis} (z1 exclusive, like x1 and y1)"
+            )
+        return range(int(z0), int(z1)), [Prompt(box=[x0, y0, x1, y1])]
+    if job.slice is None:
+        raise ValueError(
+            f"{job.path}: a NIfTI volume needs --slice K (with --box/--point) or --box3d"
+        )
+    if not 0 <= job.slice < n:
+        raise ValueError(f"{job.path}: slice {job.slice} is outside 0..{n - 1} along {job.axis}")
+    return [job.slice], job.prompts
+
+
+# ------------------------------------------------------------------------------------------------
 # Output files: the mask (PNG or NIfTI label volume), the overlay, the JSON record
 # ------------------------------------------------------------------------------------------------
 
 
-def check_outputs(paths: list, force: bool) -> None:
-    """Refuse, before any work, to overwrite an existing output unless --force."""
-    exists = [str(p) for p in paths if p is not None and Path(p).exists()]
+def check_outputs(paths, force: bool, inputs=()) -> None:
+    """Before any work: the outputs must be distinct files, none of them one of `inputs` (never
+    written over, even with --force), each in a folder this process can create files in; an
+    existing output is refused unless --force."""
+    paths = [Path(p) for p in paths if p is not None]
+    seen = {}
+    for p in paths:
+        other = seen.setdefault(os.path.realpath(p), p)
+        if other is not p:
+            raise ValueError(f"two outputs are the same file: {other} and {p}")
+    ins = [Path(i) for i in inputs if i is not None and Path(i).exists()]
+    for p in paths:
+        hit = [i for i in ins if os.path.realpath(i) == os.path.realpath(p)]
+        hit += [i for i in ins if p.exists() and not hit and os.path.samefile(i, p)]
+        if hit:
+            raise ValueError(f"output {p} is the input {hit[0]}: refusing to write over an input")
+    exists = [str(p) for p in paths if p.exists()]
     if exists and not force:
         raise FileExistsError(f"output exists: {', '.join(exists[:5])} (use --force to overwrite)")
+    for p in paths:
+        _check_writable(p)
 
 
-def label_ids(seg: infer.Segmentation) -> np.ndarray:
-    """(H, W) ids: prompt i (from 0) gets id i+1, 0 is background; a pixel claimed by several
-    masks goes to the one with the highest logit. uint8, or uint16 beyond 255 prompts."""
-    best = np.where(seg.masks, seg.logits, -np.inf).argmax(0)  # (H, W)
-    ids = np.where(seg.masks.any(0), best + 1, 0)
-    return ids.astype(np.uint8 if len(seg.masks) < 256 else np.uint16)
+def _check_writable(path: Path) -> None:
+    """Create (and remove) a probe file in the nearest existing folder of `path`."""
+    if path.is_dir():
+        raise IsADirectoryError(f"output {path} is a folder")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"output {path}: {folder} is a file, not a folder")
+    probe = folder / f".{path.name}.{os.getpid()}.probe"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"output {path}: cannot write in {folder} ({err.strerror})") from None
 
 
-def mask_image(seg: infer.Segmentation) -> np.ndarray:
+def mask_image(ids: np.ndarray, n_prompts: int) -> np.ndarray:
     """The mask PNG: 0/255 for one prompt (visible in any viewer); the label map for several."""
-    ids = label_ids(seg)
-    return ids * np.uint8(255) if len(seg.masks) == 1 else ids
+    return ids * np.uint8(255) if n_prompts == 1 else ids
+
+
+def display_scale(hw: tuple) -> int:
+    """Whole-pixel enlargement of a small image's overlay: its longer side to DISPLAY_SIDE."""
+    return max(1, math.ceil(DISPLAY_SIDE / max(hw)))
 
 
 def overlay(image: np.ndarray, ids: np.ndarray, prompts: list, alpha: float) -> np.ndarray:
-    """The image with each prompt's mask tinted in its colour, boxes outlined, points drawn
-    (green foreground, red background). ids: (H, W) label map, 0 background, i+1 for prompt i."""
+    """The image with each prompt's mask tinted in its colour, boxes outlined in BOX_COLOUR,
+    points drawn (green foreground, red background); small images are enlarged by
+    display_scale (nearest, so pixels stay sharp). ids: (H, W) label map, i+1 for prompt i."""
+    P = len(prompts)
+    colours = np.array([(0, 0, 0)] + [PALETTE[i % len(PALETTE)] for i in range(P)], np.float32)
     out = image.astype(np.float32)  # (H, W, 3)
-    for i in range(len(prompts)):
-        m = ids == i + 1
-        out[m] = (1 - alpha) * out[m] + alpha * np.array(PALETTE[i % len(PALETTE)], np.float32)
-    pil = Image.fromarray(out.round().astype(np.uint8))
+    m = ids > 0
+    out[m] = (1 - alpha) * out[m] + alpha * colours[ids[m]]
+    k = display_scale(image.shape[:2])
+    out = out.round().astype(np.uint8).repeat(k, 0).repeat(k, 1)  # (kH, kW, 3)
+    pil = Image.fromarray(out)
     draw = ImageDraw.Draw(pil)
-    r = max(2, round(min(image.shape[:2]) / 100))  # marker radius grows with the image
-    for i, p in enumerate(prompts):
-        if p.box is not None:
-            draw.rectangle(p.box, outline=PALETTE[i % len(PALETTE)], width=max(1, r // 2))
+    r = max(2, round(min(out.shape[:2]) / 100))  # marker radius grows with the image
+    for p in prompts:
+        if p.box is not None:  # box edges x0..x1 (exclusive): the outermost pixels it covers
+            x0, y0, x1, y1 = (v * k for v in p.box)
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=BOX_COLOUR, width=max(1, r // 2))
         for (x, y), lab in zip(p.points, p.labels, strict=True):
-            fill = (0, 255, 0) if lab == 1 else (255, 0, 0)
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=(255, 255, 255))
+            cx, cy = (x + 0.5) * k, (y + 0.5) * k  # the centre of the pixel the point is in
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=POINT_COLOURS[lab],
+                         outline=(255, 255, 255))  # fmt: skip
     return np.asarray(pil)
 
 
@@ -196,51 +330,92 @@ def put_slice(vol: np.ndarray, axis: str, k: int, image: np.ndarray) -> None:
     vol[tuple(index)] = image.T[::-1, ::-1]
 
 
-def write_nifti(path: Path, canonical: np.ndarray, source: Path) -> None:
+def write_nifti(out: files.OutputSet, path: Path, canonical: np.ndarray, source: Path) -> None:
     """A label volume computed on the canonical (RAS+) grid, written in the source file's own
-    voxel order with its affine and header, so it overlays the input in any viewer."""
+    voxel order, shape (an (X, Y, Z, 1) input stays 4D), affine and header, so it overlays the
+    input in any viewer."""
     src = nib.load(str(source))
     back = nib.orientations.ornt_transform(
         nib.orientations.axcodes2ornt("RAS"), nib.orientations.io_orientation(src.affine)
     )
-    arr = nib.orientations.apply_orientation(canonical, back)
+    arr = nib.orientations.apply_orientation(canonical, back).reshape(src.shape)
     header = src.header.copy()
     header.set_data_dtype(arr.dtype)
     img = nib.Nifti1Image(arr, src.affine, header)
     img.header.set_slope_inter(1, 0)
-    files.atomic_write(path, lambda tmp: nib.save(img, tmp))
+    out.write(path, lambda tmp: nib.save(img, tmp))
 
 
-def run_job(sam, job: Job, outs: dict, cfg: InferConfig) -> dict:
-    """Segment one file and write its outputs: outs = {"mask", "overlay" (or None), "json" (or
-    None)}. Returns the record that goes into the JSON."""
+def run_job(sam, src: Source, outs: dict, cfg: InferConfig) -> dict:
+    """Segment one checked input and write its outputs as one set: outs = {"mask", "overlay" (or
+    None), "json" (or None)}. Returns the record that goes into the JSON; its "warnings" (empty
+    masks) are for the caller to print."""
     t0 = time.perf_counter()
-    if is_nifti(job.path):
-        record, image, ids, prompts = _run_volume(sam, job, outs["mask"], cfg)
-    else:
-        if job.slice is not None or job.box3d is not None:
-            raise ValueError(f"{job.path}: --slice and --box3d are for NIfTI volumes")
-        image = data.read_image(job.path)
-        seg = _segment(sam, image, job.prompts, cfg, where=job.path)
-        ids, prompts = label_ids(seg), job.prompts
-        files.write_png(outs["mask"], mask_image(seg))
-        record = {"predicted_iou": seg.iou.tolist(), "timings_s": seg.timings}
-    if outs.get("overlay") is not None:
-        files.write_png(outs["overlay"], overlay(image, ids, prompts, cfg.overlay_alpha))
-    record = {
-        "input": str(job.path),
-        "height": int(image.shape[0]),
-        "width": int(image.shape[1]),
-        "checkpoint": cfg.checkpoint,
-        "multimask": cfg.multimask,
-        "prompts": [asdict(p) for p in prompts],
-        **record,
-        "outputs": {k: None if v is None else str(v) for k, v in outs.items()},
-    }
-    record["timings_s"]["total"] = time.perf_counter() - t0
-    if outs.get("json") is not None:
-        files.write_json(outs["json"], record)
+    job, P = src.job, len(src.prompts)
+    H, W = src.frame(src.slices[0]).shape[:2]
+    canvas = (
+        None
+        if src.volume is None
+        else np.zeros(src.volume.shape, np.uint16 if P > 255 else np.uint8)
+    )
+    areas, empty_slices, per_slice = np.zeros(P, np.int64), np.zeros(P, np.int64), []
+    timings = {"encode": 0.0, "decode": 0.0, "masks": 0.0}
+    mid = src.slices[len(src.slices) // 2]  # the slice the overlay shows
+    for k in tqdm(src.slices, "slices", unit="slice", disable=len(src.slices) == 1):
+        image = src.frame(k)
+        where = job.path if k is None else f"{job.path} slice {k}"
+        seg = _segment(sam, image, src.prompts, cfg, where)
+        t1 = time.perf_counter()
+        ids, area = seg.label_map()  # (H, W), (P,)
+        timings = {t: timings[t] + seg.timings.get(t, 0.0) for t in timings}
+        timings["masks"] += time.perf_counter() - t1
+        areas += area
+        empty_slices += area == 0
+        if canvas is not None:
+            put_slice(canvas, job.axis, k, ids)
+            per_slice.append({"slice": k, "predicted_iou": seg.iou.tolist(), "area_px": area})
+        if k == mid:
+            shown, iou = (image, ids), seg.iou
+    with files.OutputSet(overwrite=cfg.force) as out:
+        if canvas is None:
+            out.write_png(outs["mask"], mask_image(shown[1], P))
+            record = {"predicted_iou": iou.tolist(), "area_px": areas}
+        else:
+            write_nifti(out, outs["mask"], canvas, job.path)
+            record = {"axis": job.axis, "slices": per_slice, "overlay_slice": mid,
+                      "area_px": areas, "label_ids": "voxel value i+1 = prompt i"}  # fmt: skip
+        if outs.get("overlay") is not None:
+            out.write_png(outs["overlay"], overlay(*shown, src.prompts, cfg.overlay_alpha))
+        record = {
+            "input": str(job.path),
+            "height": int(H),
+            "width": int(W),
+            "checkpoint": cfg.checkpoint,
+            "multimask": cfg.multimask,
+            "threads": torch.get_num_threads(),
+            "prompts": [asdict(p) for p in src.prompts],
+            **record,
+            "predicted_iou_note": IOU_NOTE,
+            "overlay_scale": display_scale((H, W)),
+            "warnings": _empty_warnings(job, areas, empty_slices, len(src.slices)),
+            "outputs": {k: None if v is None else str(v) for k, v in outs.items()},
+            "timings_s": {**timings, "total": time.perf_counter() - t0},
+        }
+        if outs.get("json") is not None:
+            out.write_json(outs["json"], record)
+        out.commit()
     return record
+
+
+def _empty_warnings(job: Job, areas, empty_slices, n_slices: int) -> list:
+    """A line per prompt whose mask is empty (everywhere), or empty on some of a box3d's slices."""
+    lines = []
+    for i, (a, e) in enumerate(zip(areas.tolist(), empty_slices.tolist(), strict=True)):
+        if a == 0:
+            lines.append(f"{job.path}: prompt {i} gave an empty mask")
+        elif e and n_slices > 1:
+            lines.append(f"{job.path}: prompt {i} gave an empty mask on {e} of {n_slices} slices")
+    return lines
 
 
 def _segment(sam, image, prompts, cfg: InferConfig, where) -> infer.Segmentation:
@@ -251,58 +426,14 @@ def _segment(sam, image, prompts, cfg: InferConfig, where) -> infer.Segmentation
         raise ValueError(f"{where}: {err}") from None
 
 
-def _job_slices(job: Job, n: int) -> tuple:
-    """The slice indices a NIfTI job covers, and its prompts."""
-    if job.box3d is not None:
-        x0, y0, z0, x1, y1, z1 = job.box3d
-        if not (0 <= z0 <= z1 < n and float(z0).is_integer() and float(z1).is_integer()):
-            raise ValueError(
-                f"{job.path}: box3d slices {z0}..{z1} are not whole indices "
-                f"within 0..{n - 1} along {job.axis}"
-            )
-        return range(int(z0), int(z1) + 1), [Prompt(box=[x0, y0, x1, y1])]
-    if job.slice is None:
-        raise ValueError(
-            f"{job.path}: a NIfTI volume needs --slice K (with --box/--point) or --box3d"
-        )
-    if not 0 <= job.slice < n:
-        raise ValueError(f"{job.path}: slice {job.slice} is outside 0..{n - 1} along {job.axis}")
-    return [job.slice], job.prompts
-
-
-def _run_volume(sam, job: Job, out_path: Path, cfg: InferConfig) -> tuple:
-    """Segment the job's slices of a NIfTI volume, each on its own, and write the label volume.
-    -> (record, the middle slice's image and label ids, for the overlay, the prompts)."""
-    vol = data.read_volume(job.path)
-    u8 = data.normalize_intensity(vol.data, job.window)  # (X, Y, Z) uint8
-    ks, prompts = _job_slices(job, u8.shape[AXES[job.axis]])
-    mid = ks[len(ks) // 2]  # the slice the overlay shows
-    out = np.zeros(u8.shape, np.uint8 if len(prompts) < 256 else np.uint16)  # label ids
-    slices, timings = [], {"encode": 0.0, "decode": 0.0}
-    for k in tqdm(ks, "slices", unit="slice", disable=len(ks) == 1):
-        gray = data.volume_slice(u8, job.axis, k)  # (H, W)
-        image = np.repeat(gray[..., None], 3, axis=2)  # (H, W, 3)
-        seg = _segment(sam, image, prompts, cfg, where=f"{job.path} slice {k}")
-        ids = label_ids(seg)
-        put_slice(out, job.axis, k, ids)
-        slices.append({"slice": k, "predicted_iou": seg.iou.tolist()})
-        timings = {t: timings[t] + seg.timings[t] for t in timings}
-        if k == mid:
-            shown = (image, ids)
-    write_nifti(out_path, out, job.path)
-    record = {
-        "axis": job.axis,
-        "slices": slices,
-        "overlay_slice": mid,
-        "label_ids": "voxel value i+1 = prompt i",
-        "timings_s": timings,
-    }
-    return record, *shown, prompts
-
-
 # ------------------------------------------------------------------------------------------------
 # The commands: one file, a folder, the evaluation
 # ------------------------------------------------------------------------------------------------
+
+
+def _inputs(args, cfg: InferConfig) -> list:
+    """The files a run reads besides its images, which no output may replace."""
+    return [args.prompts, args.prompt_file, cfg.checkpoint]
 
 
 def run_single(args, cfg: InferConfig) -> int:
@@ -316,39 +447,49 @@ def run_single(args, cfg: InferConfig) -> int:
         raise ValueError(f"--out {mask}: the mask of {path} is written as {suffix}")
     jpath = Path(args.json) if args.json else mask.with_name(f"{data.stem(mask)}.json")
     outs = {"mask": mask, "overlay": Path(args.overlay) if args.overlay else None, "json": jpath}
-    check_outputs(list(outs.values()), cfg.force)
-    record = run_job(infer.load_model(cfg), job, outs, cfg)
-    ious = ", ".join(f"{v:.3f}" for v in np.ravel(record.get("predicted_iou", [])))
-    print(
-        f"{path}: {len(record['prompts'])} prompt(s) {ious and f'(predicted IoU {ious}) '}"
-        f"-> {mask}" + (f", {outs['overlay']}" if outs["overlay"] else "") + f", {jpath}"
-    )
+    check_outputs(outs.values(), cfg.force, inputs=[path, *_inputs(args, cfg)])
+    src = read_source(job)  # the image, its prompts and slices checked before the model loads
+    record = run_job(infer.load_model(cfg), src, outs, cfg)
+    for line in record["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)
+    written = ", ".join(str(p) for p in outs.values() if p is not None)
+    areas = ", ".join(str(a) for a in np.ravel(record["area_px"]))
+    print(f"{path}: {len(src.prompts)} prompt(s), mask area {areas} px -> {written}")
     return 0
 
 
+def folder_outputs(out_dir: Path, name: str, overlays: bool) -> dict:
+    """The outputs of input `name` (a path relative to the folder): its whole name, suffix
+    included, plus .mask.png|.mask.nii.gz, .overlay.png and .json, so that a.png and a.nii.gz
+    (or a.png and a.tif) cannot collide: a.png -> a.png.mask.png, a.png.overlay.png, a.png.json
+    under --out-dir (subfolders of the name kept)."""
+    base = out_dir / name
+    return {
+        "mask": Path(f"{base}.mask{'.nii.gz' if is_nifti(name) else '.png'}"),
+        "overlay": Path(f"{base}.overlay.png") if overlays else None,
+        "json": Path(f"{base}.json"),
+    }
+
+
 def run_folder(args, cfg: InferConfig) -> int:
-    """Every file named in --prompts; a bad file is reported and skipped, and listed at the end."""
+    """Every file named in --prompts; a bad file is reported and skipped, and listed at the end.
+    All prompt entries and every output name are checked before the model loads."""
     root, out_dir = Path(args.input), Path(args.out_dir or "out")
     if not args.prompts:
         raise ValueError(f"{root} is a folder: give --prompts JSON {{file name: prompts}}")
     spec = files.read_json(args.prompts)
     if not isinstance(spec, dict) or not spec:
         raise ValueError(f"{args.prompts}: expected {{file name: [prompts] or {{...}}}}")
-    outs = {}
     for name in spec:
-        stem = out_dir / data.stem(name)
-        outs[name] = {
-            "mask": Path(f"{stem}_mask{'.nii.gz' if is_nifti(name) else '.png'}"),
-            "overlay": Path(f"{stem}_overlay.png") if args.overlays else None,
-            "json": Path(f"{stem}.json"),
-        }
-    masks = [o["mask"] for o in outs.values()]
-    if len(set(masks)) < len(masks):
-        raise ValueError(f"{args.prompts}: two files share a name stem; their outputs would clash")
-    paths = [p for o in outs.values() for p in o.values()] + [out_dir / "summary.json"]
-    check_outputs(paths, cfg.force)
-    sam, bad, defaults = infer.load_model(cfg), [], _cli_defaults(args, cfg)
-    for name, entry in tqdm(spec.items(), "segment", unit="file"):
+        if Path(name).is_absolute() or ".." in Path(name).parts or not Path(name).name:
+            raise ValueError(f"{args.prompts}: {name!r} is not a file name inside {root}")
+    outs = {name: folder_outputs(out_dir, name, args.overlays) for name in spec}
+    summary = out_dir / "summary.json"
+    paths = [p for o in outs.values() for p in o.values()] + [summary]
+    inputs = [root / name for name in spec] + _inputs(args, cfg)
+    check_outputs(paths, cfg.force, inputs=inputs)
+    jobs, bad, defaults = {}, [], _cli_defaults(args, cfg)
+    for name, entry in spec.items():  # every entry checked before the model loads
         try:
             try:
                 job = parse_entry(root / name, entry, defaults)
@@ -356,11 +497,22 @@ def run_folder(args, cfg: InferConfig) -> int:
                 raise ValueError(f"{args.prompts}: {name}: {err}") from None
             if not job.path.is_file():
                 raise FileNotFoundError(f"{job.path}: no such file")
-            run_job(sam, job, outs[name], cfg)
+            jobs[name] = job
+        except (ValueError, OSError) as err:
+            bad.append({"file": name, "error": str(err)})
+    sam = infer.load_model(cfg) if jobs else None
+    for name, job in tqdm(jobs.items(), "segment", unit="file"):
+        try:
+            record = run_job(sam, read_source(job), outs[name], cfg)
+            for line in record["warnings"]:
+                tqdm.write(f"warning: {line}", file=sys.stderr)
         except (ValueError, OSError) as err:  # data.DataError is a ValueError
             bad.append({"file": name, "error": str(err)})
-            tqdm.write(f"skipped {name}: {err}")
-    files.write_json(out_dir / "summary.json", {"segmented": len(spec) - len(bad), "skipped": bad})
+    order = {name: i for i, name in enumerate(spec)}
+    bad.sort(key=lambda b: order[b["file"]])
+    with files.OutputSet(overwrite=cfg.force) as out:
+        out.write_json(summary, {"segmented": len(spec) - len(bad), "skipped": bad})
+        out.commit()
     print(f"segmented {len(spec) - len(bad)} of {len(spec)} files into {out_dir}")
     for b in bad:
         print(f"  skipped {b['file']}: {b['error']}")
