@@ -23,6 +23,7 @@ from torch import nn
 
 import data
 import model
+import outputs
 
 
 def _package_dir(name: str):
@@ -348,7 +349,9 @@ def test_infer_without_checkpoint_segments_the_example(tmp_path):
     mask = np.asarray(Image.open(out))
     image = np.asarray(Image.open(example))
     assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 255}
-    assert Image.open(overlay).size == Image.open(example).size
+    w, h = Image.open(example).size  # the overlay is enlarged for display, the mask is not
+    k = outputs.display_scale((h, w))
+    assert Image.open(overlay).size == (w * k, h * k)
     # The T1 slice's own brain: the box prompt must find most of it (measured Dice 0.78 at z=90).
     gm = data.read_volume(MNI / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz").data
     wm = data.read_volume(MNI / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz").data
