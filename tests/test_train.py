@@ -7,8 +7,10 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import checkpoints
 import data
 import model
 import official
@@ -217,6 +220,68 @@ def test_click_iteration_prompts_are_error_clicks_and_probabilities():
     assert labels[1].tolist() == [0] * 5 and bool((x[1] < 4).all() and (y[1] < 4).all())
     [(_, points, _, _)] = train.click_groups(mb, 0)
     assert points is None  # a mask-only iteration
+
+
+def test_a_perfect_prediction_gets_padding_points_or_a_confirming_click():
+    S = 16
+    gt = torch.zeros(2, S, S, dtype=torch.bool)
+    gt[:, 4:10, 4:10] = True
+    pred = gt.clone()
+    pred[1, 0, 0] = True  # mask 1 has one false-positive pixel; mask 0 is perfect
+    kw = dict(images=None, gt=gt[:, None].float(), boxes=None, points=None, use_box=None,
+              low=torch.zeros(2, 1, 4, 4), pred=pred)  # fmt: skip
+    for no_error, want in (("pad", [-1] * 3), ("confirm", [1] * 3)):
+        mb = train.Micro(gens=[torch.Generator().manual_seed(0)], no_error=no_error, **kw)
+        [(_, (coords, labels), _, _)] = train.click_groups(mb, 3)
+        assert labels[0].tolist() == want  # official (utils.py:93-108): -1, "not a point"
+        assert labels[1].tolist() == [0] * 3 and coords[1].tolist() == [[0, 0]] * 3
+
+
+def test_pooled_loss_is_the_official_loss():
+    """Against official.official_loss (its hand-worked value is in test_bench.py), on random and
+    on saturated logits, where the official log(p + 1e-12) form is finite and must be kept."""
+    g = torch.Generator().manual_seed(0)
+    gt = (torch.rand(6, 1, 16, 16, generator=g) > 0.6).float()
+    iou_pred = torch.rand(6, generator=g)
+    for scale in (1.0, 60.0):  # 60: sigmoid rounds to exactly 0 or 1 in float32
+        logits = torch.randn(6, 1, 16, 16, generator=g) * scale
+        loss, terms = train.pooled_loss(logits, gt, iou_pred)
+        want = official.official_loss(logits, gt, iou_pred[:, None])
+        assert torch.isfinite(loss) and float(loss) == pytest.approx(float(want), rel=1e-6)
+        assert set(terms) == {"focal", "dice", "iou"} and terms["dice"].ndim == 0  # pooled
+
+
+def test_step_one_prompt_is_drawn_once_per_batch_or_per_image():
+    cfg = train.TrainConfig(data="x")
+    gen = torch.Generator().manual_seed(0)
+    kinds = [train.draw_prompts(cfg, gen)[0] for _ in range(200)]
+    assert set(kinds) == {True, False} and 70 < sum(kinds) < 130  # 50/50, one bool per batch
+    batch = synthetic_batch(8, 1, 32, seed=0)
+    for box in (True, False):
+        assert train.make_micro(batch, 0, 0, "cpu", box).use_box.tolist() == [box] * 8
+    cfg = train.TrainConfig(data="x", prompt_choice="image")
+    assert train.draw_prompts(cfg, gen)[0] is None
+    mixed = train.make_micro(batch, 0, 0, "cpu", None).use_box  # each image draws its own
+    assert mixed.any() and not mixed.all()
+
+
+def test_point_embeddings_train_unless_frozen():
+    """The official bug froze the point and padding embeddings (prompt_encoder.py:92-94); ours
+    trains them by default, --freeze-point-embeddings freezes exactly those three."""
+    batch = synthetic_batch(2, 2, 64, seed=0)
+    batch["point_labels"][0, 0, 0] = 0  # a negative point too: all three embeddings are used
+    for freeze in (False, True):
+        tr = tiny_trainer(freeze_point_embeddings=freeze)
+        named = dict(tr.sam.named_parameters())
+        before = {n: p.detach().clone() for n, p in named.items()}
+        train.sub_step(tr, [train.make_micro(batch, 0, 0, "cpu", box=False)], None)  # points
+        changed = {n for n, p in named.items() if not torch.equal(p, before[n])}
+        point_embeddings = set(train.POINT_EMBEDDINGS)
+        assert point_embeddings <= set(named)  # the names exist in model.py
+        assert (changed & point_embeddings) == (set() if freeze else point_embeddings)
+        assert {n for n, p in named.items() if not p.requires_grad} >= (
+            point_embeddings if freeze else set())  # fmt: skip
+        assert any(n.startswith("mask_decoder.") for n in changed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -546,3 +611,151 @@ def test_a_save_killed_midway_leaves_the_previous_state(dataset, tmp_path, monke
     assert (run / "state.pt").read_bytes() == before
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
     assert torch.load(run / "state.pt", weights_only=True)["step"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Defaults, console output and config.json (issue 12)
+
+
+def test_an_empty_val_split_is_refused_before_any_step(tmp_path):
+    root = make_dataset(tmp_path / "data", n=2)
+    (root / "label2image_val.json").write_text("{}")  # 3 cases split 0.8/0.1/0.1: no val case
+    out = tmp_path / "never"
+    want = r"label2image_val\.json: the val split lists no masks.*--val-data.*--val-every 0"
+    with pytest.raises(ValueError, match=want):
+        train.main(small(root, out, val_every=5))
+    assert not out.exists()  # refused before any work, not at the first validation
+    assert train.main(small(root, out, steps=1))["best_step"] is None  # --val-every 0 trains
+
+
+def test_checkpoint_default_is_infers_and_random_init_is_explicit():
+    assert train.checkpoint_file(train.TrainConfig(data="x")) == checkpoints.default_checkpoint()
+    assert (
+        train.checkpoint_file(train.TrainConfig(data="x", checkpoint="none", model="tiny")) is None
+    )
+    with pytest.raises(ValueError, match="--model is for --checkpoint none"):
+        train.TrainConfig(data="x", model="tiny")  # would silently be ignored otherwise
+    with pytest.raises(ValueError, match="--checkpoint none .* needs --model"):
+        train.TrainConfig(data="x", checkpoint="none")
+
+
+def test_validation_and_a_summary_reach_the_console_and_config_records_what_ran(
+    dataset, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    res = train.main(small(dataset, run, steps=2, val_every=2, val_limit=2))
+    out = capsys.readouterr().out
+    line = r"validation Dice box [\d.]+  1pt [\d.]+  3pt [\d.]+  5pt [\d.]+  mean [\d.]+"
+    assert re.search(rf"^step 0: {line}  \(best so far", out, flags=re.M)  # the starting point
+    assert re.search(rf"^step 2: {line}  \(best", out, flags=re.M)
+    assert f"trained steps 0..2 of 2; in {run}:" in out
+    assert re.search(rf"best.safetensors  validation score {res['best']:.4f} .* at step "
+                     rf"{res['best_step']}\n", out)  # fmt: skip
+    ran = json.loads((run / "config.json").read_text())
+    assert ran["model"] == "tiny" and ran["image_size"] == 64 and ran["steps"] == 2
+    assert ran["epochs"] is None and ran["checkpoint_file"] == "none (random init)"
+    assert ran["loss"] == "official" and ran["grad_clip"] == 0.0
+
+
+@pytest.mark.slow
+def test_training_starts_from_litemedsam_by_default(dataset, tmp_path):
+    run = tmp_path / "run"
+    args = dict(small(dataset, run, steps=1, iter_points=1), image_size=256)
+    del args["checkpoint"], args["model"]
+    train.main(args)
+    ran = json.loads((run / "config.json").read_text())
+    assert ran["model"] == "lite_medsam" and ran["checkpoint_file"].endswith("lite_medsam.pth")
+    assert ran["steps"] == 1 and ran["epochs"] is None
+    r = run_cli("train.py", "--help")
+    assert "none: random init" in " ".join(r.stdout.split()) and "LiteMedSAM" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# The run directory (issue 13.7)
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited (what a killed run's temp file names)."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def loss_steps(run: Path) -> list:
+    lines = (run / "log.jsonl").read_text().splitlines()
+    return [json.loads(x)["step"] for x in lines if '"loss"' in x]
+
+
+def test_a_fresh_run_refuses_a_non_empty_directory_unless_forced(dataset, tmp_path):
+    run = tmp_path / "run"
+    train.main(small(dataset, run, steps=1))
+    with pytest.raises(FileExistsError, match=r"not empty \(.*state\.pt.*--resume .*--force"):
+        train.main(small(dataset, run, steps=2))
+    (run / "notes.txt").write_text("mine")
+    train.main(small(dataset, run, steps=2, force=True))
+    assert loss_steps(run) == [1, 2]  # the old run's log is gone, not appended to
+    assert (run / "notes.txt").read_text() == "mine"  # --force removes run files only
+
+
+def test_resume_names_the_missing_file_and_temp_files_are_cleaned(dataset, tmp_path):
+    run = tmp_path / "run"
+    train.main(small(dataset, run, steps=1))
+    # what a kill during the first state.pt write leaves: the models, a temp file, no state.pt
+    (run / "state.pt").unlink()
+    tmp = run / f".state.pt.{dead_pid()}.tmp.pt"
+    tmp.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"state\.pt is missing \(last\.safetensors is "
+                       r"there\).*nothing to resume.*--force"):  # fmt: skip
+        train.main(dict(resume=str(run)))
+    train.main(small(dataset, run, steps=1, force=True))  # starting over removes the temp file
+    assert not tmp.exists() and (run / "state.pt").is_file()
+    (run / "last.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"cannot resume: last\.safetensors missing"):
+        train.main(dict(resume=str(run)))
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
+        train.main(dict(resume=str(tmp_path / "nothing")))
+
+
+def test_resume_drops_the_log_lines_after_the_saved_step(dataset, tmp_path):
+    run = tmp_path / "run"
+    train.main(small(dataset, run, steps=4, stop_after=2))
+    with open(run / "log.jsonl", "a") as f:  # a killed run logged steps 3 and 4, saved neither
+        f.write(json.dumps(dict(step=3, loss=1.0)) + "\n" + json.dumps(dict(step=4, loss=1.0)))
+        f.write("\n" + '{"step": 5, "lo')  # and was killed while appending
+    train.main(dict(resume=str(run)))
+    assert loss_steps(run) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_with_its_log_trimmed_and_temp_files_cleaned(dataset, tmp_path):
+    """kill -9 between two saves (a real process), then --resume: each step is logged once."""
+    run = tmp_path / "run"
+    flags = ["--data", str(dataset), "--checkpoint", "none", "--model", "tiny", "--image-size",
+             "64", "--batch-size", "2", "--masks-per-image", "2", "--iter-points", "2", "--steps",
+             "400", "--val-every", "5", "--val-limit", "1", "--log-every", "1",
+             "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "train.py", *flags, "--out", str(run)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline, saved, logged = time.monotonic() + 300, 0, []
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            if (run / "state.pt").is_file() and (run / "log.jsonl").is_file():
+                saved = torch.load(run / "state.pt", weights_only=True)["step"]
+                logged = [json.loads(x)["step"] for x in (run / "log.jsonl").read_text()
+                          .splitlines() if x.endswith("}") and '"loss"' in x]  # fmt: skip
+                if saved >= 5 and logged and logged[-1] >= saved + 2:
+                    break
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    saved = torch.load(run / "state.pt", weights_only=True)["step"]
+    assert saved >= 5 and max(loss_steps(run)) > saved, "no kill between two saves"
+    (run / f".last.safetensors.{dead_pid()}.tmp.safetensors").write_bytes(b"half")
+    r = run_cli("train.py", "--resume", str(run), "--stop-after", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dropped" in r.stdout and "removed temp files of a killed run" in r.stdout
+    assert loss_steps(run) == list(range(1, saved + 3))  # each step once, in order
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
