@@ -17,10 +17,13 @@ left by a killed run are removed by the next run in that directory.
 
 import json
 import os
+import resource
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 import data
 import files
@@ -147,6 +150,33 @@ def save_state(tr, step: int, best: tuple, spe: int) -> None:
     files.atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))
 
 
+def checkpoint(tr, step: int, best: tuple, spe: int, record: dict, validate) -> tuple:
+    """At a validation point of train.main: rank 0 validates (validate(sam, cfg), one console
+    line), keeps best.safetensors by the score, saves; all processes wait. best: (score, step)
+    -> the new best."""
+    out = Path(tr.cfg.out)
+    if tr.rank == 0:
+        if tr.cfg.val_every:
+            val = validate(tr.sam, tr.cfg)
+            improved = val["score"] > best[0]
+            if improved:
+                best = (val["score"], step)
+                model.save_checkpoint(tr.sam, out / "best.safetensors")
+            log_line(out / "log.jsonl", dict(step=step, val=val, best=best[0], best_step=best[1]))
+            record["val"] = val
+            dice = "  ".join(f"{k} {v:.4f}" for k, v in val["dice"].items())
+            tqdm.write(f"step {step}: validation Dice {dice}  mean {val['score']:.4f}  "
+                       + ("(best so far: best.safetensors)" if improved
+                          else f"(best {best[0]:.4f} at step {best[1]})"))  # fmt: skip
+        save_state(tr, step, best, spe)
+    if tr.world > 1:
+        b = torch.tensor([best[0], -1 if best[1] is None else best[1]], dtype=torch.float64,
+                         device=tr.device)  # fmt: skip
+        dist.broadcast(b, 0)  # also makes every process wait for rank 0
+        best = (float(b[0]), None if b[1] < 0 else int(b[1]))
+    return best
+
+
 def read_state(run_dir: Path) -> dict:
     """state.pt of a run to resume, with an error that names what is missing and why."""
     if not run_dir.is_dir():
@@ -230,3 +260,9 @@ def trim_log(path: Path, step: int) -> int:
 def log_line(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -34,7 +34,6 @@ import datetime
 import functools
 import math
 import os
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -180,22 +179,6 @@ def pooled_loss(logits, gt, iou_pred, focal_weight: float = 20.0) -> tuple:
     return focal_weight * focal + dice + terms["iou"], terms
 
 
-def focal_loss(logits, gt, alpha: float = 0.25, gamma: float = 2.0):
-    """(P, L) logits and 0/1 targets -> (P,): mean over pixels of the alpha-balanced focal loss,
-    -alpha (1-p)^gamma log p on the mask and -(1-alpha) p^gamma log(1-p) off it; the log terms
-    are the (stable, fused) binary cross-entropy."""
-    p = torch.sigmoid(logits)
-    weight = torch.where(gt > 0.5, alpha * (1 - p) ** gamma, (1 - alpha) * p**gamma)
-    bce = F.binary_cross_entropy_with_logits(logits, gt, reduction="none")  # -log p or -log(1-p)
-    return (weight * bce).mean(dim=1)
-
-
-def dice_loss(logits, gt, smooth: float = 1.0):
-    """(P, L) -> (P,): 1 - soft Dice of sigmoid(logits), smoothed by 1 as the official code."""
-    p = torch.sigmoid(logits)
-    return 1 - (2 * (p * gt).sum(1) + smooth) / (p.sum(1) + gt.sum(1) + smooth)
-
-
 def mask_iou(logits, gt):
     """(P, L) -> (P,): IoU of the thresholded prediction (logits > 0) with the target; two empty
     masks count as 1. This is the target of the IoU head, so it carries no gradient."""
@@ -229,8 +212,13 @@ def sam_loss(logits, gt, iou_pred, focal_weight: float = 20.0) -> tuple:
 
     loss = mean over masks of focal_weight * focal + dice + (iou_pred - IoU)^2, in float32."""
     x, y = logits.float().flatten(1), gt.float().flatten(1)  # (P, S*S)
-    terms = dict(focal=focal_loss(x, y), dice=dice_loss(x, y),
-                 iou=(iou_pred.float() - mask_iou(x, y)) ** 2)  # fmt: skip
+    p = torch.sigmoid(x)
+    # focal: -0.25 (1-p)^2 log p on the mask, -0.75 p^2 log(1-p) off it, log terms as the
+    # (stable, fused) binary cross-entropy; mean over pixels. Dice smoothed by 1 (official).
+    weight = torch.where(y > 0.5, 0.25 * (1 - p) ** 2, 0.75 * p**2)
+    focal = (weight * F.binary_cross_entropy_with_logits(x, y, reduction="none")).mean(1)
+    dice = 1 - (2 * (p * y).sum(1) + 1) / (p.sum(1) + y.sum(1) + 1)
+    terms = dict(focal=focal, dice=dice, iou=(iou_pred.float() - mask_iou(x, y)) ** 2)
     per_mask = focal_weight * terms["focal"] + terms["dice"] + terms["iou"]  # (P,)
     return per_mask.mean(), terms
 
@@ -421,9 +409,9 @@ def click_groups(mb: Micro, n_clicks: int) -> list:
 
 
 def draw_prompts(cfg: TrainConfig, gen: torch.Generator) -> tuple:
-    """A step's step-level draws, in the official order (train.py:112, 164, 175): the step-1
-    prompt kind, box (True) or point, one for the batch (None with prompt_choice image: each
-    image draws its own), then the clicks per iteration. -> (box, plan)."""
+    """A step's step-level draws: the step-1 prompt kind, box (True) or point, one for the batch
+    as the official train.py:112 (None with prompt_choice image: each image draws its own), then
+    the clicks per iteration. -> (box, plan)."""
     box = bool(torch.rand(1, generator=gen) > 0.5) if cfg.prompt_choice == "batch" else None
     return box, plan_iterations(cfg, gen)
 
@@ -474,7 +462,7 @@ def main(args: dict) -> dict:
         if (step > start or state is None) and (
             (cfg.val_every and step % cfg.val_every == 0) or step == end
         ):
-            best = checkpoint(tr, step, best, spe, record)
+            best = runs.checkpoint(tr, step, best, spe, record, validate)
             t0 = time.perf_counter()  # images/s counts training only
         if step == end:
             break
@@ -490,7 +478,7 @@ def main(args: dict) -> dict:
         if done % cfg.log_every == 0 or done == end:
             record = dict(step=done, epoch=step // spe, lr=lr, **losses,
                           images_per_s=seen / (time.perf_counter() - t0),
-                          memory_mb=memory_mb(tr.device))  # fmt: skip
+                          memory_mb=runs.memory_mb(tr.device))  # fmt: skip
             if tr.rank == 0:
                 runs.log_line(out / "log.jsonl", record)
                 bar.set_postfix(loss=f"{losses['loss']:.4f}", img_s=f"{record['images_per_s']:.2f}")
@@ -512,33 +500,6 @@ def validate(sam: model.Sam, cfg: TrainConfig) -> dict:
     return dict(dice=dice, score=float(np.mean(list(dice.values()))), n_masks=res["n_masks"])
 
 
-def checkpoint(tr: Trainer, step: int, best: tuple, spe: int, record: dict) -> tuple:
-    """Rank 0 validates (one console line), keeps best.safetensors by the mean Dice, writes last
-    + state; all wait. best: (score, step) -> the new best."""
-    out = Path(tr.cfg.out)
-    if tr.rank == 0:
-        if tr.cfg.val_every:
-            val = validate(tr.sam, tr.cfg)
-            improved = val["score"] > best[0]
-            if improved:
-                best = (val["score"], step)
-                model.save_checkpoint(tr.sam, out / "best.safetensors")
-            runs.log_line(out / "log.jsonl", dict(step=step, val=val, best=best[0],
-                                                  best_step=best[1]))  # fmt: skip
-            record["val"] = val
-            dice = "  ".join(f"{k} {v:.4f}" for k, v in val["dice"].items())
-            tqdm.write(f"step {step}: validation Dice {dice}  mean {val['score']:.4f}  "
-                       + ("(best so far: best.safetensors)" if improved
-                          else f"(best {best[0]:.4f} at step {best[1]})"))  # fmt: skip
-        runs.save_state(tr, step, best, spe)
-    if tr.world > 1:
-        b = torch.tensor([best[0], -1 if best[1] is None else best[1]], dtype=torch.float64,
-                         device=tr.device)  # fmt: skip
-        dist.broadcast(b, 0)  # also makes every process wait for rank 0
-        best = (float(b[0]), None if b[1] < 0 else int(b[1]))
-    return best
-
-
 # ------------------------------------------------------------------------------------------------
 # Plumbing: setup, processes (DDP), the trainer, data order. The run directory (training state,
 # resume, log.jsonl) is runs.py.
@@ -556,10 +517,8 @@ def setup(args: dict) -> tuple:
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"batch size {cfg.batch_size} does not split into {world} processes x "
                          f"{cfg.grad_accum} accumulation steps")  # fmt: skip
-    if state is not None:
-        sam = model.load_checkpoint(out / "last.safetensors", device=device, verbose=rank == 0)
-    else:
-        sam = build_model(cfg, device)
+    sam = (model.load_checkpoint(out / "last.safetensors", device=device, verbose=rank == 0)
+           if state else build_model(cfg, device))  # fmt: skip
     tr = make_trainer(sam, cfg, device, rank, world)
     if state is not None:
         runs.restore(tr.sam, tr.opt, tr.scaler, tr.gen, state)
@@ -670,12 +629,6 @@ def batches(ds, cfg: TrainConfig, rank: int, world: int, step: int, spe: int):
     it = iter(loader)
     for _ in range(spe - first):
         yield [next(it) for _ in range(cfg.grad_accum)]
-
-
-def memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 # ------------------------------------------------------------------------------------------------
