@@ -1,4 +1,5 @@
-"""train.py's run directory: what it holds, how a save is written, and how a run resumes.
+"""train.py's run directory and its chores: the checks before a run, saving (and validating) at a
+checkpoint, resuming, config.json, log.jsonl and the closing summary.
 
     OUT/config.json        what ran: the settings, the model preset and checkpoint file, the steps
     OUT/log.jsonl          one JSON line per --log-every steps and per validation
@@ -78,19 +79,21 @@ def check_data(cfg) -> None:
             )
 
 
-def prepare_dir(out: Path, state: dict | None, force: bool) -> None:
+def prepare_dir(out: Path, state: dict | None, force: bool, rank: int = 0) -> None:
     """A fresh run: check_fresh. A resumed one: remove killed runs' temp files, and drop the log
-    lines of the steps after state.pt's (they run again)."""
+    lines of the steps after state.pt's (they run again). Only rank 0 changes files."""
     if state is None:
-        return check_fresh(out, force)
+        return check_fresh(out, force, remove=rank == 0)
+    if rank != 0:
+        return
     clean_temps(out)
     if dropped := trim_log(out / "log.jsonl", state["step"]):
         print(f"{out}/log.jsonl: dropped {dropped} lines after step {state['step']} (run again)")
 
 
-def check_fresh(out: Path, force: bool) -> None:
+def check_fresh(out: Path, force: bool, remove: bool = True) -> None:
     """A fresh run starts in a new or empty directory. With force, the files of the earlier run
-    (RUN_FILES and their temp files) are removed; anything else stays."""
+    (RUN_FILES and their temp files) are removed (if `remove`); anything else stays."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: --out is a file, not a run directory")
     present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
@@ -101,6 +104,8 @@ def check_fresh(out: Path, force: bool) -> None:
         hint = f"--resume {out} to continue its run, " if "state.pt" in present else ""
         raise FileExistsError(f"{out}: not empty ({shown}); {hint}--force to start over in "
                               "it (removes the earlier run's files), or another --out")  # fmt: skip
+    if not remove:
+        return
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     clean_temps(out)

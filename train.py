@@ -66,7 +66,7 @@ class TrainConfig:
     data: str = ""  # dataset root in the SA-Med2D-20M layout (image2label_train.json, ...)
     val_data: str | None = None  # root whose "val" split validates; None: the --data root
     out: str = "runs/sam_med2d"  # run directory: checkpoints, training state, log.jsonl
-    checkpoint: str | None = None  # file or name; None: LiteMedSAM (infer's); none: random init
+    checkpoint: str | None = None  # file/name; omitted: LiteMedSAM (infer.py's); none: random init
     model: str | None = None  # preset for --checkpoint none (a checkpoint names its own)
     image_size: int = 256  # S; an official SAM checkpoint (1024) is resampled to it
     adapter: bool = True  # SAM-Med2D's adapters (added freshly if the checkpoint has none)
@@ -512,8 +512,8 @@ def setup(args: dict) -> tuple:
     cfg, state = runs.resolve_config(args, TrainConfig, RESUME_OVERRIDES)
     runs.check_data(cfg)
     out = Path(cfg.out)
-    runs.prepare_dir(out, state, cfg.force)
     rank, world, device = setup_distributed(cfg.device)
+    runs.prepare_dir(out, state, cfg.force, rank)  # before rank 0 writes anything (DDP syncs)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"batch size {cfg.batch_size} does not split into {world} processes x "
                          f"{cfg.grad_accum} accumulation steps")  # fmt: skip
