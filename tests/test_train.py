@@ -394,13 +394,17 @@ def test_our_variants_differ_from_the_official_step(monkeypatch):
 
 @pytest.mark.slow
 def test_overfit_learns(dataset, tmp_path):
-    """Random weights score far below the threshold; 80 steps on 4 images pass it."""
+    """Random weights score far below the threshold; 80 steps on 4 images pass it. Masks drawn
+    without replacement: with the official draws (with replacement) half the items show one of
+    an image's two masks twice, and this tiny random-init model then learns to ignore the prompt
+    (measured, seeds 0, 1, 2: best 0.45, 0.45, 0.33; without replacement 0.90, 0.91, 0.91)."""
     for seed in (0, 1):
         cfg = train.TrainConfig(**small(dataset, tmp_path / "r0", seed=seed))
         sam = train.build_model(cfg, torch.device("cpu"))
         assert train.validate(sam, cfg)["score"] < 0.4
     run = tmp_path / "run"
-    res = train.main(small(dataset, run, steps=80, val_every=80, iter_points=3, lr=2e-3))
+    res = train.main(small(dataset, run, steps=80, val_every=80, iter_points=3, lr=2e-3,
+                           mask_sampling="without"))  # fmt: skip
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
