@@ -355,7 +355,8 @@ def run_both(monkeypatch, **ours_cfg) -> tuple:
     draws = InjectedDraws(box, plan, calls, B=2, check=not ours_cfg)
     theirs = official.train_one_batch(ref, opt, batch, cfg.iter_points, cfg.point_choices, draws)
     assert draws.calls == [] and draws.n_clicks == cfg.iter_points  # every click replayed
-    return ours, theirs, dict(sam.named_parameters()), dict(ref.named_parameters()), init, plan
+    a = {n: p.detach() for n, p in sam.named_parameters()}
+    return ours, theirs, a, {n: p.detach() for n, p in ref.named_parameters()}, init, plan
 
 
 def test_default_step_equals_the_official_train_one_epoch_body(monkeypatch):
