@@ -242,7 +242,7 @@ def train_step(preset: str, runs: int = 3, which=("official", "ours")) -> dict:
     variants start from the same weights (same seed) and batch; "official" is the port on the
     reference kernels (materialised rel-pos bias, padded windows) with the official Adam over
     model.parameters(). The variants alternate so that machine load hits both alike."""
-    cfg = train.TrainConfig(data="-", model=preset)
+    cfg = train.TrainConfig(data="-", checkpoint="none", model=preset)
     batch = official.synthetic_batch(cfg.batch_size, cfg.masks_per_image, cfg.image_size, seed=0)
     steps = {}
     if "official" in which:

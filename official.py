@@ -5,8 +5,9 @@ the comments name the official file:line a block ports. They run on our modules 
 the same parameter names), so ours and the port can be timed on the same weights in one process
 (bench.py) and checked to compute the same thing where they should (tests/test_bench.py). What is
 left out: AMP via apex, logging and metrics printing, checkpoint saving inside the epoch loop.
-The official code draws from the global `random`/`np.random` state; here a seeded
-numpy.random.Generator `rng` is passed in instead (same distributions, another stream).
+The official code draws from the global `random`/`np.random` state; here an OfficialDraws (the
+same calls on seeded random.Random / np.random.RandomState instances, so the same streams as the
+official after random.seed(s); np.random.seed(s)) is passed in, or an object injecting the draws.
 
   the SammedPredictor flow (segment_anything/predictor_sammed.py), what infer.py replaces:
     predictor_encode   set_image: normalise at the original size, nearest resize, encoder
@@ -15,10 +16,14 @@ numpy.random.Generator `rng` is passed in instead (same distributions, another s
   the training step (train.py, utils.py), what train.py replaces:
     official_loss      FocalDiceloss_IoULoss (utils.py), pooled over the whole batch
     train_decode       prompt_and_decoder (train.py)
+    OfficialDraws      the random draws, in the official calls and order
     official_points    generate_point + select_random_points (utils.py)
-    official_step      one batch of train_one_epoch (train.py)
+    train_one_batch    one batch of train_one_epoch (train.py:108-196) -> its 9 losses
+    official_step      the same -> the last loss (bench.py)
     synthetic_batch    a batch shaped like TrainingDataset's, from random rectangles
 """
+
+import random
 
 import cv2
 import numpy as np
@@ -117,87 +122,132 @@ def train_decode(sam, image_embeddings, prompt: dict, decoder_iter: bool, image_
     return masks, low_res_masks, iou_predictions
 
 
-def official_points(masks, labels, low_res_masks, prompt: dict, point_num: int, rng) -> dict:
-    """generate_point (utils.py:192-205) with select_random_points (utils.py:69-114): point_num
-    clicks per mask drawn from the error region (numpy, one mask and one point at a time), the
-    previous low-res mask as probabilities, boxes dropped. Updates and returns `prompt`."""
-    pred = (torch.sigmoid(masks.clone()) > 0.5).float()  # :193-195
-    low_res_masks_logist = torch.sigmoid(low_res_masks.clone())  # :197-198
-    pred, gt = pred.data.cpu().numpy(), labels.data.cpu().numpy()  # :80-82
-    error = np.zeros_like(pred)
+class OfficialDraws:
+    """The official code's random draws, in its calls: Python's `random` (the step-1 prompt kind,
+    clicks per iteration) and NumPy's global state (click positions, the mask-only iteration),
+    here as instances seeded by `seed` (the official seeds nothing). A test may pass any object
+    with these four methods instead, to inject the draws."""
+
+    def __init__(self, seed: int = 0):
+        self.py, self.np = random.Random(seed), np.random.RandomState(seed)
+
+    def kind(self) -> float:  # train.py:112 random.random(); > 0.5: box prompts
+        return self.py.random()
+
+    def point_num(self, point_list) -> int:  # train.py:164, 194 random.choice(args.point_list)
+        return self.py.choice(list(point_list))
+
+    def init_mask_num(self, iter_point: int) -> int:  # train.py:175
+        return int(self.np.randint(1, iter_point - 1))
+
+    def clicks(self, masks_binary, labels, point_num: int) -> tuple:  # utils.py:201
+        return select_random_points(masks_binary, labels, point_num, self.np)
+
+
+def _draws(draws):
+    """Callers that pass a numpy Generator (bench.py) get OfficialDraws seeded from it."""
+    if isinstance(draws, np.random.Generator):
+        return OfficialDraws(int(draws.integers(2**31)))
+    return draws
+
+
+def select_random_points(pr, gt, point_num: int, rs) -> tuple:
+    """select_random_points (utils.py:69-114): per mask, point_num pixels of the error region
+    (with replacement); a mask without error gets point_num random pixels, labelled -1 (padding).
+    rs: the official's np.random (a RandomState). -> points (P, n, 2) (column, row), labels."""
+    pred, gt = pr.data.cpu().numpy(), gt.data.cpu().numpy()  # :80
+    error = np.zeros_like(pred)  # :81-82
     error[pred != gt] = 1
     batch_points, batch_labels = [], []
-    for j in range(error.shape[0]):  # :87-113
+    for j in range(error.shape[0]):  # :87
         one_pred, one_gt, one_error = pred[j].squeeze(0), gt[j].squeeze(0), error[j].squeeze(0)
-        indices = np.argwhere(one_error == 1)
-        if indices.shape[0] > 0:
-            selected = indices[rng.choice(indices.shape[0], point_num, replace=True)]
-        else:  # :96, official: randint(0, 256), its image size
-            indices = rng.integers(0, one_pred.shape[-1], size=(point_num, 2))
-            selected = indices[rng.choice(indices.shape[0], point_num, replace=True)]
+        indices = np.argwhere(one_error == 1)  # :92
+        if indices.shape[0] > 0:  # :93-94
+            selected = indices[rs.choice(indices.shape[0], point_num, replace=True)]
+        else:  # :95-97; the official draws in [0, 256), its image size: here the mask's size
+            indices = rs.randint(0, one_pred.shape[-1], size=(point_num, 2))
+            selected = indices[rs.choice(indices.shape[0], point_num, replace=True)]
         points, point_labels = [], []
-        for x, y in selected.reshape(-1, 2):  # x: row, y: column, as the official names them
+        for x, y in selected.reshape(-1, 2):  # :100-110; x: row, y: column, as they name them
             if one_pred[x, y] == 0 and one_gt[x, y] == 1:
                 label = 1
             elif one_pred[x, y] == 1 and one_gt[x, y] == 0:
                 label = 0
-            else:  # a pixel outside the error region (only when there is none): a padding point
+            else:
                 label = -1
-            points.append((y, x))  # :109, "Negate the coordinates": (column, row) = (x, y)
+            points.append((y, x))  # :109, "Negate the coordinates": (column, row)
             point_labels.append(label)
         batch_points.append(points)
         batch_labels.append(point_labels)
-    device = masks.device  # generate_point :201-204, then to_device (train.py:166)
+    return np.array(batch_points), np.array(batch_labels)  # :114
+
+
+def official_points(masks, labels, low_res_masks, prompt: dict, point_num: int, draws) -> dict:
+    """generate_point (utils.py:192-205): clicks from the prediction's error region (the draws'
+    clicks: select_random_points), the low-res mask as probabilities, boxes dropped."""
+    masks_binary = (torch.sigmoid(masks.clone()) > 0.5).float()  # :193-195
+    low_res_masks_logist = torch.sigmoid(low_res_masks.clone())  # :197-198
+    points, point_labels = _draws(draws).clicks(masks_binary, labels, point_num)  # :200
+    device = masks.device  # :201-204, then to_device (train.py:166)
     prompt["mask_inputs"] = low_res_masks_logist
-    prompt["point_coords"] = torch.as_tensor(np.array(batch_points)).to(device)  # (P, n, 2)
-    prompt["point_labels"] = torch.as_tensor(np.array(batch_labels)).to(device)  # (P, n)
+    prompt["point_coords"] = torch.as_tensor(points).to(device)  # (P, n, 2)
+    prompt["point_labels"] = torch.as_tensor(point_labels).to(device)  # (P, n)
     prompt["boxes"] = None
     return prompt
 
 
-def official_step(sam, optimizer, batch: dict, iter_point: int, point_list, rng) -> float:
-    """One batch of train_one_epoch (train.py:108-196, use_amp off): step 1 on a box or a point
-    prompt with the adapters and the decoder training, then iter_point click iterations on the
-    detached embedding with the image encoder frozen. -> the last loss."""
+def train_one_batch(sam, optimizer, batch: dict, iter_point: int, point_list, draws) -> list:
+    """The body of train_one_epoch's loop (train.py:108-196, use_amp off, torch >= 2 zero_grad)
+    for one batch: step 1 on a box or a point prompt with the adapters and the decoder training,
+    then iter_point click iterations on the detached embedding with the image encoder frozen.
+    The draws come in the official order. -> the 1 + iter_point losses."""
+    draws = _draws(draws)
     B, M, S, _ = batch["masks"].shape
-    labels = batch["masks"].reshape(B * M, 1, S, S)  # stack_dict_batched (train.py:109)
+    labels = batch["masks"].reshape(B * M, 1, S, S)  # :109 stack_dict_batched
     prompt = dict(point_coords=batch["point_coords"].reshape(B * M, -1, 2),
                   point_labels=batch["point_labels"].reshape(B * M, -1),
                   boxes=batch["boxes"].reshape(B * M, 4), mask_inputs=None)  # fmt: skip
-    if rng.random() > 0.5:  # :112-117
+    if draws.kind() > 0.5:  # :112-117
         prompt["point_coords"] = None
     else:
         prompt["boxes"] = None
     for n, value in sam.image_encoder.named_parameters():  # :119-123
         value.requires_grad = "Adapter" in n
     image_embeddings = sam.image_encoder(batch["image"])  # :143-144, (B, D, h, w)
-    repeat = [image_embeddings[i].repeat(M, 1, 1, 1) for i in range(B)]  # :146-152
-    image_embeddings = torch.cat(repeat, dim=0)  # (B*M, D, h, w)
+    repeat = [image_embeddings[i].repeat(M, 1, 1, 1) for i in range(B)]  # :146-151
+    image_embeddings = torch.cat(repeat, dim=0)  # :152, (B*M, D, h, w)
     masks, low_res_masks, iou_predictions = train_decode(sam, image_embeddings, prompt, False, S)
-    loss = official_loss(masks, labels, iou_predictions)  # :154-156
-    loss.backward(retain_graph=False)
+    loss = official_loss(masks, labels, iou_predictions)  # :154-155
+    loss.backward(retain_graph=False)  # :156
     optimizer.step()  # :158-159
     optimizer.zero_grad()
-    point_num = int(rng.choice(point_list))  # :164-166
-    prompt = official_points(masks, labels, low_res_masks, prompt, point_num, rng)
-    image_embeddings = image_embeddings.detach().clone()  # :168-173
-    for n, value in sam.named_parameters():
+    losses = [loss.item()]
+    point_num = draws.point_num(point_list)  # :164
+    prompt = official_points(masks, labels, low_res_masks, prompt, point_num, draws)  # :165
+    image_embeddings = image_embeddings.detach().clone()  # :168
+    for n, value in sam.named_parameters():  # :169-173
         value.requires_grad = "image_encoder" not in n
-    init_mask_num = rng.integers(1, iter_point - 1)  # :175, np.random.randint(1, iter_point - 1)
-    for it in range(iter_point):  # :176-196
-        if it == init_mask_num or it == iter_point - 1:  # setting_prompt_none, utils.py:208-212
-            prompt.update(point_coords=None, point_labels=None, boxes=None)
+    init_mask_num = draws.init_mask_num(iter_point)  # :175
+    for it in range(iter_point):  # :176
+        if it == init_mask_num or it == iter_point - 1:  # :177-178, setting_prompt_none
+            prompt.update(point_coords=None, point_labels=None, boxes=None)  # utils.py:208-212
         masks, low_res_masks, iou_predictions = train_decode(
             sam, image_embeddings, prompt, True, S
-        )  # :186-188
-        loss = official_loss(masks, labels, iou_predictions)
-        loss.backward(retain_graph=True)
+        )  # :186
+        loss = official_loss(masks, labels, iou_predictions)  # :187
+        loss.backward(retain_graph=True)  # :188
         optimizer.step()  # :190-191
         optimizer.zero_grad()
-        if it != iter_point - 1:  # :193-196
-            point_num = int(rng.choice(point_list))
-            prompt = official_points(masks, labels, low_res_masks, prompt, point_num, rng)
-    return loss.item()
+        losses.append(loss.item())
+        if it != iter_point - 1:  # :193-195
+            point_num = draws.point_num(point_list)
+            prompt = official_points(masks, labels, low_res_masks, prompt, point_num, draws)
+    return losses
+
+
+def official_step(sam, optimizer, batch: dict, iter_point: int, point_list, draws) -> float:
+    """One batch of train_one_epoch (train_one_batch) -> the last loss, as the official prints."""
+    return train_one_batch(sam, optimizer, batch, iter_point, point_list, draws)[-1]
 
 
 def synthetic_batch(B: int, M: int, S: int, seed: int) -> dict:

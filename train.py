@@ -1,40 +1,43 @@
 """Fine-tune SAM-Med2D: the paper's recipe with simulated interactive clicks, in one file.
 
+    python train.py --data DATA_DIR --out runs/exp1          # from LiteMedSAM (infer's default)
     python train.py --data DATA_DIR --checkpoint sam-med2d_b.pth --out runs/exp1
     torchrun --nproc_per_node 4 train.py --data DATA_DIR --checkpoint ... --batch-size 16
     python train.py --resume runs/exp1                       # continue exactly where it stopped
     python train.py --bench                                  # one step vs the official (bench.py)
 
-The recipe. The original image-encoder weights stay frozen; the adapters, the prompt encoder and
-the mask decoder train. A step takes B images x M masks:
+The recipe is the official one by default (docs/train.md has the table of each knob, the
+official file:line and the flag for our variant). The original image-encoder weights stay
+frozen; the adapters, the prompt encoder and the mask decoder train. A step takes B images x M
+masks (drawn with replacement):
 
     images (B, 3, S, S) --encode, once per image--> emb (B, D, S/16, S/16), shared by its M masks
-    step 1:  each image's masks get a jittered box or one point (50/50 per image)
+    step 1:  all masks of the batch get a jittered box, or all one point (50/50 per batch)
              --decode, 3 candidates, keep the best by predicted IoU--> logits (B*M, 1, S/4, S/4)
              --upsample to S, loss--> backward through decoder, prompt encoder and adapters;
              one optimizer step
     then iter_points (8) click iterations on the detached embedding, each an optimizer step of
     the mask decoder alone, as in the official code: new clicks (1, 3, 5 or 9 per mask) in the
     error region of the previous prediction, plus the previous logits fed back as sigmoid
-    probabilities; at one random iteration and at the last the mask is the only prompt.
+    probabilities; at one random iteration and at the last the mask is the only prompt. A mask
+    predicted perfectly gets padding points (label -1), as the official.
 
-    loss per mask = 20 * focal + dice + (predicted IoU - IoU)^2, then the mean over masks.
+    loss = 20 * focal + dice + (predicted IoU - soft IoU)^2, pooled over the batch's masks.
 
-Sections: config | losses | the training step | the loop | plumbing (DDP, training state and
-resume, data, logging) | command line. Benchmarks against the official step live in bench.py.
+Sections: config | losses | the training step | the loop | plumbing (DDP, the trainer, data) |
+command line. The run directory (state.pt, resume, log.jsonl) is runs.py; benchmarks against the
+official step live in bench.py, the official step itself in official.py.
 """
 
 import argparse
 import datetime
 import functools
-import json
 import math
 import os
-import resource
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +49,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import checkpoints
 import cli
 import data
-import files
 import infer
 import model
+import runs
 
 # ------------------------------------------------------------------------------------------------
 # Config
@@ -62,32 +66,34 @@ class TrainConfig:
     data: str = ""  # dataset root in the SA-Med2D-20M layout (image2label_train.json, ...)
     val_data: str | None = None  # root whose "val" split validates; None: the --data root
     out: str = "runs/sam_med2d"  # run directory: checkpoints, training state, log.jsonl
-    checkpoint: str | None = None  # SAM / SAM-Med2D .pth or our .safetensors; None: random init
-    model: str = "vit_b"  # preset for random init (ignored with a checkpoint, which names its own)
+    checkpoint: str | None = None  # file/name; omitted: LiteMedSAM (infer.py's); none: random init
+    model: str | None = None  # preset for --checkpoint none (a checkpoint names its own)
     image_size: int = 256  # S; an official SAM checkpoint (1024) is resampled to it
     adapter: bool = True  # SAM-Med2D's adapters (added freshly if the checkpoint has none)
     input_conventions: str = "sam-med2d"  # from a SAM file: SAM-Med2D's BGR, stretch; "checkpoint"
     decoder_heads: str = "reinit"  # from a SAM file: fresh decoder heads (official); "keep" SAM's
     batch_size: int = 2  # B: images per optimizer step over all processes and accumulation steps
-    masks_per_image: int = 5  # M: masks per image (sampled without replacement when it has M)
+    masks_per_image: int = 5  # M: masks per image
+    # The official recipe by default; each alternative is ours (docs/train.md has the table)
+    mask_sampling: str = "with"  # with replacement (official) | without: each once, then repeats
+    box_rule: str = "official"  # official: largest component, box shift | ours: whole mask, corners
+    prompt_choice: str = "batch"  # step 1 box or point: one draw per batch (official) | per image
+    no_error_click: str = "pad"  # perfect mask: points labelled -1 (official) | confirm: one click
+    loss: str = "official"  # official: pooled, soft IoU target | per-mask: per mask, hard IoU
+    freeze_point_embeddings: bool = False  # freeze what the official bug froze (point, padding)
     grad_accum: int = 1  # split each process's share of the batch into this many micro-batches
-    epochs: int = 15  # used when steps is not given
+    epochs: int = 15  # used when steps is not given (official: 15)
     steps: int | None = None  # total steps (each 1 + iter_points optimizer steps)
     stop_after: int | None = None  # stop this run after so many steps (state saved; resume later)
     iter_points: int = 8  # decoder-only click iterations after step 1 (official: 8)
-    point_choices: tuple[int, ...] = (
-        1,
-        3,
-        5,
-        9,
-    )  # clicks per iteration, drawn uniformly (official list)
+    point_choices: tuple[int, ...] = (1, 3, 5, 9)  # clicks per iteration, drawn uniformly
     lr: float = 1e-4  # Adam
     schedule: str = "constant"  # constant | cosine | step; by step, after warmup
     warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
     min_lr: float = 0.0  # cosine floor
     milestones: tuple[int, ...] = ()  # step schedule: multiply lr by gamma at each of these steps
     gamma: float = 0.5  # step schedule factor
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    grad_clip: float = 0.0  # max global grad norm; 0: off (official)
     focal_weight: float = 20.0  # loss = focal_weight * focal + dice + MSE(pred IoU, IoU)
     amp: str = "off"  # off | bf16 | fp16 (fp16 with a GradScaler)
     compile: bool = False  # torch.compile the image encoder (fixed shapes; the decoder stays eager)
@@ -99,12 +105,11 @@ class TrainConfig:
     log_every: int = 10  # JSONL + progress bar update interval, in steps
     progress: bool = True  # tqdm bar on rank 0
     resume: str | None = None  # a run directory to continue exactly
+    force: bool = False  # start over in a non-empty --out (removes the earlier run's files)
 
     def __post_init__(self):
         self.point_choices, self.milestones = tuple(self.point_choices), tuple(self.milestones)
         checks = {
-            "amp must be off, bf16 or fp16": self.amp in AMPS,
-            "schedule must be constant, cosine or step": self.schedule in SCHEDULES,
             "batch_size, masks_per_image, grad_accum, epochs must be >= 1": min(
                 self.batch_size, self.masks_per_image, self.grad_accum, self.epochs) >= 1,
             "steps and stop_after must be >= 1": all(
@@ -117,6 +122,12 @@ class TrainConfig:
             "image_size must be a multiple of 16": self.image_size % 16 == 0,
             "log_every must be >= 1": self.log_every >= 1,
         }  # fmt: skip
+        for name, allowed in CHOICES.items():
+            checks[f"{name} must be one of {', '.join(allowed)}"] = getattr(self, name) in allowed
+        if self.checkpoint == "none":
+            checks["--checkpoint none (random init) needs --model"] = self.model is not None
+        else:
+            checks["--model is for --checkpoint none (a checkpoint names its own)"] = not self.model
         bad = [what for what, ok in checks.items() if not ok]
         if bad:
             raise ValueError("; ".join(bad))
@@ -126,6 +137,11 @@ class TrainConfig:
 
 SCHEDULES = ("constant", "cosine", "step")
 AMPS = ("off", "bf16", "fp16")
+CHOICES = dict(amp=AMPS, schedule=SCHEDULES, mask_sampling=("with", "without"),
+               box_rule=("official", "ours"), prompt_choice=("batch", "image"),
+               no_error_click=("pad", "confirm"), loss=("official", "per-mask"),
+               input_conventions=("sam-med2d", "checkpoint"),
+               decoder_heads=("reinit", "keep"))  # fmt: skip
 # What a resumed run may change: everything else must match the run it continues.
 RESUME_OVERRIDES = ("resume", "steps", "epochs", "stop_after", "workers", "progress", "val_every",
                     "val_limit", "log_every", "device", "val_data")  # fmt: skip
@@ -144,25 +160,27 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-# Losses. Each term is computed per mask, then averaged over the masks (the official code pools
-# Dice and IoU over the whole batch, so a large mask drowns out a small one).
+# Losses. The official loss pools every term over the batch's masks (so a large mask drowns out a
+# small one) and regresses the IoU head on the soft IoU, differentiated; --loss per-mask computes
+# each term per mask, against the IoU of the thresholded prediction, then averages.
 # ------------------------------------------------------------------------------------------------
 
 
-def focal_loss(logits, gt, alpha: float = 0.25, gamma: float = 2.0):
-    """(P, L) logits and 0/1 targets -> (P,): mean over pixels of the alpha-balanced focal loss,
-    -alpha (1-p)^gamma log p on the mask and -(1-alpha) p^gamma log(1-p) off it; the log terms
-    are the (stable, fused) binary cross-entropy."""
-    p = torch.sigmoid(logits)
-    weight = torch.where(gt > 0.5, alpha * (1 - p) ** gamma, (1 - alpha) * p**gamma)
-    bce = F.binary_cross_entropy_with_logits(logits, gt, reduction="none")  # -log p or -log(1-p)
-    return (weight * bce).mean(dim=1)
-
-
-def dice_loss(logits, gt, smooth: float = 1.0):
-    """(P, L) -> (P,): 1 - soft Dice of sigmoid(logits), smoothed by 1 as the official code."""
-    p = torch.sigmoid(logits)
-    return 1 - (2 * (p * gt).sum(1) + smooth) / (p.sum(1) + gt.sum(1) + smooth)
+def pooled_loss(logits, gt, iou_pred, focal_weight: float = 20.0) -> tuple:
+    """logits (P, 1, S, S), gt (P, 1, S, S) 0/1, iou_pred (P,) -> (loss, {term: ()}): the official
+    FocalDiceloss_IoULoss (utils.py:270-358), its epsilons included, in float32:
+    focal_weight * focal + dice + mean((iou_pred - IoU)^2), each term summed over all P*S*S pixels;
+    p = sigmoid(logits), focal the alpha-balanced (0.25) focal loss with gamma 2, mean over pixels;
+    dice = 1 - (2 sum(p gt) + 1) / (sum p + sum gt + 1); IoU the soft one, pooled, not detached."""
+    p, y = torch.sigmoid(logits.float()), gt.float()  # (P, 1, S, S)
+    pos = 0.25 * y * (1 - p) ** 2 * torch.log(p + 1e-12)  # (P, 1, S, S)
+    neg = 0.75 * (1 - y) * p**2 * torch.log(1 - p + 1e-12)  # (P, 1, S, S)
+    focal = -(pos.sum() + neg.sum()) / (y.numel() + 1e-12)
+    inter, total = (p * y).sum(), p.sum() + y.sum()
+    dice = 1 - (2 * inter + 1) / (total + 1)
+    iou = (inter + 1e-7) / (total - inter + 1e-7)
+    terms = dict(focal=focal, dice=dice, iou=((iou - iou_pred.float()) ** 2).mean())
+    return focal_weight * focal + dice + terms["iou"], terms
 
 
 def mask_iou(logits, gt):
@@ -193,12 +211,18 @@ def upsample(low, size: int):
 
 
 def sam_loss(logits, gt, iou_pred, focal_weight: float = 20.0) -> tuple:
-    """logits (P, 1, S, S), gt (P, 1, S, S) 0/1, iou_pred (P,) -> (loss, {term: (P,)}).
+    """--loss per-mask: logits (P, 1, S, S), gt (P, 1, S, S) 0/1, iou_pred (P,) -> (loss,
+    {term: (P,)}).
 
     loss = mean over masks of focal_weight * focal + dice + (iou_pred - IoU)^2, in float32."""
     x, y = logits.float().flatten(1), gt.float().flatten(1)  # (P, S*S)
-    terms = dict(focal=focal_loss(x, y), dice=dice_loss(x, y),
-                 iou=(iou_pred.float() - mask_iou(x, y)) ** 2)  # fmt: skip
+    p = torch.sigmoid(x)
+    # focal: -0.25 (1-p)^2 log p on the mask, -0.75 p^2 log(1-p) off it, log terms as the
+    # (stable, fused) binary cross-entropy; mean over pixels. Dice smoothed by 1 (official).
+    weight = torch.where(y > 0.5, 0.25 * (1 - p) ** 2, 0.75 * p**2)
+    focal = (weight * F.binary_cross_entropy_with_logits(x, y, reduction="none")).mean(1)
+    dice = 1 - (2 * (p * y).sum(1) + 1) / (p.sum(1) + y.sum(1) + 1)
+    terms = dict(focal=focal, dice=dice, iou=(iou_pred.float() - mask_iou(x, y)) ** 2)
     per_mask = focal_weight * terms["focal"] + terms["dice"] + terms["iou"]  # (P,)
     return per_mask.mean(), terms
 
@@ -209,13 +233,22 @@ def sam_loss(logits, gt, iou_pred, focal_weight: float = 20.0) -> tuple:
 # ------------------------------------------------------------------------------------------------
 
 
-def select_trainable(sam: model.Sam, verbose: bool = True) -> list:
+# What the official code never trains, through a bug: its prompt encoder re-wraps these in new
+# nn.Parameters on every forward (prompt_encoder.py:92-94), so its optimizer never sees them.
+POINT_EMBEDDINGS = ("prompt_encoder.not_a_point_embed.weight",
+                    "prompt_encoder.point_embeddings.0.weight",
+                    "prompt_encoder.point_embeddings.1.weight")  # fmt: skip
+
+
+def select_trainable(sam: model.Sam, verbose: bool = True, freeze_points: bool = False) -> list:
     """Freeze the original image-encoder weights; train the adapters, the prompt encoder and the
-    mask decoder. Decided once, before the optimizer is built. -> the trainable parameters."""
+    mask decoder (freeze_points: except POINT_EMBEDDINGS). Decided once, before the optimizer is
+    built. -> the trainable parameters."""
     named = list(sam.named_parameters())
     trainable, frozen = {}, 0
     for name, p in named:
-        p.requires_grad_(not name.startswith("image_encoder.") or ".Adapter." in name)
+        p.requires_grad_((not name.startswith("image_encoder.") or ".Adapter." in name)
+                         and not (freeze_points and name in POINT_EMBEDDINGS))  # fmt: skip
         if p.requires_grad:
             part = "adapters" if ".Adapter." in name else name.split(".")[0]
             trainable[part] = trainable.get(part, 0) + p.numel()
@@ -224,7 +257,8 @@ def select_trainable(sam: model.Sam, verbose: bool = True) -> list:
     if verbose:
         parts = ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in trainable.items())
         total = sum(trainable.values())
-        print(f"trainable {total / 1e6:.3f}M ({parts}); frozen image encoder {frozen / 1e6:.3f}M")
+        what = "image encoder" + ", point embeddings" * freeze_points
+        print(f"trainable {total / 1e6:.3f}M ({parts}); frozen {what} {frozen / 1e6:.3f}M")
     return [p for _, p in named if p.requires_grad]
 
 
@@ -238,12 +272,15 @@ class Micro:
     points: tuple  # coords (P, 1, 2), labels (P, 1): one foreground point per mask
     gens: list  # one torch.Generator per image, seeded by (seed, step, dataset index)
     use_box: torch.Tensor  # (b,) bool: this image's masks get a box in step 1, else a point
+    no_error: str = "pad"  # a perfect prediction's clicks: pad (label -1) | confirm
     emb: torch.Tensor | None = None  # (b, D, h, w), detached after step 1
     low: torch.Tensor | None = None  # (P, 1, S/4, S/4) previous logits
     pred: torch.Tensor | None = None  # (P, S, S) bool previous prediction
 
 
-def make_micro(batch: dict, step: int, seed: int, device) -> Micro:
+def make_micro(batch: dict, step: int, seed: int, device, box=None, no_error="pad") -> Micro:
+    """A micro-batch on the device, with its per-image generators. box: True/False gives every
+    image that step-1 prompt (one draw per batch); None, each image draws its own."""
     images = batch["image"].to(device, non_blocking=True)  # (b, 3, S, S)
     b, M, S, _ = batch["masks"].shape
     gt = batch["masks"].to(device).reshape(b * M, 1, S, S)  # (P, 1, S, S)
@@ -257,7 +294,8 @@ def make_micro(batch: dict, step: int, seed: int, device) -> Micro:
     points = (batch["point_coords"].to(device).reshape(b * M, -1, 2),
               batch["point_labels"].to(device).reshape(b * M, -1))  # fmt: skip
     boxes = batch["boxes"].to(device).reshape(b * M, 4)
-    return Micro(images, gt, boxes, points, gens, torch.tensor(use_box, device=device))
+    use_box = torch.tensor(use_box if box is None else [box] * b, device=device)  # (b,)
+    return Micro(images, gt, boxes, points, gens, use_box, no_error)
 
 
 class Forward(nn.Module):
@@ -348,9 +386,11 @@ def sub_step(tr: Trainer, micros: list, clicks: int | None) -> torch.Tensor:
                     emb, low, iou = tr.forward(click_groups(mb, clicks), emb=mb.emb,
                                                prompt_grad=False)  # fmt: skip
             up = upsample(low.float(), S)  # (P, 1, S, S): the loss compares at the input size
-            loss, _ = sam_loss(up, mb.gt, iou, tr.cfg.focal_weight)
+            loss_fn = pooled_loss if tr.cfg.loss == "official" else sam_loss  # pooled per micro
+            loss, _ = loss_fn(up, mb.gt, iou, tr.cfg.focal_weight)
             tr.scaler.scale(loss / len(micros)).backward()
-        mb.emb, mb.low, mb.pred = emb.detach(), low.detach(), up.detach()[:, 0] > 0
+        # sigmoid > 0.5 as the official (utils.py:195), not logits > 0: they differ below ~6e-8
+        mb.emb, mb.low, mb.pred = emb.detach(), low.detach(), torch.sigmoid(up.detach()[:, 0]) > 0.5
         total = total + loss.detach() / len(micros)  # no .item(): no device sync per sub-step
     tr.optimizer_step()
     return total
@@ -365,10 +405,19 @@ def click_groups(mb: Micro, n_clicks: int) -> list:
         return [(rows, None, None, mask_input)]
     M, gt = mb.gt.shape[0] // len(mb.gens), mb.gt[:, 0] > 0.5  # (P, S, S)
     clicks = [data.error_clicks(mb.pred[i * M : (i + 1) * M], gt[i * M : (i + 1) * M],
-                                n_clicks, g) for i, g in enumerate(mb.gens)]  # fmt: skip
+                                n_clicks, g, no_error=mb.no_error)
+              for i, g in enumerate(mb.gens)]  # fmt: skip
     coords = torch.cat([c for c, _ in clicks]).float()  # (P, n, 2)
     labels = torch.cat([lab for _, lab in clicks]).long()  # (P, n)
     return [(rows, (coords, labels), None, mask_input)]
+
+
+def draw_prompts(cfg: TrainConfig, gen: torch.Generator) -> tuple:
+    """A step's step-level draws: the step-1 prompt kind, box (True) or point, one for the batch
+    as the official train.py:112 (None with prompt_choice image: each image draws its own), then
+    the clicks per iteration. -> (box, plan)."""
+    box = bool(torch.rand(1, generator=gen) > 0.5) if cfg.prompt_choice == "batch" else None
+    return box, plan_iterations(cfg, gen)
 
 
 def plan_iterations(cfg: TrainConfig, gen: torch.Generator) -> list:
@@ -386,9 +435,11 @@ def plan_iterations(cfg: TrainConfig, gen: torch.Generator) -> list:
 
 def train_step(tr: Trainer, batches: list, step: int) -> dict:
     """Step 1 plus the click iterations on the micro-batches of one global batch."""
-    micros = [make_micro(b, step, tr.cfg.seed, tr.device) for b in batches]
+    box, plan = draw_prompts(tr.cfg, tr.gen)
+    micros = [make_micro(b, step, tr.cfg.seed, tr.device, box, tr.cfg.no_error_click)
+              for b in batches]  # fmt: skip
     losses = [sub_step(tr, micros, None)]
-    for clicks in plan_iterations(tr.cfg, tr.gen):
+    for clicks in plan:
         losses.append(sub_step(tr, micros, clicks))
     losses = torch.stack(losses).tolist()
     return dict(loss=float(np.mean(losses)), loss_first=losses[0], loss_last=losses[-1])
@@ -401,7 +452,8 @@ def train_step(tr: Trainer, batches: list, step: int) -> dict:
 
 def main(args: dict) -> dict:
     """Train with the given settings (TrainConfig field names; only those given on the command
-    line, so a resumed run can tell what changed). -> the best score and the last log record."""
+    line, so a resumed run can tell what changed). -> the best score and its step, the last log
+    record."""
     tr, state = setup(args)
     cfg, out = tr.cfg, Path(tr.cfg.out)
     ds, spe, total, start, end, best = plan_run(tr, state)
@@ -409,9 +461,12 @@ def main(args: dict) -> dict:
     data_it, record, t0, seen = None, {}, time.perf_counter(), 0
     for step in range(start, end + 1):  # `step` steps are done
         lr = lr_at(step, cfg, total)
-        # validate and save every val_every steps and at the end
-        if step > start and ((cfg.val_every and step % cfg.val_every == 0) or step == end):
-            best = checkpoint(tr, step, best, spe, record)
+        # validate and save every val_every steps, at the end, and before a fresh run's first
+        # step (the starting weights compete for best.safetensors too)
+        if (step > start or state is None) and (
+            (cfg.val_every and step % cfg.val_every == 0) or step == end
+        ):
+            best = runs.checkpoint(tr, step, best, spe, record, validate)
             t0 = time.perf_counter()  # images/s counts training only
         if step == end:
             break
@@ -427,15 +482,17 @@ def main(args: dict) -> dict:
         if done % cfg.log_every == 0 or done == end:
             record = dict(step=done, epoch=step // spe, lr=lr, **losses,
                           images_per_s=seen / (time.perf_counter() - t0),
-                          memory_mb=memory_mb(tr.device))  # fmt: skip
+                          memory_mb=runs.memory_mb(tr.device))  # fmt: skip
             if tr.rank == 0:
-                log_line(out / "log.jsonl", record)
+                runs.log_line(out / "log.jsonl", record)
                 bar.set_postfix(loss=f"{losses['loss']:.4f}", img_s=f"{record['images_per_s']:.2f}")
             t0, seen = time.perf_counter(), 0
     bar.close()
+    if tr.rank == 0:
+        runs.print_summary(out, start, end, total, best)
     if tr.world > 1:
         dist.destroy_process_group()
-    return dict(best=best, last=record, step=end)
+    return dict(best=best[0], best_step=best[1], last=record, step=end)
 
 
 def validate(sam: model.Sam, cfg: TrainConfig) -> dict:
@@ -448,42 +505,37 @@ def validate(sam: model.Sam, cfg: TrainConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# Plumbing: setup, processes (DDP), the trainer, training state and resume, data, logs.
-# last.safetensors and best.safetensors hold the whole model (with its config); state.pt holds what
-# changes while training, so it alone decides where a resumed run continues: the trainable weights,
-# Adam, the GradScaler, the step-level generator, the step (the data position and learning rate
-# follow from it), the best score. It loads with weights_only.
+# Plumbing: setup, processes (DDP), the trainer, data order. The run directory (training state,
+# resume, log.jsonl) is runs.py.
 # ------------------------------------------------------------------------------------------------
 
 
 def setup(args: dict) -> tuple:
-    """Everything before the first step: config, data checks, processes, model, optimizer.
-    -> (Trainer, the saved state of a resumed run or None)."""
-    cfg, state = resolve_config(args)
-    check_data(cfg)
+    """Everything before the first step: config, data and run-directory checks, processes, model,
+    optimizer. -> (Trainer, the saved state of a resumed run or None)."""
+    cfg, state = runs.resolve_config(args, TrainConfig, RESUME_OVERRIDES)
+    runs.check_data(cfg)
     out = Path(cfg.out)
-    if state is None and (out / "state.pt").exists():
-        raise FileExistsError(f"{out}: holds a run already; --resume {out} or pick another --out")
     rank, world, device = setup_distributed(cfg.device)
+    runs.prepare_dir(out, state, cfg.force, rank)  # before rank 0 writes anything (DDP syncs)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"batch size {cfg.batch_size} does not split into {world} processes x "
                          f"{cfg.grad_accum} accumulation steps")  # fmt: skip
-    if state is not None:
-        sam = model.load_checkpoint(out / "last.safetensors", device=device, verbose=rank == 0)
-    else:
-        sam = build_model(cfg, device)
+    sam = (model.load_checkpoint(out / "last.safetensors", device=device, verbose=rank == 0)
+           if state else build_model(cfg, device))  # fmt: skip
     tr = make_trainer(sam, cfg, device, rank, world)
     if state is not None:
-        restore(tr, state)
+        runs.restore(tr.sam, tr.opt, tr.scaler, tr.gen, state)
     return tr, state
 
 
 def plan_run(tr: Trainer, state: dict | None) -> tuple:
-    """-> (dataset, steps per epoch, total steps, first step, end of this run, best score), and
-    config.json written. The step alone fixes the data position (epoch, batch) and the lr."""
-    cfg = tr.cfg
+    """-> (dataset, steps per epoch, total steps, first step, end of this run, best (score,
+    step)); config.json written. The step alone fixes the data position (epoch, batch), the lr."""
+    cfg, out = tr.cfg, Path(tr.cfg.out)
     ds = data.TrainDataset(cfg.data, tr.sam.cfg, masks_per_image=cfg.masks_per_image,
-                           seed=cfg.seed)  # fmt: skip
+                           seed=cfg.seed, mask_sampling=cfg.mask_sampling,
+                           box_rule=cfg.box_rule)  # fmt: skip
     spe = len(ds) // cfg.batch_size
     if spe == 0:
         raise ValueError(f"{cfg.data}: {len(ds)} training images, fewer than the batch size")
@@ -491,43 +543,13 @@ def plan_run(tr: Trainer, state: dict | None) -> tuple:
         raise ValueError(f"{cfg.data}: the dataset changed since the run started ({spe} steps "
                          f"per epoch, not {state['steps_per_epoch']})")  # fmt: skip
     total = cfg.steps or cfg.epochs * spe
-    start, best = (state["step"], state["best"]) if state else (0, -1.0)
+    start = state["step"] if state else 0
+    best = (state["best"], state.get("best_step")) if state else (-1.0, None)
     end = min(total, start + cfg.stop_after) if cfg.stop_after else total
     if tr.rank == 0:
-        files.write_json(Path(cfg.out) / "config.json", asdict(cfg))
+        source = out / "last.safetensors" if state else checkpoint_file(cfg) or "none (random init)"
+        runs.write_config(out, asdict(cfg), tr.sam.cfg, total, start, source)
     return ds, spe, total, start, end, best
-
-
-def resolve_config(args: dict) -> tuple:
-    """-> (config, saved state or None). A resumed run takes its config from state.pt; only the
-    RESUME_OVERRIDES may differ."""
-    if not args.get("resume"):
-        return TrainConfig(**args), None
-    state = read_state(Path(args["resume"]))
-    fixed = [k for k in args if k not in RESUME_OVERRIDES]
-    if fixed:
-        raise ValueError(f"--resume continues a run as it was configured; cannot change {fixed}")
-    # stop_after belongs to the run that set it; the resumed one goes on unless told otherwise
-    saved = state.get("config")
-    unknown = sorted(set(saved or {}) - {f.name for f in fields(TrainConfig)})
-    if not isinstance(saved, dict) or unknown:
-        raise ValueError(f"{args['resume']}/state.pt: not a training state of this train.py "
-                         f"(unknown settings: {unknown or 'no config'})")  # fmt: skip
-    cfg = TrainConfig(**{**saved, "stop_after": None, **args, "out": args["resume"]})
-    return cfg, state
-
-
-def check_data(cfg: TrainConfig) -> None:
-    """Fail before any work: the manifests exist and parse, the first image and mask read."""
-    train = data.read_manifest(cfg.data, "train")
-    if not train:
-        raise ValueError(f"{cfg.data}: the train split is empty")
-    image, masks = next(iter(train.items()))
-    data.read_image(image)
-    for m in masks[:1]:
-        data.read_mask(m)
-    if cfg.val_every:
-        data.read_manifest(cfg.val_data or cfg.data, "val")  # raises if there is no val split
 
 
 def setup_distributed(device: str) -> tuple:
@@ -546,10 +568,19 @@ def setup_distributed(device: str) -> tuple:
     return int(os.environ.get("RANK", "0")), world, device
 
 
+def checkpoint_file(cfg: TrainConfig):
+    """The file a fresh run starts from: --checkpoint (a path or a known name), infer.py's
+    default (LiteMedSAM) without one; None for --checkpoint none (random init)."""
+    if cfg.checkpoint == "none":
+        return None
+    return checkpoints.resolve_checkpoint(cfg.checkpoint) if cfg.checkpoint else (
+        checkpoints.default_checkpoint())  # fmt: skip
+
+
 def build_model(cfg: TrainConfig, device) -> model.Sam:
-    if cfg.checkpoint:
-        return model.load_checkpoint(cfg.checkpoint, image_size=cfg.image_size,
-                                     adapter=cfg.adapter, device=device, seed=cfg.seed,
+    if (path := checkpoint_file(cfg)) is not None:
+        return model.load_checkpoint(path, image_size=cfg.image_size, adapter=cfg.adapter,
+                                     device=device, seed=cfg.seed,
                                      conventions=cfg.input_conventions,
                                      decoder_heads=cfg.decoder_heads)  # fmt: skip
     mcfg = model.SamConfig.from_name(cfg.model, image_size=cfg.image_size, adapter=cfg.adapter)
@@ -561,7 +592,7 @@ def build_model(cfg: TrainConfig, device) -> model.Sam:
 def make_trainer(sam: model.Sam, cfg: TrainConfig, device, rank=0, world=1, verbose=True):
     """The trainable set (decided once, before the optimizer), the forward (DDP-wrapped across
     processes), Adam, the fp16 GradScaler and the step-level generator."""
-    params = select_trainable(sam, verbose=verbose and rank == 0)
+    params = select_trainable(sam, verbose and rank == 0, cfg.freeze_point_embeddings)
     fwd = Forward(sam)
     if cfg.compile:  # the encoder only: the decoder's prompt shapes change every iteration
         sam.image_encoder.compile()
@@ -578,57 +609,6 @@ def make_trainer(sam: model.Sam, cfg: TrainConfig, device, rank=0, world=1, verb
 def cpu_trainer(sam: model.Sam, cfg: TrainConfig) -> Trainer:
     """A single-process CPU Trainer around sam (tests, bench.py)."""
     return make_trainer(sam, cfg, torch.device("cpu"), verbose=False)
-
-
-def save_state(tr: Trainer, out: Path, step: int, best: float, spe: int) -> None:
-    model.save_checkpoint(tr.sam, out / "last.safetensors")
-    trainable = {n: p.detach().cpu() for n, p in tr.sam.named_parameters() if p.requires_grad}
-    state = dict(step=step, epoch=step // spe, batch_in_epoch=step % spe, steps_per_epoch=spe,
-                 best=best, trainable=trainable, optimizer=tr.opt.state_dict(),
-                 scaler=tr.scaler.state_dict(), generator=tr.gen.get_state(),
-                 config=asdict(tr.cfg))  # fmt: skip
-    files.atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))
-
-
-def read_state(run_dir: Path) -> dict:
-    path = run_dir / "state.pt"
-    if not path.is_file() or not (run_dir / "last.safetensors").is_file():
-        raise FileNotFoundError(f"{run_dir}: no state.pt and last.safetensors to resume from")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read training state: {e}") from None
-
-
-def restore(tr: Trainer, state: dict) -> None:
-    named = {n: p for n, p in tr.sam.named_parameters() if p.requires_grad}
-    if set(named) != set(state["trainable"]):
-        raise ValueError("state.pt: its trainable parameters do not match the model's")
-    with torch.no_grad():
-        for n, p in named.items():
-            p.copy_(state["trainable"][n])
-    tr.opt.load_state_dict(state["optimizer"])
-    tr.scaler.load_state_dict(state["scaler"])
-    tr.gen.set_state(state["generator"])
-
-
-def checkpoint(tr: Trainer, step: int, best: float, spe: int, record: dict) -> float:
-    """Rank 0 validates, keeps best.safetensors by mean Dice, writes last + state; all wait."""
-    out = Path(tr.cfg.out)
-    if tr.rank == 0:
-        if tr.cfg.val_every:
-            val = validate(tr.sam, tr.cfg)
-            if val["score"] > best:
-                best = val["score"]
-                model.save_checkpoint(tr.sam, out / "best.safetensors")
-            log_line(out / "log.jsonl", dict(step=step, val=val, best=best))
-            record["val"] = val
-        save_state(tr, out, step, best, spe)
-    if tr.world > 1:
-        b = torch.tensor([best], dtype=torch.float64, device=tr.device)
-        dist.broadcast(b, 0)  # also makes every process wait for rank 0
-        best = float(b)
-    return best
 
 
 def mean_over_processes(tr: Trainer, losses: dict) -> dict:
@@ -657,17 +637,6 @@ def batches(ds, cfg: TrainConfig, rank: int, world: int, step: int, spe: int):
         yield [next(it) for _ in range(cfg.grad_accum)]
 
 
-def log_line(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 # ------------------------------------------------------------------------------------------------
 # Command line: one flag per TrainConfig field (help = the field's comment)
 # ------------------------------------------------------------------------------------------------
@@ -677,7 +646,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # Defaults stay out of the namespace: the dataclass holds them, and --resume can tell which
     # settings were given.
-    choices = dict(model=list(model.PRESETS), amp=AMPS, schedule=SCHEDULES)
+    choices = dict(model=list(model.PRESETS), **CHOICES)
     cli.add_config_args(p, TrainConfig, suppress_defaults=True,
                         **{k: dict(choices=v) for k, v in choices.items()})  # fmt: skip
     p.add_argument("--bench", action="store_true", help="time one step vs the official port")
