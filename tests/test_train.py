@@ -315,7 +315,10 @@ class InjectedDraws:
         mine, self.calls = self.calls[: self.B], self.calls[self.B :]  # one call per image
         pred, gt = torch.cat([c[0] for c in mine]), torch.cat([c[1] for c in mine])  # (P, S, S)
         assert torch.equal(labels[:, 0] > 0.5, gt)
-        assert torch.equal(masks_binary[:, 0] > 0.5, pred) or not self.check
+        # The same prediction up to pixels whose logit sits within rounding of 0 (the two
+        # codes upsample in different but equal-in-exact-arithmetic ways): at most 1 in 5,000.
+        flips = int(((masks_binary[:, 0] > 0.5) != pred).sum())
+        assert flips <= pred.numel() // 5000 or not self.check, flips
         coords = torch.cat([c[2][0] for c in mine]).numpy()  # (P, n, 2) x, y
         return coords, torch.cat([c[2][1] for c in mine]).numpy()
 
