@@ -178,6 +178,7 @@ class Geometry:
     scale: tuple[float, float]  # (sx, sy)
     pad: tuple[int, int]  # (left, top) zero padding in model pixels
     content: tuple[int, int]  # (h, w) of the image region inside the S x S input
+    nearest: str = "cv2"  # nearest-resize index rule: "cv2" (official) or "torch"
 
     def points_to_model(self, xy):
         """(..., 2) x, y in original pixels -> model pixels (same array type)."""
@@ -206,11 +207,24 @@ class Geometry:
         """(B, C, H, W) -> (B, C, S, S): nearest resize to the content size (a no-op when x has
         it already), zero-pad around it."""
         (h, w), (left, top), S = self.content, self.pad, self.size
-        if (h, w) != tuple(x.shape[-2:]):
+        if (h, w) != tuple(x.shape[-2:]) and self.nearest == "torch":
             x = F.interpolate(x, (h, w), mode="nearest")
+        elif (h, w) != tuple(x.shape[-2:]):  # a gather: the same pixels for image and mask
+            rows = torch.from_numpy(nearest_indices(x.shape[-2], h)).to(x.device)  # (h,)
+            cols = torch.from_numpy(nearest_indices(x.shape[-1], w)).to(x.device)  # (w,)
+            x = x.index_select(-2, rows).index_select(-1, cols)  # (B, C, h, w)
         out = x.new_zeros(*x.shape[:2], S, S)  # (B, C, S, S)
         out[..., top : top + h, left : left + w] = x
         return out
+
+
+def nearest_indices(src: int, dst: int) -> np.ndarray:
+    """OpenCV's INTER_NEAREST source index for each of `dst` output pixels along an axis of
+    `src` pixels (resize.cpp, resizeNN): floor(i * (1.0 / (dst / src))), computed in double
+    exactly so, capped at src - 1. torch's mode="nearest" (float32 src / dst) picks another
+    pixel for some sizes (e.g. 186 -> 256 at i = 128: cv2 92, torch 93)."""
+    ifx = 1.0 / (dst / src)  # Python floats are doubles, as in OpenCV
+    return np.minimum(np.floor(np.arange(dst, dtype=np.float64) * ifx), src - 1).astype(np.int64)
 
 
 def _like(a, values):
@@ -223,37 +237,42 @@ def _like(a, values):
     return np.asarray(values, dtype=np.result_type(a, np.float32))
 
 
-def geometry(height: int, width: int, size: int, resize_mode: str) -> Geometry:
+def geometry(height: int, width: int, size: int, resize_mode: str, nearest="cv2") -> Geometry:
     """The placement of an (H, W) image in the S x S input. "stretch" (SAM-Med2D): nearest resize
     to S x S ignoring aspect, or a centred zero pad when both sides are < S (the official
-    `ori_h < S and ori_w < S`). "longest" (SAM): longest side to S, pad bottom/right."""
+    `ori_h < S and ori_w < S`). "longest" (SAM): longest side to S, pad bottom/right.
+    `nearest`: the index rule of nearest resizing, "cv2" (the official code's OpenCV) or "torch"."""
     H, W, S = height, width, size
+    if nearest not in ("cv2", "torch"):
+        raise ValueError(f"nearest must be 'cv2' or 'torch', got {nearest!r}")
     if resize_mode == "stretch":
         if H < S and W < S:
-            return Geometry((H, W), S, "stretch", (1.0, 1.0), ((S - W) // 2, (S - H) // 2), (H, W))
-        return Geometry((H, W), S, "stretch", (S / W, S / H), (0, 0), (S, S))
+            pad = ((S - W) // 2, (S - H) // 2)
+            return Geometry((H, W), S, "stretch", (1.0, 1.0), pad, (H, W), nearest)
+        return Geometry((H, W), S, "stretch", (S / W, S / H), (0, 0), (S, S), nearest)
     if resize_mode == "longest":
         k = S / max(H, W)
         h, w = int(H * k + 0.5), int(W * k + 0.5)  # SAM's ResizeLongestSide rounding
-        return Geometry((H, W), S, "longest", (w / W, h / H), (0, 0), (h, w))
+        return Geometry((H, W), S, "longest", (w / W, h / H), (0, 0), (h, w), nearest)
     raise ValueError(f"resize_mode must be 'stretch' or 'longest', got {resize_mode!r}")
 
 
-def preprocess(image: np.ndarray, cfg) -> tuple[torch.Tensor, Geometry]:
+def preprocess(image: np.ndarray, cfg, nearest="cv2") -> tuple[torch.Tensor, Geometry]:
     """(H, W, 3) uint8 RGB -> x (1, 3, S, S) float32 in the model's channel order, and Geometry.
 
     SAM-Med2D ("stretch"): the official code reads BGR with OpenCV and subtracts SAM's RGB mean
-    from those channels as they are, then resizes nearest (source pixel floor(dst * H / S), which
-    is OpenCV's INTER_NEAREST and torch's mode="nearest"; Pillow's NEAREST samples pixel centres
-    and differs) or pads centred with zeros after normalising. With cfg.channel_order "BGR" we
-    flip to BGR and then apply cfg.pixel_mean/std position by position, exactly like that.
+    from those channels as they are, then resizes with OpenCV's INTER_NEAREST (nearest_indices;
+    `nearest="torch"` uses torch's rule, which differs for some sizes; Pillow's NEAREST samples
+    pixel centres and differs more) or pads centred with zeros after normalising. With
+    cfg.channel_order "BGR" we flip to BGR and then apply cfg.pixel_mean/std position by
+    position, exactly like that.
     SAM ("longest"): bilinear resize of the 8-bit image, normalise, pad bottom/right.
     MedSAM / LiteMedSAM (cfg.intensity "min_max"): the same resize, then each image scaled to
     [0, 1] by its own min and max instead of mean/std, then the pad."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"preprocess expects (H, W, 3) uint8, got {image.dtype} {image.shape}")
     H, W = image.shape[:2]
-    geom = geometry(H, W, cfg.image_size, cfg.resize_mode)
+    geom = geometry(H, W, cfg.image_size, cfg.resize_mode, nearest)
     x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]  # (1, 3, H, W), a copy
     if cfg.channel_order == "BGR":  # SamConfig checks that it is "RGB" or "BGR"
         x = x.flip(1)
@@ -385,14 +404,20 @@ def largest_component(mask):
 # Prompt sampling (batched over P masks; the generator lives on the masks' device)
 
 
-def boxes_from_masks(masks, jitter=False, generator=None, largest_component=False):
+def boxes_from_masks(
+    masks, jitter=False, generator=None, largest_component=False, jitter_rule="official"
+):
     """(P, H, W) bool -> (P, 4) float32 boxes x0, y0, x1, y1 with x1, y1 exclusive (one past the
     last pixel, as skimage's regionprops bbox in the official code). An empty mask gets the whole
-    image. `largest_component`: box of the largest component (the official test protocol).
-    `jitter`: each coordinate moves by an integer in [-m, m], m = min(0.1 * min(w, h), 5) px
-    (the issue's rule), then the box is clamped to the image and kept at least 1 px wide. The
-    official training code differs: it shifts the whole box (x0, x1 by one offset, y0, y1 by
-    another) by up to min(5, int(0.5 * min(w, h))) px, and boxes the largest component."""
+    image (the official code crashes). `largest_component`: box of the largest 8-connected
+    component (the official rule, utils.py:28-38). `jitter` (training) by `jitter_rule`:
+    "official" (utils.py:50-65): the whole box moves by (dx, dy), each an integer in [-M, M-1]
+    with M = min(5, int(0.5 * min(w, h))), dx drawn before dy, box after box, nothing drawn when
+    M == 0, no clamping (a box may leave the image). "ours": each coordinate moves by an integer
+    in [-m, m], m = min(floor(0.1 * min(w, h)), 5), then the box is clamped to the image and kept
+    at least 1 px wide."""
+    if jitter_rule not in ("official", "ours"):
+        raise ValueError(f"jitter_rule must be 'official' or 'ours', got {jitter_rule!r}")
     if largest_component:
         masks = _largest(masks)
     P, H, W = masks.shape
@@ -405,17 +430,27 @@ def boxes_from_masks(masks, jitter=False, generator=None, largest_component=Fals
     empty = ~cols.any(1)
     box = torch.stack([x0, y0, x1, y1], 1).float()  # (P, 4)
     box[empty] = torch.tensor([0.0, 0.0, W, H], device=masks.device)
-    if jitter:
-        side = torch.minimum(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1])  # (P,)
-        m = torch.clamp(torch.floor(0.1 * side), max=5.0)[:, None]  # (P, 1)
-        u = torch.rand(P, 4, generator=generator, device=masks.device)  # (P, 4)
-        box = box + torch.floor(u * (2 * m + 1)) - m
-        x0 = box[:, 0].clamp(0, W - 1)
-        y0 = box[:, 1].clamp(0, H - 1)
-        x1 = torch.maximum(box[:, 2], x0 + 1).clamp(max=W)
-        y1 = torch.maximum(box[:, 3], y0 + 1).clamp(max=H)
-        box = torch.stack([x0, y0, x1, y1], 1)  # (P, 4)
-    return box
+    if not jitter:
+        return box
+    side = torch.minimum(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]).double()  # (P,)
+    if jitter_rule == "official":
+        M = torch.clamp(torch.floor(side * 0.1 * 5), max=5.0)  # (P,) int(min(w,h)*0.1*5) capped
+        move = M > 0  # official: randint(-0, 0) raises, caught -> no shift and no draw
+        k, dev = int(move.sum()), masks.device
+        u = torch.rand(k, 2, generator=generator, dtype=torch.float64, device=dev)  # (K, 2) dx, dy
+        m = M[move, None]  # (K, 1)
+        d = torch.minimum(torch.floor(u * 2 * m), 2 * m - 1) - m  # (K, 2) in [-M, M-1]
+        shift = torch.zeros(P, 2, dtype=torch.float64, device=masks.device)
+        shift[move] = d
+        return box + shift.repeat(1, 2).float()  # (P, 4): x0, x1 by dx; y0, y1 by dy
+    m = torch.clamp(torch.floor(0.1 * side), max=5.0).float()[:, None]  # (P, 1)
+    u = torch.rand(P, 4, generator=generator, device=masks.device)  # (P, 4)
+    box = box + torch.floor(u * (2 * m + 1)) - m
+    x0 = box[:, 0].clamp(0, W - 1)
+    y0 = box[:, 1].clamp(0, H - 1)
+    x1 = torch.maximum(box[:, 2], x0 + 1).clamp(max=W)
+    y1 = torch.maximum(box[:, 3], y0 + 1).clamp(max=H)
+    return torch.stack([x0, y0, x1, y1], 1)  # (P, 4)
 
 
 _largest = largest_component  # boxes_from_masks has an argument of the same name
@@ -439,9 +474,10 @@ def _xy(idx: torch.Tensor, W: int) -> torch.Tensor:
 def sample_points(masks, n: int, generator=None):
     """(P, H, W) bool -> coords (P, n, 2) float32 x, y; labels (P, n) int64.
     n == 1: one foreground point (a background point labelled 0 if the mask is empty).
-    n > 1: the official mix, n // 2 foreground and the rest background, in random order; when a
-    mask has no foreground (or no background) those points come from the other region instead,
-    labelled truthfully."""
+    n > 1: the official one-shot rule (init_point_sampling, utils.py:147-158): n // 2 foreground
+    and n - n // 2 background points, each uniform with replacement over its region, in random
+    order. Where the official code crashes (a mask with no foreground or no background), those
+    points come from the other region instead, labelled truthfully."""
     P, H, W = masks.shape
     fg = masks.reshape(P, H * W).bool()  # (P, HW)
     n_fg = 1 if n == 1 else n // 2
@@ -458,11 +494,15 @@ def sample_points(masks, n: int, generator=None):
     return _xy(idx, W), take_fg.long()
 
 
-def error_clicks(pred, gt, n: int, generator=None):
-    """Iterative-training clicks. pred, gt (P, H, W) bool -> coords (P, n, 2), labels (P, n).
-    Points are uniform over the error region: a false negative gives a positive click (1), a
-    false positive a negative click (0). A perfect prediction gets a point that confirms it: a
-    foreground point labelled 1, or a background point labelled 0 when the target is empty."""
+def error_clicks(pred, gt, n: int, generator=None, no_error="pad"):
+    """Iterative clicks. pred, gt (P, H, W) bool -> coords (P, n, 2) float32, labels (P, n) int64.
+    Points are uniform (with replacement) over the error region: a false negative gives a
+    positive click (1), a false positive a negative click (0). A mask without error pixels gets,
+    for no_error="pad" (official, utils.py:93-108), n not-a-point entries: label -1 at (0, 0);
+    for "confirm", a point that confirms the prediction: a foreground point labelled 1, or a
+    background point labelled 0 when the target is empty."""
+    if no_error not in ("pad", "confirm"):
+        raise ValueError(f"no_error must be 'pad' or 'confirm', got {no_error!r}")
     P, H, W = gt.shape
     g = gt.reshape(P, H * W).bool()  # (P, HW)
     err = pred.reshape(P, H * W).bool() ^ g  # (P, HW)
@@ -470,7 +510,11 @@ def error_clicks(pred, gt, n: int, generator=None):
     confirm = torch.where(g.any(1, keepdim=True), g, ~g)  # (P, HW)
     region = torch.where(perfect, confirm, err)  # (P, HW)
     idx = _sample_in(region, n, generator)  # (P, n)
-    return _xy(idx, W), g.gather(1, idx).long()
+    coords, labels = _xy(idx, W), g.gather(1, idx).long()  # (P, n, 2), (P, n)
+    if no_error == "pad":
+        coords = coords.masked_fill(perfect[..., None], 0.0)
+        labels = labels.masked_fill(perfect, -1)
+    return coords, labels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,17 +573,28 @@ def _item_seed(*parts: int) -> int:
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """A training sample: one image and M of its masks (without replacement when it has M, else
-    all of them plus repeats), with prompts sampled in model space as the official code does.
+    """A training sample: one image and M of its masks, with prompts sampled in model space as the
+    official code does (DataLoader.py:153-163).
 
+    mask_sampling "with" (official: random.choices, k=M): M masks drawn with replacement;
+    "without": a random order without replacement, then repeats when the image has fewer than M.
+    box_rule "official": the box of the mask's largest 8-connected component, shifted whole by
+    the official jitter; "ours": the whole-mask box with per-corner clamped jitter (see
+    boxes_from_masks). `jitter` False: tight boxes, no draws.
     Item keys: image (3, S, S) float32 normalised; masks (M, S, S) float32 0/1; boxes (M, 4)
-    float32 (jittered if `jitter`); point_coords (M, n, 2) float32 x, y; point_labels (M, n)
-    int64; index () int64. Each item draws from its own generator seeded by (seed, epoch, index),
-    so samples repeat exactly whatever the DataLoader workers; call set_epoch for fresh draws."""
+    float32; point_coords (M, n, 2) float32 x, y; point_labels (M, n) int64; index () int64.
+    Each item draws from its own generator seeded by (seed, epoch, index), so samples repeat
+    exactly whatever the DataLoader workers; call set_epoch for fresh draws."""
 
-    def __init__(self, root, cfg, masks_per_image=5, points=1, jitter=True, seed=0, split="train"):
+    def __init__(self, root, cfg, masks_per_image=5, points=1, jitter=True, seed=0, split="train",
+                 mask_sampling="with", box_rule="official"):  # fmt: skip
+        if mask_sampling not in ("with", "without"):
+            raise ValueError(f"mask_sampling must be 'with' or 'without', got {mask_sampling!r}")
+        if box_rule not in ("official", "ours"):
+            raise ValueError(f"box_rule must be 'official' or 'ours', got {box_rule!r}")
         self.cfg, self.M, self.points = cfg, masks_per_image, points
         self.jitter, self.seed = jitter, seed
+        self.mask_sampling, self.box_rule = mask_sampling, box_rule
         self.items = [(img, ms) for img, ms in read_manifest(root, split).items() if ms]
         self.epoch = 0
 
@@ -554,13 +609,17 @@ class TrainDataset(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
         image_path, mask_paths = self.items[index]
         n = len(mask_paths)
-        pick = torch.randperm(n, generator=g)[: self.M]
-        if n < self.M:  # every mask once, then repeats
-            pick = torch.cat([pick, torch.randint(n, (self.M - n,), generator=g)])
+        if self.mask_sampling == "with":
+            pick = torch.randint(n, (self.M,), generator=g)  # (M,)
+        else:
+            pick = torch.randperm(n, generator=g)[: self.M]
+            if n < self.M:  # every mask once, then repeats
+                pick = torch.cat([pick, torch.randint(n, (self.M - n,), generator=g)])
         x, geom = preprocess(read_image(image_path), self.cfg)  # (1, 3, S, S)
         masks = [read_mask(mask_paths[i], geom.original, image_path) for i in pick]  # (H, W)
         masks = torch.stack([geom.mask_to_model(torch.from_numpy(m)) for m in masks])  # (M, S, S)
-        boxes = boxes_from_masks(masks, jitter=self.jitter, generator=g)  # (M, 4)
+        largest = self.box_rule == "official"
+        boxes = boxes_from_masks(masks, self.jitter, g, largest, self.box_rule)  # (M, 4)
         coords, labels = sample_points(masks, self.points, g)  # (M, n, 2), (M, n)
         return dict(
             image=x[0], masks=masks.float(), boxes=boxes, point_coords=coords,

@@ -7,12 +7,13 @@ import json
 from collections import deque
 from pathlib import Path
 
+import cv2
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_prepare import make_volumes, volume_cfg
+from test_prepare import make_volumes, mni_paths, volume_cfg
 
 import data
 import prepare
@@ -168,9 +169,9 @@ def test_normalize_intensity():
 
 
 def official_preprocess(rgb, S=256):
-    """NumPy re-implementation of SAM-Med2D's test transform: cv2.imread (BGR), normalise with
-    SAM's RGB statistics as they are, then cv2 INTER_NEAREST resize (src = floor(dst * in/out))
-    or a centred zero pad (albumentations PadIfNeeded) when both sides are < S."""
+    """SAM-Med2D's test transform with OpenCV itself: cv2.imread (BGR), normalise with SAM's RGB
+    statistics as they are (float64), then cv2.resize INTER_NEAREST or a centred zero pad
+    (albumentations PadIfNeeded) when both sides are < S."""
     bgr = rgb[..., ::-1].astype(np.float64)
     x = (bgr - np.array([123.675, 116.28, 103.53])) / np.array([58.395, 57.12, 57.375])
     H, W = rgb.shape[:2]
@@ -179,19 +180,62 @@ def official_preprocess(rgb, S=256):
         top, left = (S - H) // 2, (S - W) // 2
         out[top : top + H, left : left + W] = x
     else:
-        ys = np.minimum(np.floor(np.arange(S) * (H / S)).astype(int), H - 1)
-        xs = np.minimum(np.floor(np.arange(S) * (W / S)).astype(int), W - 1)
-        out = x[ys][:, xs]
+        out = cv2.resize(x, (S, S), interpolation=cv2.INTER_NEAREST)
     return out.transpose(2, 0, 1)[None]  # (1, 3, S, S)
 
 
-@pytest.mark.parametrize("shape", [(300, 517), (256, 256), (100, 73), (256, 40), (255, 255)])
+@pytest.mark.parametrize("shape", [(300, 517), (256, 256), (100, 73), (256, 40), (255, 255),
+                                   (186, 744), (936, 300)])  # fmt: skip
 def test_preprocess_matches_official_stretch(shape):
     rgb = np.random.default_rng(2).integers(0, 256, (*shape, 3), dtype=np.uint8)
     x, geom = data.preprocess(rgb, cfg_like())
     assert x.shape == (1, 3, 256, 256) and x.dtype == torch.float32
     np.testing.assert_allclose(x.numpy(), official_preprocess(rgb), atol=1e-5)
     assert geom.original == shape
+
+
+def cv2_nearest_indices(src, dst, axis):
+    """The source index OpenCV's INTER_NEAREST picks for each output pixel: resize a ramp."""
+    ramp = np.arange(src, dtype=np.float32)  # exact integers
+    ramp = ramp[None] if axis == 1 else ramp[:, None]
+    size = (dst, 1) if axis == 1 else (1, dst)  # cv2 takes (width, height)
+    return cv2.resize(ramp, size, interpolation=cv2.INTER_NEAREST).ravel().astype(np.int64)
+
+
+def test_nearest_indices_are_opencv_for_every_size():
+    """Every source size 16..1100 onto 256 (and onto 1024 and 64 for a subset), rows and
+    columns: the index vectors equal OpenCV's; torch's mode="nearest" differs for some sizes."""
+    torch_differs = []
+    for src in range(16, 1101):
+        for dst in (256,) if src % 7 else (256, 1024, 64):
+            want = data.nearest_indices(src, dst)
+            for axis in (0, 1):
+                np.testing.assert_array_equal(cv2_nearest_indices(src, dst, axis), want)
+        ramp = torch.arange(src, dtype=torch.float32)[None, None, None]
+        t = torch.nn.functional.interpolate(ramp, (1, 256), mode="nearest").long().ravel()
+        if not np.array_equal(t.numpy(), data.nearest_indices(src, 256)):
+            torch_differs.append(src)
+    assert {186, 372, 744, 936} <= set(torch_differs) and len(torch_differs) == 33
+
+
+def test_geometry_nearest_rule_image_and_mask():
+    """One real image (186 x 394, from the MNI152 template's axial slice 90, -> 256): image and mask
+    take the same pixels as OpenCV; nearest="torch" keeps torch's rule."""
+    vol = data.read_volume(mni_paths()[0])  # 197 x 233 x 189 voxels, 1 mm
+    img = data.volume_slice(data.normalize_intensity(vol.data), "z", 90)  # (233, 197)
+    img = np.concatenate([img[:186], img[:186, ::-1]], 1)  # (186, 394): stretched, not padded;
+    rgb = np.repeat(img[..., None], 3, 2)  # 186 rows: a size where torch's rule differs
+    cfg = cfg_like(channel_order="RGB", pixel_mean=(0,) * 3, pixel_std=(1,) * 3)
+    x, geom = data.preprocess(rgb, cfg)
+    want = cv2.resize(img, (256, 256), interpolation=cv2.INTER_NEAREST)
+    np.testing.assert_array_equal(x[0, 0].numpy(), want)
+    mask = img > 100
+    want_mask = cv2.resize(mask.astype(np.uint8), (256, 256), interpolation=cv2.INTER_NEAREST)
+    np.testing.assert_array_equal(geom.mask_to_model(mask), want_mask > 0)
+    xt, gt = data.preprocess(rgb, cfg, nearest="torch")
+    ref = torch.nn.functional.interpolate(torch.from_numpy(img)[None, None].float(), (256, 256))
+    torch.testing.assert_close(xt[0, :1], ref[0])
+    assert not torch.equal(xt, x) and gt.nearest == "torch"
 
 
 def test_stretch_is_not_pillow_nearest():
@@ -344,20 +388,61 @@ def test_boxes_from_masks():
     torch.testing.assert_close(big[0], torch.tensor([10.0, 5, 30, 9]))
 
 
-def test_box_jitter_bounds_and_seed():
+def test_box_jitter_ours_bounds_and_seed():
     g = torch.Generator().manual_seed(0)
     m = torch.zeros(500, 64, 64, dtype=torch.bool)
     m[:250, 10:50, 0:64] = True  # w 64, h 40 -> m = 4
     m[250:, 0:3, 60:64] = True  # tiny at the corner -> m = 0
     ref = data.boxes_from_masks(m)
-    a = data.boxes_from_masks(m, jitter=True, generator=g)
-    b = data.boxes_from_masks(m, jitter=True, generator=torch.Generator().manual_seed(0))
+    a = data.boxes_from_masks(m, jitter=True, generator=g, jitter_rule="ours")
+    b = data.boxes_from_masks(m, True, torch.Generator().manual_seed(0), jitter_rule="ours")
     torch.testing.assert_close(a, b)
     assert (a[:, 0] >= 0).all() and (a[:, 1] >= 0).all() and (a[:, 2] <= 64).all()
     assert (a[:, 3] <= 64).all() and (a[:, 2] > a[:, 0]).all() and (a[:, 3] > a[:, 1]).all()
     d = (a - ref)[:250]
     assert d.abs().max() == 4 and len(d.unique()) == 9  # every offset in [-4, 4] occurs
     torch.testing.assert_close(a[250:], ref[250:])
+
+
+def official_jitter(boxes, generator):
+    """utils.py:50-65 read literally, box after box: M = min(5, int(min(w, h) * 0.1 * 5));
+    noise_x = randint(-M, M) then noise_y (high exclusive); randint(0, 0) raises inside the
+    try: no shift and no draw. The draws come from `generator` one by one (floor(u * 2M) - M
+    is randint's rule on a uniform u)."""
+    out = []
+    for x0, y0, x1, y1 in boxes.tolist():
+        M = min(5, int(min(x1 - x0, y1 - y0) * 0.1 * 5))
+        nx = ny = 0
+        if M:
+            u = [torch.rand((), generator=generator, dtype=torch.float64).item() for _ in "xy"]
+            nx, ny = (int(np.floor(v * 2 * M)) - M for v in u)
+        out.append([x0 + nx, y0 + ny, x1 + nx, y1 + ny])
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def test_box_jitter_official_rule():
+    # M = min(5, int(side * 0.5)) for the smaller side, by hand: sides 1..12
+    want_M = {1: 0, 2: 1, 3: 1, 4: 2, 5: 2, 6: 3, 7: 3, 8: 4, 9: 4, 10: 5, 11: 5, 12: 5}
+    m = torch.zeros(12 * 60, 40, 40, dtype=torch.bool)
+    for side in range(1, 13):
+        m[(side - 1) * 60 : side * 60, 0:side, 30 - side : 30] = True  # at the top border
+    m[65, 39, 0] = True  # a second, smaller component: the box is the largest one's
+    tight = data.boxes_from_masks(m, largest_component=True)
+    assert tight[65].tolist() == [28, 0, 30, 2] and data.boxes_from_masks(m)[65, 3] == 40
+    got = data.boxes_from_masks(m, True, torch.Generator().manual_seed(4), largest_component=True)
+    torch.testing.assert_close(got, official_jitter(tight, torch.Generator().manual_seed(4)))
+    d = (got - tight).view(12, 60, 4)
+    assert torch.equal(d[..., 0], d[..., 2]) and torch.equal(d[..., 1], d[..., 3])  # whole box
+    for side, M in want_M.items():
+        offsets = set(d[side - 1, :, :2].flatten().tolist())
+        assert offsets == set(range(-M, M)) if M else offsets == {0.0}, side
+    assert (got[:, 1] < 0).any()  # no clamping: a box at the border may leave the image
+    # nothing is drawn for M == 0: the generator is where it started
+    g = torch.Generator().manual_seed(5)
+    data.boxes_from_masks(m[:60], True, g)  # 1-px masks only
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(5).get_state())
+    with pytest.raises(ValueError, match="jitter_rule"):
+        data.boxes_from_masks(m, True, jitter_rule="paper")
 
 
 def test_sample_points_regions_and_labels():
@@ -374,6 +459,17 @@ def test_sample_points_regions_and_labels():
     assert labels[1].sum() == 0 and labels[2].sum() == 5  # empty / full masks
     one, lab1 = data.sample_points(m, 1, g)
     assert lab1.tolist() == [[1], [0], [1]] and m[0, one[0, 0, 1].long(), one[0, 0, 0].long()]
+
+
+def test_sample_points_one_shot_is_the_official_mix():
+    """init_point_sampling(mask, n > 1): n // 2 foreground + n - n // 2 background, permuted."""
+    m = torch.zeros(3000, 30, 30, dtype=torch.bool)
+    m[:, 5:20, 5:20] = True
+    for n, n_fg in [(2, 1), (3, 1), (5, 2), (9, 4)]:
+        coords, labels = data.sample_points(m, n, torch.Generator().manual_seed(n))
+        assert (labels.sum(1) == n_fg).all()
+        frac = labels.float().mean(0)  # every slot holds a foreground point n_fg / n of the time
+        assert (frac - n_fg / n).abs().max() < 0.05, (n, frac)
 
 
 def test_sample_points_uniform_and_seeded():
@@ -399,15 +495,22 @@ def test_error_clicks():
     pred[1, 20:25, 20:25] = True  # false positives only
     gt[3] = False  # [2] and [3]: perfect predictions (non-empty and empty targets)
     pred[3] = False
-    coords, labels = data.error_clicks(pred, gt, 6, g)
+    coords, labels = data.error_clicks(pred, gt, 6, g, no_error="confirm")
     x, y = coords[..., 0].long(), coords[..., 1].long()
     rows = torch.arange(4)[:, None]
     assert (labels[0] == 1).all() and (~pred[rows, y, x][0]).all() and gt[rows, y, x][0].all()
     assert (labels[1] == 0).all() and pred[rows, y, x][1].all() and (~gt[rows, y, x][1]).all()
     assert (labels[2] == 1).all() and gt[rows, y, x][2].all()
     assert (labels[3] == 0).all()
-    again = data.error_clicks(pred, gt, 6, torch.Generator().manual_seed(2))
+    again = data.error_clicks(pred, gt, 6, torch.Generator().manual_seed(2), no_error="confirm")
     torch.testing.assert_close(again[0], coords)
+    # the official default: masks without error pixels get n not-a-point entries (-1 at 0, 0)
+    pad_xy, pad = data.error_clicks(pred, gt, 6, torch.Generator().manual_seed(2))
+    assert pad[2:].eq(-1).all() and pad_xy[2:].eq(0).all()
+    torch.testing.assert_close(pad_xy[:2], coords[:2])
+    torch.testing.assert_close(pad[:2], labels[:2])
+    with pytest.raises(ValueError, match="no_error"):
+        data.error_clicks(pred, gt, 1, no_error="skip")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,7 +556,7 @@ def test_read_manifest_official_layouts(built, tmp_path, monkeypatch):
 
 def test_train_dataset(built):
     cfg = SamConfig.from_name("tiny", channel_order="BGR")
-    ds = data.TrainDataset(built, cfg, masks_per_image=3, points=3, seed=1)
+    ds = data.TrainDataset(built, cfg, 3, 3, seed=1, mask_sampling="without", box_rule="ours")
     manifest = data.read_manifest(built, "train")
     assert len(ds) == len(manifest)
     many = next(i for i, (_, ms) in enumerate(ds.items) if len(ms) >= 3)
@@ -480,7 +583,7 @@ def test_train_dataset(built):
     for k in item:
         torch.testing.assert_close(item[k], again[k])
     ds.set_epoch(1)
-    fresh = data.TrainDataset(built, cfg, 3, 3, seed=1)
+    fresh = data.TrainDataset(built, cfg, 3, 3, seed=1, mask_sampling="without", box_rule="ours")
     assert not torch.equal(ds[many]["point_coords"], fresh[many]["point_coords"])
     one = ds[few]
     assert (one["masks"] == one["masks"][0]).all()  # one mask, repeated to M
@@ -499,3 +602,40 @@ def test_test_dataset(built):
     assert tuple(item["original_size"].tolist()) == orig.shape
     torch.testing.assert_close(item["mask"], item["geometry"].mask_to_model(torch.from_numpy(orig)))
     assert item["image"].shape == (3, 256, 256)
+
+
+def test_train_dataset_official_defaults(tmp_path):
+    """Defaults = DataLoader.py:153-163: masks drawn with replacement; the box is the largest
+    component's, shifted whole by the official jitter."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.full((256, 256), 90, np.uint8)).save(tmp_path / "images/a.png")
+    shapes = [(40, 60, 100, 130), (10, 20, 30, 40), (150, 200, 150, 180)]  # y0, y1, x0, x1
+    for k, (y0, y1, x0, x1) in enumerate(shapes):
+        m = np.zeros((256, 256), np.uint8)
+        m[y0:y1, x0:x1] = 255
+        m[250:253, 0:3] = 255  # a small second component far away
+        Image.fromarray(m).save(tmp_path / f"masks/m{k}.png")
+    manifest = {"images/a.png": [f"masks/m{k}.png" for k in range(3)]}
+    (tmp_path / "image2label_train.json").write_text(json.dumps(manifest))
+    cfg = SamConfig.from_name("tiny", channel_order="BGR")
+    ds = data.TrainDataset(tmp_path, cfg, masks_per_image=2)
+    without = data.TrainDataset(tmp_path, cfg, masks_per_image=2, mask_sampling="without")
+    dups = 0
+    for epoch in range(15):
+        ds.set_epoch(epoch)
+        without.set_epoch(epoch)
+        item = ds[0]
+        masks = item["masks"].bool()
+        dups += torch.equal(masks[0], masks[1])
+        assert not torch.equal(without[0]["masks"][0], without[0]["masks"][1])
+        for mask, box in zip(masks, item["boxes"], strict=True):
+            k = next(k for k, (y0, y1, x0, x1) in enumerate(shapes) if mask[y0, x0])
+            y0, y1, x0, x1 = shapes[k]
+            M = min(5, min(y1 - y0, x1 - x0) // 2)
+            dx, dy = box[0].item() - x0, box[1].item() - y0
+            assert box.tolist() == [x0 + dx, y0 + dy, x1 + dx, y1 + dy]  # largest, whole shift
+            assert -M <= dx <= M - 1 and -M <= dy <= M - 1
+    assert 1 <= dups <= 12  # 5 of 15 expected with replacement, none without
+    with pytest.raises(ValueError, match="mask_sampling"):
+        data.TrainDataset(tmp_path, cfg, mask_sampling="maybe")
