@@ -381,11 +381,11 @@ def format_table(results: dict, modes) -> str:
     dataset, modality and label."""
     keys = [infer.mode_key(m) for m in modes]
     fill = "filled_box" in results
-    head = f"{'':28s}" + "".join(f"{mode_title(m):>9s}" for m in modes)
+    head = f"{'':28s}" + "".join(f"{mode_title(m):>10s}" for m in modes)
     lines = [head + (f"{'box fill':>10s}" if fill else "") + f"{'masks':>8s}"]
 
     def cells(res, metric):
-        vals = "".join(f"{res[metric][k]:9.4f}" for k in keys)
+        vals = "".join(f"{res[metric][k]:10.4f}" for k in keys)
         return vals + (f"{res['filled_box'][metric]:10.4f}" if fill else "")
 
     for metric, title in (("dice", "Dice"), ("iou", "IoU")):
