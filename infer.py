@@ -20,15 +20,16 @@ per kind (box or not, number of points): mixing kinds would need padding points,
 SAM's output.
 
 Evaluation (SAM-Med2D's test.py): each test image is encoded once; each of its masks is prompted
-with a box (the whole mask's, or its largest component's under --protocol official) and with
+with a box (its largest connected component's; --protocol tight: the whole mask's) and with
 1/3/5 iterative clicks: the first inside the mask, each later one in the error region of the
-previous prediction, which is fed back as sigmoid(low-res logits). Dice and IoU are computed at
-the original size and averaged per mask. docs/infer.md has the details and the outputs.
+previous prediction, which is fed back as sigmoid(low-res logits); "3shot": 3 points at once.
+Dice and IoU are computed at the original size and averaged per mask; the table also shows the
+Dice of simply filling the box (no model). docs/infer.md has the details and the outputs.
 
     python infer.py IMAGE --box x0 y0 x1 y1 --checkpoint CKPT --out mask.png --overlay overlay.png
     python infer.py VOLUME.nii.gz --slice 90 --axis z --box ... --checkpoint CKPT --out mask.nii.gz
     python infer.py DIR --prompts prompts.json --out-dir OUT --checkpoint CKPT
-    python infer.py --eval DATA_DIR --checkpoint CKPT [--protocol official] [--prompt-file P.json]
+    python infer.py --eval DATA_DIR --checkpoint CKPT [--protocol tight] [--prompt-file P.json]
     python infer.py --bench
 
 Boxes are x0 y0 x1 y1 in pixel edges (x1, y1 exclusive), and --box3d's z1 is exclusive too: it
@@ -41,6 +42,7 @@ the evaluation's tables), checkpoints.py (names, downloads), bench.py (--bench).
 import argparse
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,8 +75,9 @@ class InferConfig:
     overlay_alpha: float = 0.45  # tint strength of the masks in the overlay PNG
     window: tuple | None = None  # NIfTI intensity: a CT preset name or LEVEL WIDTH
     seed: int = 0  # evaluation: the prompt sampler's seed
-    protocol: str = "tight"  # evaluation box: "tight" whole-mask box, "official" largest component
-    prompt_modes: tuple = ("box", 1, 3, 5)  # evaluation: box and 1/3/5 iterative clicks
+    protocol: str = "official"  # eval box: largest 8-connected component's (official) or "tight"
+    no_error_click: str = "pad"  # eval click without error pixels: -1 point (official) or "confirm"
+    prompt_modes: tuple = ("box", 1, 3, 5)  # evaluation: box, k iterative clicks, "Nshot" N at once
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -301,8 +304,14 @@ def dice_iou(pred: torch.Tensor, gt: torch.Tensor) -> tuple:
     return dice, iou
 
 
+SHOT = re.compile(r"([1-9][0-9]*)shot")  # "3shot": 3 points at once (test.py --point_num 3)
+
+
 def mode_key(mode) -> str:
-    return "box" if mode == "box" else f"{int(mode)}pt"
+    """A prompt mode -> its name in results: "box", k iterative clicks -> "kpt", "Nshot"."""
+    if mode == "box" or (isinstance(mode, str) and SHOT.fullmatch(mode)):
+        return mode
+    return f"{int(mode)}pt"
 
 
 def name_fields(mask_path: str) -> dict:
@@ -316,26 +325,39 @@ def name_fields(mask_path: str) -> dict:
 
 
 def _box_prompts(gt_model, protocol: str, replayed) -> torch.Tensor:
-    """(P, 4) boxes in model space: the tight box of each mask (`official`: of its largest
-    connected component, as SAM-Med2D's test set was prompted), or the replayed ones."""
+    """(P, 4) boxes in model space: the tight box of each mask's largest 8-connected component
+    (`official`, DataLoader.py:78), or of the whole mask (`tight`), or the replayed ones."""
     if replayed is not None:
         return torch.tensor([r["box"] for r in replayed], dtype=torch.float32)
     return data.boxes_from_masks(gt_model, largest_component=protocol == "official").float()
 
 
-def _next_clicks(sam, gt_model, low, gen) -> tuple:
+def _filled_boxes(geom, boxes: torch.Tensor) -> torch.Tensor:
+    """The no-model baseline: each model-space box (P, 4) filled and taken to the original size
+    the way a prediction is (crop the padding, bilinear resize) -> (P, H, W) bool."""
+    ar = torch.arange(geom.size, dtype=torch.float32)  # model pixel indices
+    in_x = (ar >= boxes[:, 0, None]) & (ar < boxes[:, 2, None])  # (P, S), x1 exclusive
+    in_y = (ar >= boxes[:, 1, None]) & (ar < boxes[:, 3, None])  # (P, S)
+    fill = (in_y[:, :, None] & in_x[:, None, :]).float() * 2 - 1  # (P, S, S) as logits +-1
+    return geom.logits_to_original(fill[:, None])[:, 0] > 0  # (P, H, W)
+
+
+def _next_clicks(sam, gt_model, low, gen, no_error_click: str) -> tuple:
     """The next click of test.py for each mask: the first anywhere in the mask; later ones in the
-    error region of the previous prediction (false negative -> 1, false positive -> 0).
+    error region of the previous prediction (false negative -> 1, false positive -> 0); a mask
+    without error pixels gets a not-a-point (-1, official) or a confirming click.
     -> coords (P, 1, 2), labels (P, 1) in model space."""
     if low is None:
         return data.sample_points(gt_model, 1, gen)
     S = sam.cfg.image_size
     up = F.interpolate(low.float(), (S, S), mode="bilinear", align_corners=False)  # (P, 1, S, S)
-    pred = up[:, 0].cpu() > sam.cfg.mask_threshold  # (P, S, S): the official compares at S x S
-    return data.error_clicks(pred, gt_model, 1, gen)
+    # the official compares at S x S, with sigmoid > 0.5 (utils.py:194-195): in float32 that is
+    # not quite logits > 0 (0 < x < ~6e-8 rounds to 0.5, "background")
+    pred = torch.sigmoid(up[:, 0]).cpu() > 0.5  # (P, S, S)
+    return data.error_clicks(pred, gt_model, 1, gen, no_error=no_error_click)
 
 
-def _click_prompts(sam, emb, gt_model, n: int, gen, multimask: bool, replayed) -> tuple:
+def _click_prompts(sam, emb, gt_model, n: int, gen, cfg: InferConfig, replayed) -> tuple:
     """n iterative clicks, accumulated, each step decoded with the previous low-res prediction fed
     back as sigmoid probabilities (what the released weights expect); the clicks come from
     _next_clicks or from a replayed prompt file. -> low, iou, coords (P, n, 2), labels (P, n)."""
@@ -344,19 +366,36 @@ def _click_prompts(sam, emb, gt_model, n: int, gen, multimask: bool, replayed) -
     low = prob = None
     for step in range(n):
         if replayed is None:
-            new_xy, new_lab = _next_clicks(sam, gt_model, low, gen)  # (P, 1, 2), (P, 1)
-        else:
-            new_xy = torch.tensor([r["points"][step : step + 1] for r in replayed]).float()
-            new_lab = torch.tensor([r["labels"][step : step + 1] for r in replayed]).long()
+            new_xy, new_lab = _next_clicks(sam, gt_model, low, gen, cfg.no_error_click)
+        else:  # (P, 1, 2), (P, 1)
+            new_xy, new_lab = _replayed_points(replayed, step, step + 1)
         xy, lab = torch.cat([xy, new_xy], 1), torch.cat([lab, new_lab], 1)  # (P, step + 1, ...)
-        low, iou = _decode_best(sam, emb, (xy, lab), None, prob, multimask)  # (P, 1, S/4, S/4)
+        low, iou = _decode_best(sam, emb, (xy, lab), None, prob, cfg.multimask)  # (P,1,S/4,S/4)
         prob = torch.sigmoid(low.float())
     return low, iou, xy, lab
 
 
+def _shot_prompts(sam, emb, gt_model, n: int, gen, cfg: InferConfig, replayed) -> tuple:
+    """n points at once (test.py --point_num n --iter_point 1, utils.py:147-158): n // 2 in the
+    mask and the rest outside, in random order; one decode, no mask fed back.
+    -> low, iou, coords (P, n, 2), labels (P, n)."""
+    if replayed is None:
+        xy, lab = data.sample_points(gt_model, n, gen)  # (P, n, 2), (P, n)
+    else:
+        xy, lab = _replayed_points(replayed, 0, n)
+    low, iou = _decode_best(sam, emb, (xy, lab), None, None, cfg.multimask)
+    return low, iou, xy, lab
+
+
+def _replayed_points(replayed, start: int, stop: int) -> tuple:
+    xy = torch.tensor([r["points"][start:stop] for r in replayed], dtype=torch.float32)
+    return xy, torch.tensor([r["labels"][start:stop] for r in replayed], dtype=torch.long)
+
+
 def _evaluate_image(sam, image, gt, keys, gen, cfg: InferConfig, replayed, save_dir):
     """All masks of one image: one encoder pass, each prompt mode decoded as one batch.
-    -> per-mask rows (without names) and the prompts used, {mask key: {mode: prompt}}."""
+    -> per-mask rows (without names) and the prompts used, {mask key: {mode: prompt}}. The box
+    rows also carry the filled-box baseline (the prompt box itself as the prediction)."""
     emb, geom = encode_image(sam, image)  # (1, D, S/16, S/16)
     gt_t = torch.from_numpy(gt)  # (P, H, W) bool at the original size: what is scored
     gt_model = torch.stack([geom.mask_to_model(m) for m in gt_t])  # (P, S, S) bool: prompted
@@ -364,14 +403,21 @@ def _evaluate_image(sam, image, gt, keys, gen, cfg: InferConfig, replayed, save_
     for mode in cfg.prompt_modes:
         key = mode_key(mode)
         rep = None if replayed is None else [r[key] for r in replayed]
+        extra = [{} for _ in keys]
         if mode == "box":
             boxes = _box_prompts(gt_model, cfg.protocol, rep)  # (P, 4)
             low, iou = _decode_best(sam, emb, boxes=boxes, multimask=cfg.multimask)
             prompts = [{"box": b} for b in boxes.tolist()]
+            fd, fi = dice_iou(_filled_boxes(geom, boxes), gt_t)  # (P,), (P,)
+            extra = [
+                {"filled_dice": d.item(), "filled_iou": i.item()}
+                for d, i in zip(fd, fi, strict=True)
+            ]
         else:
-            low, iou, xy, lab = _click_prompts(
-                sam, emb, gt_model, int(mode), gen, cfg.multimask, rep
-            )
+            shot = SHOT.fullmatch(mode) if isinstance(mode, str) else None
+            points = _shot_prompts if shot else _click_prompts
+            n = int(shot[1]) if shot else int(mode)
+            low, iou, xy, lab = points(sam, emb, gt_model, n, gen, cfg, rep)
             prompts = [
                 {"points": p, "labels": q} for p, q in zip(xy.tolist(), lab.tolist(), strict=True)
             ]
@@ -383,22 +429,26 @@ def _evaluate_image(sam, image, gt, keys, gen, cfg: InferConfig, replayed, save_
                     Path(save_dir) / key / Path(k).name, pred[j].numpy().astype(np.uint8) * 255
                 )
             used[k][key] = prompts[j]
-            rows.append({"mask": k, "mode": key, "dice": dice[j].item(),
-                         "iou": iou_true[j].item(), "pred_iou": iou[j].float().item()})  # fmt: skip
+            rows.append({"mask": k, "mode": key, "dice": dice[j].item(), "iou": iou_true[j].item(),
+                         "pred_iou": iou[j].float().item(), **extra[j]})  # fmt: skip
     return rows, used
 
 
 @torch.inference_mode()
-def evaluate(sam, dataset, prompt_modes=("box", 1, 3, 5), seed=0, protocol="tight",
+def evaluate(sam, dataset, prompt_modes=InferConfig.prompt_modes, seed=0,
+             protocol=InferConfig.protocol, no_error_click=InferConfig.no_error_click,
              multimask=True, replay=None, limit=None, progress=False, save_dir=None,
              split="test") -> dict:  # fmt: skip
     """The SAM-Med2D test protocol over `dataset`: a directory (its `split` manifest) or a
-    data.TestDataset; train.py's validation calls this with split="val".
-    Returns {"dice": {mode: mean}, "iou": {...}, "n_masks", "by": breakdowns, "per_mask": rows,
-    "prompts": every prompt used, in model space, replayable via `replay=`}; modes are "box",
-    "1pt", "3pt", ... Scores are at the original resolution, averaged per mask. `save_dir`: also
-    write each scored prediction as save_dir/<mode>/<mask file name> (0/255 PNG)."""
-    cfg = InferConfig(seed=seed, protocol=protocol, multimask=multimask, prompt_modes=prompt_modes)
+    data.TestDataset; train.py's validation calls this with split="val", so the defaults (the
+    official protocol, InferConfig's) are validation's too.
+    Returns {"dice": {mode: mean}, "iou": {...}, "n_masks", "filled_box": the Dice/IoU of filling
+    the prompt box (with "box" mode), "by": breakdowns, "per_mask": rows, "prompts": every prompt
+    used, in model space, replayable via `replay=`}; modes are "box", "1pt", "3pt", "3shot"...
+    Scores are at the original resolution, averaged per mask. `save_dir`: also write each scored
+    prediction as save_dir/<mode>/<mask file name> (0/255 PNG)."""
+    cfg = InferConfig(seed=seed, protocol=protocol, no_error_click=no_error_click,
+                      multimask=multimask, prompt_modes=tuple(prompt_modes))  # fmt: skip
     _check_eval_args(sam, cfg, replay)
     groups = manifest_groups(dataset, split)[:limit]
     if not groups:
@@ -417,15 +467,21 @@ def evaluate(sam, dataset, prompt_modes=("box", 1, 3, 5), seed=0, protocol="tigh
             record.update(used)
     finally:
         sam.train(was_training)
-    meta = {"seed": seed, "protocol": protocol, "image_size": sam.cfg.image_size, "space": "model"}
+    meta = {"seed": seed, "protocol": protocol, "no_error_click": no_error_click,
+            "image_size": sam.cfg.image_size, "space": "model"}  # fmt: skip
     return {**summarise(rows, prompt_modes), "per_mask": rows, "prompts": {**meta, "masks": record}}
 
 
 def _check_eval_args(sam, cfg: InferConfig, replay) -> None:
-    if cfg.protocol not in ("tight", "official"):
-        raise ValueError(f"protocol must be tight or official, not {cfg.protocol!r}")
-    if any(m != "box" and not (isinstance(m, int) and m >= 1) for m in cfg.prompt_modes):
-        raise ValueError(f"prompt modes are 'box' or click counts >= 1, got {cfg.prompt_modes}")
+    if cfg.protocol not in ("official", "tight"):
+        raise ValueError(f"protocol must be official or tight, not {cfg.protocol!r}")
+    if cfg.no_error_click not in ("pad", "confirm"):
+        raise ValueError(f"no_error_click must be pad or confirm, not {cfg.no_error_click!r}")
+    bad = [m for m in cfg.prompt_modes if not _is_mode(m)]
+    if bad or not cfg.prompt_modes:
+        raise ValueError(
+            f"prompt modes are 'box', click counts >= 1 or 'Nshot', got {list(cfg.prompt_modes)}"
+        )
     if replay is None:
         return
     if not isinstance(replay, dict) or not isinstance(replay.get("masks"), dict):
@@ -435,6 +491,14 @@ def _check_eval_args(sam, cfg: InferConfig, replay) -> None:
             f"the prompt file is for image size {replay.get('image_size')}, the model "
             f"works at {sam.cfg.image_size}"
         )
+
+
+def _is_mode(m) -> bool:
+    if isinstance(m, bool):
+        return False
+    if isinstance(m, int):
+        return m >= 1
+    return isinstance(m, str) and (m == "box" or SHOT.fullmatch(m) is not None)
 
 
 def _replayed(replay: dict, key: str, modes: list) -> dict:
@@ -452,7 +516,9 @@ def _replayed(replay: dict, key: str, modes: list) -> dict:
 
 
 def summarise(rows: list, modes) -> dict:
-    """Mean Dice/IoU per prompt mode, overall and per dataset, modality and label."""
+    """Mean Dice/IoU per prompt mode, overall and per dataset, modality and label; with box
+    rows, also the filled-box baseline ("filled_box"), kept apart from "dice" because train.py's
+    validation averages every mode in it."""
     keys = [mode_key(m) for m in modes]
 
     def means(rs, metric):
@@ -460,18 +526,30 @@ def summarise(rows: list, modes) -> dict:
             k: float(np.mean([r[metric] for r in rs if r["mode"] == k] or [np.nan])) for k in keys
         }
 
+    def filled(rs):
+        box = [r for r in rs if "filled_dice" in r]
+        return {m: float(np.mean([r[f"filled_{m}"] for r in box])) for m in ("dice", "iou")}
+
     out = {
         "dice": means(rows, "dice"),
         "iou": means(rows, "iou"),
         "n_masks": len(rows) // len(keys),
     }
+    has_fill = any("filled_dice" in r for r in rows)
+    if has_fill:
+        out["filled_box"] = filled(rows)
     out["by"] = {}
     for name in ("dataset", "modality", "label"):
         groups = {}
         for r in rows:
             groups.setdefault(r[name], []).append(r)
         out["by"][name] = {
-            g: {"n_masks": len(rs) // len(keys), "dice": means(rs, "dice"), "iou": means(rs, "iou")}
+            g: {
+                "n_masks": len(rs) // len(keys),
+                "dice": means(rs, "dice"),
+                "iou": means(rs, "iou"),
+                **({"filled_box": filled(rs)} if has_fill else {}),
+            }  # fmt: skip
             for g, rs in sorted(groups.items())
         }
     return out
@@ -574,10 +652,14 @@ def config_from_args(args) -> InferConfig:
 
 
 def _mode(v: str):
-    """An argparse type for --modes: "box" or a number of clicks."""
-    if v != "box" and not (v.isdigit() and int(v) >= 1):
-        raise argparse.ArgumentTypeError(f"{v!r} is neither 'box' nor a number of clicks >= 1")
-    return v if v == "box" else int(v)
+    """An argparse type for --modes: "box", a number of iterative clicks, or "Nshot"."""
+    if v.isdigit() and int(v) >= 1:
+        return int(v)
+    if v != "box" and not SHOT.fullmatch(v):
+        raise argparse.ArgumentTypeError(
+            f"{v!r} is none of 'box', a number of clicks >= 1, 'Nshot' (N points at once)"
+        )
+    return v
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -591,7 +673,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         multimask=dict(action="store_true"),  # its opposite is --single-mask
         dtype=dict(choices=tuple(DTYPES)),
         window=dict(help=f"NIfTI intensity: {', '.join(data.WINDOWS)} or LEVEL WIDTH (> 0)"),
-        protocol=dict(choices=("tight", "official")),
+        protocol=dict(choices=("official", "tight")),
+        no_error_click=dict(choices=("pad", "confirm")),
     )  # fmt: skip
     add("--single-mask", dest="multimask", action="store_false", help="the single-mask output")
     add(
@@ -599,7 +682,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         type=_mode,
         default=["box", 1, 3, 5],
-        help="box and/or click counts (default: box 1 3 5)",
+        help="box, iterative click counts, Nshot (N points at once) (default: box 1 3 5)",
     )
     add(
         "--box",

@@ -13,6 +13,12 @@ official after random.seed(s); np.random.seed(s)) is passed in, or an object inj
     predictor_encode   set_image: normalise at the original size, nearest resize, encoder
     predictor_decode   predict(box=...): one prompt-encoder + decoder pass per box, best of 3,
                        upsampled to the original size, sigmoid > 0.5
+  the test protocol (test.py, DataLoader.py's TestingDataset, utils.py, metrics.py), what
+  infer.evaluate replaces:
+    official_test_mask one item of test.py's loop: box, iterative clicks (accumulated, -1 for
+                       a mask without error pixels), or n points at once; Dice as metrics.py
+    official_test_item TestingDataset.__getitem__: cv2 reads, largest-component box, first points
+    NumpyDraws         the random draws, injectable so a test gives both sides the same points
   the training step (train.py, utils.py), what train.py replaces:
     official_loss      FocalDiceloss_IoULoss (utils.py), pooled over the whole batch
     train_decode       prompt_and_decoder (train.py)
@@ -79,6 +85,303 @@ def predictor_decode(sam, features, original_size: tuple, boxes: np.ndarray) -> 
 
 
 # ------------------------------------------------------------------------------------------------
+# Evaluation: test.py's loop, with TestingDataset (DataLoader.py), the prompt helpers (utils.py)
+# and the metrics (metrics.py), what infer.evaluate replaces
+# ------------------------------------------------------------------------------------------------
+
+PIXEL_MEAN, PIXEL_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]  # DataLoader.py:44-45
+
+
+class NumpyDraws:
+    """The random draws of the test protocol. The official code calls np.random's global state;
+    here a seeded numpy Generator makes the same kinds of draws. A test passes another object with
+    these three methods to inject draws (e.g. the points our evaluation drew)."""
+
+    def __init__(self, rng):
+        self.rng = rng
+
+    def pick(self, candidates: np.ndarray, n: int, columns: str) -> np.ndarray:
+        """n rows of `candidates`, uniformly with replacement: candidates[np.random.choice(
+        len, n, replace=True)] (np.random.randint(len) for one first point). `columns` ("xy" or
+        "rc") says what the candidates' two columns are, for injected draws."""
+        return candidates[self.rng.choice(len(candidates), n, replace=True)]
+
+    def integers(self, high: int, size: tuple) -> np.ndarray:  # np.random.randint(0, high, size)
+        if isinstance(self.rng, np.random.RandomState):  # the official's own global state
+            return self.rng.randint(0, high, size=size)
+        return self.rng.integers(0, high, size=size)
+
+    def permutation(self, n: int) -> np.ndarray:
+        return self.rng.permutation(n)
+
+
+def _regions(mask: np.ndarray) -> list:
+    """skimage.measure.label (connectivity 2 = 8 neighbours in 2D) + regionprops, reduced to what
+    get_boxes_from_mask reads: [(area, (min_row, min_col, max_row + 1, max_col + 1))] in label
+    order, i.e. by each component's first pixel in raster order. A flood fill per component."""
+    H, W = mask.shape
+    seen = np.zeros((H, W), bool)
+    regions = []
+    for r0, c0 in np.argwhere(mask):  # raster order
+        if seen[r0, c0]:
+            continue
+        seen[r0, c0], stack, pixels = True, [(r0, c0)], []
+        while stack:
+            r, c = stack.pop()
+            pixels.append((r, c))
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    rr, cc = r + dr, c + dc
+                    if 0 <= rr < H and 0 <= cc < W and mask[rr, cc] and not seen[rr, cc]:
+                        seen[rr, cc] = True
+                        stack.append((rr, cc))
+        p = np.array(pixels)
+        lo, hi = p.min(0), p.max(0) + 1
+        regions.append((len(p), (int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1]))))
+    return regions
+
+
+def get_boxes_from_mask(mask, box_num=1, max_pixel=0) -> torch.Tensor:
+    """utils.py:15-66 as the test set calls it (max_pixel=0: no noise, no draw, DataLoader.py:78):
+    the bbox of the largest component (ties: the first label), x1/y1 exclusive. (box_num, 4)."""
+    if isinstance(mask, torch.Tensor):  # :25-26
+        mask = mask.numpy()
+    regions = _regions(mask)  # :28-29, label() + regionprops()
+    boxes = [bbox for _, bbox in regions]  # :32
+    if len(boxes) >= box_num:  # :36-38, sorted() is stable
+        sorted_regions = sorted(regions, key=lambda x: x[0], reverse=True)[:box_num]
+        boxes = [bbox for _, bbox in sorted_regions]
+    elif len(boxes) < box_num:  # :42-44, an empty mask: ZeroDivisionError, as the official
+        num_duplicates = box_num - len(boxes)
+        boxes += [boxes[i % len(boxes)] for i in range(num_duplicates)]
+    noise_boxes = []
+    for box in boxes:  # :48-65
+        y0, x0, y1, x1 = box
+        width, height = abs(x1 - x0), abs(y1 - y0)
+        max_noise = min(max_pixel, int(min(width, height) * 0.1 * 5))  # :52-53, std 0.1
+        assert max_noise == 0  # :55-62: randint(-0, 0) raises -> noise 0, no draw
+        noise_boxes.append((x0, y0, x1, y1))
+    return torch.as_tensor(noise_boxes, dtype=torch.float)  # :66
+
+
+def init_point_sampling(mask, get_point: int, draws) -> tuple:
+    """utils.py:117-158: one foreground point (background if there is none), or get_point // 2
+    foreground + the rest background in random order. -> coords (n, 2) x, y; labels (n,)."""
+    if isinstance(mask, torch.Tensor):  # :127-128
+        mask = mask.numpy()
+    fg_coords = np.argwhere(mask == 1)[:, ::-1]  # :131-132, (x, y) in raster order
+    bg_coords = np.argwhere(mask == 0)[:, ::-1]
+    fg_size = len(fg_coords)
+    if get_point == 1:  # :137-146
+        if fg_size > 0:
+            fg_coord, label = draws.pick(fg_coords, 1, "xy")[0], 1  # :139 randint(fg_size)
+        else:
+            fg_coord, label = draws.pick(bg_coords, 1, "xy")[0], 0  # :143 randint(bg_size)
+        coords = torch.as_tensor([fg_coord.tolist()], dtype=torch.float)
+        return coords, torch.as_tensor([label], dtype=torch.int)
+    num_fg = get_point // 2  # :148-158
+    num_bg = get_point - num_fg
+    fg_coords = draws.pick(fg_coords, num_fg, "xy")  # :150, 152 choice(fg_size, replace=True)
+    bg_coords = draws.pick(bg_coords, num_bg, "xy")  # :151, 153
+    coords = np.concatenate([fg_coords, bg_coords], axis=0)
+    labels = np.concatenate([np.ones(num_fg), np.zeros(num_bg)]).astype(int)
+    indices = draws.permutation(get_point)  # :156
+    coords = torch.as_tensor(coords[indices], dtype=torch.float)
+    return coords, torch.as_tensor(labels[indices], dtype=torch.int)
+
+
+def _train_transforms(image: np.ndarray, mask: np.ndarray, img_size: int) -> tuple:
+    """train_transforms (utils.py:161-168) applied as DataLoader.py:73-75 does: both sides below
+    img_size -> A.PadIfNeeded (centred, top = int((S - h) / 2.0), zeros in normalised space),
+    else A.Resize(S, S, INTER_NEAREST) for image and mask; ToTensorV2 (HWC -> CHW)."""
+    h, w = mask.shape
+    if h < img_size and w < img_size:
+        top, left = int((img_size - h) / 2.0), int((img_size - w) / 2.0)
+        pads = ((top, img_size - h - top), (left, img_size - w - left))
+        image = np.pad(image, (*pads, (0, 0)))
+        mask = np.pad(mask, pads)
+    else:
+        image = cv2.resize(image, (img_size, img_size), interpolation=cv2.INTER_NEAREST)
+        mask = cv2.resize(mask, (img_size, img_size), interpolation=cv2.INTER_NEAREST)
+    return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(mask)  # (3, S, S), (S, S)
+
+
+def official_test_item(image_path, mask_path, image_size: int, point_num: int, draws) -> dict:
+    """TestingDataset.__getitem__ (DataLoader.py:47-102, no prompt file), collated as batch 1 and
+    passed through to_device (test.py:46-58: image and label to float32)."""
+    image = cv2.imread(str(image_path))  # :57, BGR uint8
+    image = (image - PIXEL_MEAN) / PIXEL_STD  # :58, float64, RGB statistics on B, G, R
+    ori_np_mask = cv2.imread(str(mask_path), 0)  # :63
+    if ori_np_mask.max() == 255:  # :65-66
+        ori_np_mask = ori_np_mask / 255
+    assert np.array_equal(ori_np_mask, ori_np_mask.astype(bool)), mask_path  # :68
+    h, w = ori_np_mask.shape  # :70-71
+    ori_mask = torch.tensor(ori_np_mask).unsqueeze(0)
+    image, mask = _train_transforms(image, ori_np_mask, image_size)  # :73-75
+    mask = mask.to(torch.int64)
+    boxes = get_boxes_from_mask(mask, max_pixel=0)  # :78
+    point_coords, point_labels = init_point_sampling(mask, point_num, draws)  # :79
+    return dict(  # :86-95, collated (batch 1), image and label made float by to_device
+        image=image[None].float(),  # (1, 3, S, S)
+        label=mask[None, None].float(),  # (1, 1, S, S)
+        point_coords=point_coords[None],  # (1, n, 2)
+        point_labels=point_labels[None],  # (1, n)
+        boxes=boxes[None],  # (1, 1, 4)
+        original_size=(h, w),
+        ori_label=ori_mask[None],  # (1, 1, H, W), left as read
+    )
+
+
+def select_random_points(pr, gt, point_num: int, draws) -> tuple:
+    """utils.py:69-114: point_num clicks per mask in its error region; a mask without error
+    pixels gets random pixels, which are then labelled -1 (not a point)."""
+    pred, gt = pr.data.cpu().numpy(), gt.data.cpu().numpy()  # :80-82
+    error = np.zeros_like(pred)
+    error[pred != gt] = 1
+    batch_points, batch_labels = [], []
+    for j in range(error.shape[0]):  # :87-113
+        one_pred, one_gt = pred[j].squeeze(0), gt[j].squeeze(0)
+        one_error = error[j].squeeze(0)
+        indices = np.argwhere(one_error == 1)  # (row, col)
+        if indices.shape[0] > 0:  # :93-94
+            selected_indices = draws.pick(indices, point_num, "rc")
+        else:  # :95-97: the official hard-codes 256, its mask size; here the mask's size
+            indices = draws.integers(one_pred.shape[-1], size=(point_num, 2))
+            selected_indices = draws.pick(indices, point_num, "rc")
+        selected_indices = selected_indices.reshape(-1, 2)
+        points, labels = [], []
+        for i in selected_indices:  # :101-110
+            x, y = i[0], i[1]  # x: row, y: column, as the official names them
+            if one_pred[x, y] == 0 and one_gt[x, y] == 1:
+                label = 1
+            elif one_pred[x, y] == 1 and one_gt[x, y] == 0:
+                label = 0
+            else:
+                label = -1
+            points.append((y, x))  # :109, "Negate the coordinates"
+            labels.append(label)
+        batch_points.append(points)
+        batch_labels.append(labels)
+    return np.array(batch_points), np.array(batch_labels)
+
+
+def generate_point(masks, labels, low_res_masks, batched_input: dict, point_num: int, draws):
+    """utils.py:192-205: clicks from sigmoid(masks) > 0.5 against the label, the previous low-res
+    mask as probabilities, boxes dropped."""
+    masks_binary = (torch.sigmoid(masks.clone()) > 0.5).float()  # :193-195
+    low_res_masks_logist = torch.sigmoid(low_res_masks.clone())  # :197-198
+    points, point_labels = select_random_points(masks_binary, labels, point_num, draws)  # :200
+    batched_input["mask_inputs"] = low_res_masks_logist  # :201-204
+    batched_input["point_coords"] = torch.as_tensor(points)
+    batched_input["point_labels"] = torch.as_tensor(point_labels)
+    batched_input["boxes"] = None
+    return batched_input
+
+
+@torch.no_grad()  # test.py:87
+def eval_decode(sam, batched_input: dict, image_embeddings, image_size: int, multimask=True):
+    """prompt_and_decoder (test.py:81-111). -> masks (1, 1, S, S), low-res, IoU (1, 1)."""
+    points = None  # :82-85
+    if batched_input["point_coords"] is not None:
+        points = (batched_input["point_coords"], batched_input["point_labels"])
+    boxes = batched_input.get("boxes")  # collated (1, 1, 4); the prompt encoder reshapes to
+    sparse, dense = sam.prompt_encoder(points, boxes, batched_input.get("mask_inputs"))  # :88-92
+    low_res_masks, iou_predictions = sam.mask_decoder(
+        image_embeddings, sam.prompt_encoder.dense_pe(), sparse, dense, multimask
+    )  # :94-100, (1, K, S/4, S/4), (1, K)
+    if multimask:  # :102-109
+        max_values, max_indexs = torch.max(iou_predictions, dim=1)
+        iou_predictions = max_values.unsqueeze(1)
+        low_res = [low_res_masks[i : i + 1, idx] for i, idx in enumerate(max_indexs)]
+        low_res_masks = torch.stack(low_res, 0)  # (1, 1, S/4, S/4)
+    masks = F.interpolate(
+        low_res_masks, (image_size, image_size), mode="bilinear", align_corners=False
+    )  # :110
+    return masks, low_res_masks, iou_predictions
+
+
+def postprocess_masks(low_res_masks, image_size: int, original_size: tuple):
+    """test.py:61-78: bilinear to S; crop the centred pad (both sides < S) or bilinear to the
+    original size."""
+    ori_h, ori_w = original_size
+    masks = F.interpolate(
+        low_res_masks, (image_size, image_size), mode="bilinear", align_corners=False
+    )  # :63-68
+    if ori_h < image_size and ori_w < image_size:  # :70-74
+        top, left = (image_size - ori_h) // 2, (image_size - ori_w) // 2
+        return masks[..., top : ori_h + top, left : ori_w + left]
+    return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)  # :76
+
+
+def seg_metrics(pr, gt, eps=1e-7, threshold=0.5) -> tuple:
+    """metrics.py:12-54 for metrics ["iou", "dice"]: sigmoid only when some value is negative
+    (a map of non-negative logits is thresholded raw at 0.5: the official quirk), both sides
+    > 0.5, eps-smoothed, mean over the batch. -> (iou, dice)."""
+    if pr.min() < 0:  # _list_tensor :20-22
+        pr = torch.sigmoid(pr)
+    pr, gt = (pr > threshold).type(pr.dtype), (gt > threshold).type(gt.dtype)  # _threshold :5-9
+    intersection = torch.sum(gt * pr, dim=[1, 2, 3])
+    union = torch.sum(gt, dim=[1, 2, 3]) + torch.sum(pr, dim=[1, 2, 3])  # :39-41
+    dice = ((2.0 * intersection + eps) / (union + eps)).numpy()
+    iou = ((intersection + eps) / (union - intersection + eps)).numpy()  # :30-32
+    return float(np.mean(iou)), float(np.mean(dice))  # SegMetrics :51-54
+
+
+def official_test_mask(
+    sam,
+    image_path,
+    mask_path,
+    draws,
+    boxes_prompt=True,
+    point_num=1,
+    iter_point=1,
+    image_size=256,
+    multimask=True,
+) -> dict:  #
+    """test.py:144-196 for one item (batch 1, one mask): a box, or `iter_point` decodes with one
+    error click appended per iteration, or `point_num` points at once (iter_point 1). The loss
+    (test.py:187-188) is left out. -> {"iou", "dice"} rounded to 4 decimals as test.py:191, and
+    the prompts: "boxes" (1, 4), or the accumulated "point_coords" (n, 2) and "point_labels"."""
+    if iter_point > 1:  # parse_args :41-42
+        point_num = 1
+    batched_input = official_test_item(image_path, mask_path, image_size, point_num, draws)
+    ori_labels, labels = batched_input["ori_label"], batched_input["label"]  # :146-148
+    original_size = batched_input["original_size"]
+    with torch.no_grad():  # :157-158
+        image_embeddings = sam.image_encoder(batched_input["image"])
+    if boxes_prompt:  # :160-164
+        batched_input["point_coords"], batched_input["point_labels"] = None, None
+        masks, low_res_masks, iou_predictions = eval_decode(
+            sam, batched_input, image_embeddings, image_size, multimask
+        )
+        prompts = {"boxes": batched_input["boxes"][0]}
+    else:  # :166-181
+        batched_input["boxes"] = None
+        point_coords = [batched_input["point_coords"]]
+        point_labels = [batched_input["point_labels"]]
+        for it in range(iter_point):
+            masks, low_res_masks, iou_predictions = eval_decode(
+                sam, batched_input, image_embeddings, image_size, multimask
+            )
+            if it != iter_point - 1:
+                batched_input = generate_point(
+                    masks, labels, low_res_masks, batched_input, point_num, draws
+                )
+                point_coords.append(batched_input["point_coords"])
+                point_labels.append(batched_input["point_labels"])
+                batched_input["point_coords"] = torch.concat(point_coords, dim=1)
+                batched_input["point_labels"] = torch.concat(point_labels, dim=1)
+        prompts = {
+            "point_coords": torch.concat(point_coords, dim=1)[0],
+            "point_labels": torch.concat(point_labels, dim=1)[0],
+        }  # :181
+    masks = postprocess_masks(low_res_masks, image_size, original_size)  # :183
+    iou, dice = seg_metrics(masks, ori_labels)  # :190
+    iou, dice = (float(f"{m:.4f}") for m in (iou, dice))  # :191
+    return {"iou": iou, "dice": dice, **prompts}
+
+
+# ------------------------------------------------------------------------------------------------
 # Training: train.py's train_one_epoch and the helpers it calls from utils.py
 # ------------------------------------------------------------------------------------------------
 
@@ -141,7 +444,7 @@ class OfficialDraws:
         return int(self.np.randint(1, iter_point - 1))
 
     def clicks(self, masks_binary, labels, point_num: int) -> tuple:  # utils.py:201
-        return select_random_points(masks_binary, labels, point_num, self.np)
+        return select_random_points(masks_binary, labels, point_num, NumpyDraws(self.np))
 
 
 def _draws(draws):
@@ -149,37 +452,6 @@ def _draws(draws):
     if isinstance(draws, np.random.Generator):
         return OfficialDraws(int(draws.integers(2**31)))
     return draws
-
-
-def select_random_points(pr, gt, point_num: int, rs) -> tuple:
-    """select_random_points (utils.py:69-114): per mask, point_num pixels of the error region
-    (with replacement); a mask without error gets point_num random pixels, labelled -1 (padding).
-    rs: the official's np.random (a RandomState). -> points (P, n, 2) (column, row), labels."""
-    pred, gt = pr.data.cpu().numpy(), gt.data.cpu().numpy()  # :80
-    error = np.zeros_like(pred)  # :81-82
-    error[pred != gt] = 1
-    batch_points, batch_labels = [], []
-    for j in range(error.shape[0]):  # :87
-        one_pred, one_gt, one_error = pred[j].squeeze(0), gt[j].squeeze(0), error[j].squeeze(0)
-        indices = np.argwhere(one_error == 1)  # :92
-        if indices.shape[0] > 0:  # :93-94
-            selected = indices[rs.choice(indices.shape[0], point_num, replace=True)]
-        else:  # :95-97; the official draws in [0, 256), its image size: here the mask's size
-            indices = rs.randint(0, one_pred.shape[-1], size=(point_num, 2))
-            selected = indices[rs.choice(indices.shape[0], point_num, replace=True)]
-        points, point_labels = [], []
-        for x, y in selected.reshape(-1, 2):  # :100-110; x: row, y: column, as they name them
-            if one_pred[x, y] == 0 and one_gt[x, y] == 1:
-                label = 1
-            elif one_pred[x, y] == 1 and one_gt[x, y] == 0:
-                label = 0
-            else:
-                label = -1
-            points.append((y, x))  # :109, "Negate the coordinates": (column, row)
-            point_labels.append(label)
-        batch_points.append(points)
-        batch_labels.append(point_labels)
-    return np.array(batch_points), np.array(batch_labels)  # :114
 
 
 def official_points(masks, labels, low_res_masks, prompt: dict, point_num: int, draws) -> dict:

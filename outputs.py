@@ -520,22 +520,32 @@ def run_folder(args, cfg: InferConfig) -> int:
 
 
 def mode_title(mode) -> str:
-    return "Bbox" if mode == "box" else ("1 pt" if int(mode) == 1 else f"{int(mode)} pts")
+    if mode == "box":
+        return "Bbox"
+    if isinstance(mode, str):  # "3shot": 3 points at once
+        return f"{infer.SHOT.fullmatch(mode)[1]} at once"
+    return "1 pt" if int(mode) == 1 else f"{int(mode)} pts"
 
 
 def format_table(results: dict, modes) -> str:
-    """A table like the paper's Table 1, then Dice per dataset, modality and label."""
+    """A table like the paper's Table 1 with the filled-box baseline (the Dice of the prompt box
+    itself, no model: the first sanity check of a Bbox score) as a last column, then Dice per
+    dataset, modality and label."""
     keys = [infer.mode_key(m) for m in modes]
-    head = f"{'':28s}" + "".join(f"{mode_title(m):>9s}" for m in modes) + f"{'masks':>8s}"
-    lines = [head]
+    fill = "filled_box" in results
+    head = f"{'':28s}" + "".join(f"{mode_title(m):>10s}" for m in modes)
+    lines = [head + (f"{'box fill':>10s}" if fill else "") + f"{'masks':>8s}"]
+
+    def cells(res, metric):
+        vals = "".join(f"{res[metric][k]:10.4f}" for k in keys)
+        return vals + (f"{res['filled_box'][metric]:10.4f}" if fill else "")
+
     for metric, title in (("dice", "Dice"), ("iou", "IoU")):
-        vals = "".join(f"{results[metric][k]:9.4f}" for k in keys)
-        lines.append(f"{title:28s}{vals}{results['n_masks']:8d}")
+        lines.append(f"{title:28s}{cells(results, metric)}{results['n_masks']:8d}")
     for name, groups in results["by"].items():
         lines.append(f"Dice by {name}:")
         for g, res in groups.items():
-            vals = "".join(f"{res['dice'][k]:9.4f}" for k in keys)
-            lines.append(f"  {g[:26]:26s}{vals}{res['n_masks']:8d}")
+            lines.append(f"  {g[:26]:26s}{cells(res, 'dice')}{res['n_masks']:8d}")
     return "\n".join(lines)
 
 
@@ -545,7 +555,8 @@ def write_eval(out_dir: Path, results: dict) -> None:
     files.write_json(out_dir / "results.json", summary)
     files.write_json(out_dir / "prompts.json", results["prompts"], indent=None)  # compact
     buf = io.StringIO()
-    cols = ["mask", "image", "modality", "dataset", "label", "mode", "dice", "iou", "pred_iou"]
+    cols = ["mask", "image", "modality", "dataset", "label", "mode", "dice", "iou", "pred_iou",
+            "filled_dice", "filled_iou"]  # fmt: skip
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(results["per_mask"])
@@ -561,8 +572,8 @@ def run_eval(args, cfg: InferConfig) -> int:
     replay = files.read_json(args.prompt_file) if args.prompt_file else None
     results = infer.evaluate(
         infer.load_model(cfg), args.eval, cfg.prompt_modes, seed=cfg.seed, protocol=cfg.protocol,
-        multimask=cfg.multimask, replay=replay, limit=args.limit, progress=True,
-        save_dir=out_dir / "masks" if args.save_masks else None, split=args.split,
+        no_error_click=cfg.no_error_click, multimask=cfg.multimask, replay=replay, limit=args.limit,
+        progress=True, save_dir=out_dir / "masks" if args.save_masks else None, split=args.split,
     )  # fmt: skip
     results["checkpoint"] = cfg.checkpoint
     write_eval(out_dir, results)

@@ -2,7 +2,11 @@
 
     python examples/mni152.py example examples/           # mni152_axial.png + its brain box
     python examples/mni152.py dataset runs/mni152         # the evaluation set (data.py inside)
-    python examples/mni152.py baseline runs/mni152/data   # Dice of simply filling the box
+    python examples/mni152.py baseline runs/mni152/data   # Dice of filling the whole mask's box
+
+`infer.py --eval` prints the filled-box baseline of the box it prompts with (by default the largest
+8-connected component's, the official rule) in its table's "box fill" column; `baseline` here
+fills each mask's whole tight box at the original size (the `--protocol tight` box).
 
 The ICBM 2009a template (T1, grey- and white-matter probability maps, 0-255) ships with nilearn;
 only its data files are read (nilearn is never imported). See examples/MNI152_NOTICE.txt.
@@ -115,7 +119,8 @@ def dataset(out: Path) -> None:
 
 
 def baseline(root: Path, split_name: str = "test") -> dict:
-    """Mean Dice of filling each mask's tight box, per label and overall, at the original size."""
+    """Mean Dice of filling each mask's whole tight box (all its components: the --protocol tight
+    box), per label and overall, at the original size."""
     scores = defaultdict(list)
     for masks in data.read_manifest(root, split_name).values():
         for path in masks:

@@ -458,10 +458,12 @@ def test_prompt_memory_is_bounded_by_a_chunk(monkeypatch):
 
     monkeypatch.setattr(infer, "CHUNK_BYTES", 4 * 1500 * 1500)
     res = bench.prompt_memory(counts=(20,), size=1500)["counts"][20]
-    assert res["whole_stack_mib"] == 215 and res["peak_mib"] < 215 / 2, res
     monkeypatch.setattr(infer, "CHUNK_BYTES", 20 * 4 * 1500 * 1500)
     whole = bench.prompt_memory(counts=(20,), size=1500)["counts"][20]
-    assert whole["peak_mib"] > 0.6 * 215, whole
+    # Measured alone: +80 vs +215 MiB. In a long test session the process's other allocations
+    # shift both peaks alike, so the test bounds the difference: 19 chunks of 8.6 MiB saved.
+    assert res["whole_stack_mib"] == 215 and whole["peak_mib"] > 0.6 * 215, whole
+    assert whole["peak_mib"] - res["peak_mib"] > 80, (res, whole)
 
 
 def test_threads_default_leaves_busy_cores_alone(monkeypatch):
