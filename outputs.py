@@ -20,9 +20,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import cli
 import data
 import files
 import infer
+import volume
 from infer import InferConfig, Prompt
 
 AXES = {"x": 0, "y": 1, "z": 2}  # of the canonical RAS+ volume: sagittal, coronal, axial
@@ -69,6 +71,8 @@ class Job:
     axis: str = "z"  # x sagittal, y coronal, z axial (of the canonical RAS+ volume)
     box3d: list | None = None  # NIfTI: [x0, y0, z0, x1, y1, z1], z = slice indices, inclusive
     window: object = None  # NIfTI intensity: CT preset name or (level, width); None: percentiles
+    propagate: object = None  # NIfTI: a volume.PropagateConfig to follow the boxes through slices
+    anchors: list | None = None  # --propagate: [[K, x0, y0, x1, y1], ...] boxes that re-anchor
 
 
 def parse_entry(path: Path, entry, defaults: dict | None = None) -> Job:
@@ -140,7 +144,11 @@ def job_from_args(args, path: Path, cfg: InferConfig) -> Job:
         raise ValueError("--box3d is the whole prompt: leave out --box/--point/--neg")
     if args.box3d is None and not prompts:
         raise ValueError(f"{path}: no prompts (give --box, --point/--neg, --box3d or --prompts)")
-    return Job(path, prompts, args.slice, args.axis, args.box3d, cfg.window)
+    job = Job(path, prompts, args.slice, args.axis, args.box3d, cfg.window)
+    if getattr(args, "propagate", False):  # volume.py's flags
+        job.propagate = volume.PropagateConfig(**cli.config_values(volume.PropagateConfig, args))
+        job.anchors = args.anchor
+    return job
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,8 +226,8 @@ def run_job(sam, job: Job, outs: dict, cfg: InferConfig) -> dict:
     if is_nifti(job.path):
         record, image, ids, prompts = _run_volume(sam, job, outs["mask"], cfg)
     else:
-        if job.slice is not None or job.box3d is not None:
-            raise ValueError(f"{job.path}: --slice and --box3d are for NIfTI volumes")
+        if job.slice is not None or job.box3d is not None or job.propagate is not None:
+            raise ValueError(f"{job.path}: --slice, --box3d and --propagate are for NIfTI volumes")
         image = data.read_image(job.path)
         seg = _segment(sam, image, job.prompts, cfg, where=job.path)
         ids, prompts = label_ids(seg), job.prompts
@@ -275,6 +283,10 @@ def _run_volume(sam, job: Job, out_path: Path, cfg: InferConfig) -> tuple:
     -> (record, the middle slice's image and label ids, for the overlay, the prompts)."""
     vol = data.read_volume(job.path)
     u8 = data.normalize_intensity(vol.data, job.window)  # (X, Y, Z) uint8
+    if job.propagate is not None:  # one box, the whole structure: volume.py
+        labels, record, *shown = volume.propagate_job(sam, job, u8, cfg.multimask)
+        write_nifti(out_path, labels, job.path)
+        return record, *shown
     ks, prompts = _job_slices(job, u8.shape[AXES[job.axis]])
     mid = ks[len(ks) // 2]  # the slice the overlay shows
     out = np.zeros(u8.shape, np.uint8 if len(prompts) < 256 else np.uint16)  # label ids
