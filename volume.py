@@ -175,7 +175,7 @@ class _Track:
         """Will this track decode no slice from k on (stopped or past its end, no seed ahead)?"""
         if any((a - k) * self.step >= 0 for a in self.seeds):
             return False
-        return self.mask is not None and (self.stopped or (self.end - k) * self.step < 0)
+        return self.mask is None or self.stopped or (self.end - k) * self.step < 0
 
 
 @torch.inference_mode()

@@ -263,6 +263,7 @@ def test_bad_input(structure, message):
         volume.segment_volume(sam, to_volume(s), [structure])
 
 
+@pytest.mark.slow  # ~50 s on a loaded 2-core CPU (the Triton kernels run interpreted)
 def test_real_tiny_model_encodes_each_slice_once():
     """The real network through the same code: shapes, the mask prompt, and the encoder count
     (its masks are arbitrary, so the structures are confined by limits and never stop)."""
