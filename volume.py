@@ -45,6 +45,7 @@ class PropagateConfig:
     stop_area: float = 0.0  # stop below this fraction of the mask area on the last anchor slice
     stop_iou: float = 0.0  # stop where the predicted IoU falls below this
     min_pixels: int = 1  # a mask with fewer pixels has vanished: stop
+    box_cap: float | None = None  # prompt boxes stay inside the seed's box grown by this fraction
 
 
 @dataclass
@@ -126,15 +127,27 @@ def check_structures(structures: list, shape: tuple, axis: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def grow_box(mask: np.ndarray, cfg: PropagateConfig) -> list:
+def grow_box(mask: np.ndarray, cfg: PropagateConfig, seed_box=None) -> list:
     """The tight box of an (H, W) mask (x1, y1 one past the last pixel, as data.boxes_from_masks),
-    each side moved out by max(min_margin, margin x the box's size), clipped to the image."""
+    each side moved out by max(min_margin, margin x the box's size), clipped to the image and,
+    with cfg.box_cap, to `seed_box` grown by box_cap x its size (a mask that fills its box would
+    otherwise grow by the margin on every slice)."""
     H, W = mask.shape
     ys, xs = np.nonzero(mask)
-    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-    mx = max(cfg.min_margin, cfg.margin * (x1 - x0))
-    my = max(cfg.min_margin, cfg.margin * (y1 - y0))
-    return [max(0.0, x0 - mx), max(0.0, y0 - my), min(float(W), x1 + mx), min(float(H), y1 + my)]
+    box = _grown([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], cfg.margin, cfg.min_margin)
+    limit = [0.0, 0.0, float(W), float(H)]
+    if cfg.box_cap is not None and seed_box is not None:
+        cap = _grown(seed_box, cfg.box_cap, 0.0)
+        limit = [max(limit[0], cap[0]), max(limit[1], cap[1]), min(W, cap[2]), min(H, cap[3])]
+    x0, y0 = max(box[0], limit[0]), max(box[1], limit[1])
+    x1, y1 = min(box[2], limit[2]), min(box[3], limit[3])
+    return [x0, y0, x1, y1] if x0 < x1 and y0 < y1 else limit
+
+
+def _grown(box, fraction: float, at_least: float) -> list:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    mx, my = max(at_least, fraction * (x1 - x0)), max(at_least, fraction * (y1 - y0))
+    return [x0 - mx, y0 - my, x1 + mx, y1 + my]
 
 
 def decode_slice(sam, emb, geom, box, mask_prob=None, multimask=True) -> tuple:
@@ -163,7 +176,7 @@ class _Track:
     def __init__(self, s: Structure, n: int, step: int):
         lo, hi = s.limits if s.limits is not None else (0, n - 1)
         self.seeds, self.step, self.end = {s.key: s.box, **s.anchors}, step, hi if step > 0 else lo
-        self.mask = self.low = None  # None until the sweep passes the first seed
+        self.mask = self.low = self.seed_box = None  # None until the sweep passes a seed
         self.ref_area, self.stopped = 0, False
 
     def wants(self, k: int) -> bool:
@@ -220,13 +233,13 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
     def advance(i: int, t: _Track, k: int, emb, geom) -> None:
         """Track t (structure i) onto slice k; the stop rule decides whether its mask is kept."""
         if k in t.seeds and (i, k) in seeded:  # the downward sweep: the seed's upward result
-            t.mask, t.low = seeded[i, k]
+            (t.mask, t.low), t.seed_box = seeded[i, k], t.seeds[k]
             t.ref_area, t.stopped = int(t.mask.sum()), False
             return
         if k not in t.seeds and k in records[i]["predicted_iou"]:
             t.stopped = True  # met the upward sweep, which covered the slices from here on
             return
-        box = t.seeds[k] if k in t.seeds else grow_box(t.mask, cfg)
+        box = t.seeds[k] if k in t.seeds else grow_box(t.mask, cfg, t.seed_box)
         prob = torch.sigmoid(t.low) if cfg.mask_prompt and k not in t.seeds else None
         logits, low, iou = decode_slice(sam, emb, geom, box, prob, multimask)
         m = logits > sam.cfg.mask_threshold  # (H, W)
@@ -237,7 +250,7 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
                     f"structure {i}: the box {box} on slice {k} gives an empty mask "
                     "(nothing to propagate from it)"
                 )
-            seeded[i, k] = (m, low)
+            seeded[i, k], t.seed_box = (m, low), box
             if t.stopped:  # an anchor restarts a stopped propagation
                 records[i]["stops"][-1]["restarted_at"] = k
             t.ref_area, t.stopped = area, False

@@ -98,7 +98,16 @@ def fires(kind: str, threshold: float, area: int, iou: float, key_area: int) -> 
     return area < threshold * key_area if kind == "area" else iou < threshold
 
 
-def run(out: Path, embeddings: str | None, checkpoint: str | None, quick: bool, step: int) -> dict:
+SETTINGS = [(0.1, 2.0, False, None), (0.1, 2.0, True, None), (0.0, 2.0, False, None)]
+
+
+def _setting(v) -> tuple:
+    """ "0.1,2,n[,0.1]" -> (margin 0.1, min_margin 2 px, no mask prompt, box_cap 0.1 or None)."""
+    margin, min_margin, mask, *cap = v.split(",")
+    return float(margin), float(min_margin), mask == "y", float(cap[0]) if cap else None
+
+
+def run(out: Path, embeddings, checkpoint, settings: list, step: int, structures: list) -> dict:
     sam = infer.load_model(infer.InferConfig(checkpoint=checkpoint))
     u8, gt = structures_gt()
     u8, gt = u8[:, :, ::step], {k: g[:, :, ::step] for k, g in gt.items()}  # every step-th slice
@@ -118,10 +127,9 @@ def run(out: Path, embeddings: str | None, checkpoint: str | None, quick: bool, 
         "loadavg": load,
         "structures": {},
     }
-    settings = [(0.1, False), (0.1, True), (0.0, False), (0.25, False)]  # (margin, mask prompt)
-    if quick:
-        settings = settings[:2]
     for name, g in gt.items():
+        if structures and name not in structures:
+            continue
         zs = np.nonzero(g.any((0, 1)))[0]
         z0, z1 = int(zs[0]), int(zs[-1])
         key = (z0 + z1) // 2
@@ -140,8 +148,8 @@ def run(out: Path, embeddings: str | None, checkpoint: str | None, quick: bool, 
                 2 * len(slices)
             )
         mm = res["oracle_multi"] >= res["oracle_single"]  # the better output for this model
-        for margin, mask_prompt in settings:
-            cfg = volume.PropagateConfig(margin=margin, mask_prompt=mask_prompt)
+        for margin, min_margin, mask_prompt, cap in settings:
+            cfg = volume.PropagateConfig(margin, min_margin, mask_prompt, box_cap=cap)
             st = volume.Structure(box, key)
             seg = volume.segment_volume(sam, u8, [st], AXIS, cfg, mm, encoder=enc)
             rec = seg.records[0]
@@ -160,8 +168,9 @@ def run(out: Path, embeddings: str | None, checkpoint: str | None, quick: bool, 
                     "last": last,
                     "stop_error": [first - z0, last - z1],
                 }
-            tag = f"prop m={margin:g} mask={'y' if mask_prompt else 'n'} " + (
-                "multi" if mm else "single"
+            tag = (
+                f"prop m={margin:g}/{min_margin:g}px mask={'y' if mask_prompt else 'n'} cap={cap} "
+                + ("multi" if mm else "single")
             )
             res[tag] = row
             best = max(row["rules"].items(), key=lambda kv: kv[1]["dice"])
@@ -191,10 +200,17 @@ if __name__ == "__main__":
     p.add_argument("out", help="folder for results.json")
     p.add_argument("--embeddings", help="saved embeddings {'emb': (Z, D, h, w), 'encode_s': [...]}")
     p.add_argument("--checkpoint", help="default: LiteMedSAM (checkpoints.default_checkpoint)")
-    p.add_argument("--quick", action="store_true", help="two prompt settings only")
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        type=_setting,
+        default=SETTINGS,
+        help="MARGIN,MIN_MARGIN,y|n (mask prompt) per propagation run",
+    )
+    p.add_argument("--structures", nargs="+", choices=["white matter", "grey matter", "brain"])
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared CPU)")
     p.add_argument("--step", type=int, default=1, help="every step-th axial slice (CPU time)")
     a = p.parse_args()
     torch.set_grad_enabled(False)
     torch.set_num_threads(a.threads)
-    run(Path(a.out), a.embeddings, a.checkpoint, a.quick, a.step)
+    run(Path(a.out), a.embeddings, a.checkpoint, a.settings, a.step, a.structures)

@@ -146,6 +146,23 @@ def test_box_margin_follows_a_drifting_structure():
     assert dice(tight.masks[0], vol > 0) < dice(grown.masks[0], vol > 0) - 0.1
 
 
+def test_box_cap_keeps_prompts_inside_the_seed_box():
+    """A structure that widens by 2 px a side per slice: the grown boxes follow it; with
+    box_cap 0 the prompts never leave the key box, so neither do the masks."""
+    s = np.zeros((N, H, W), np.uint8)
+    for k in range(4, 14):
+        rect(s, [k], 12, 24, 20 - 2 * (k - 4), 28 + 2 * (k - 4))
+    vol = to_volume(s)
+    _, free = run(vol, [Structure([20, 12, 28, 24], key=4)])
+    _, capped = run(vol, [Structure([20, 12, 28, 24], key=4)], box_cap=0.0)
+    assert dice(free.masks[0], vol > 0) > 0.95
+    inside = np.zeros((N, H, W), bool)
+    inside[:, :, 20:28] = True
+    m = capped.masks[0]
+    assert m.any() and not (m & ~to_volume(inside)).any()
+    assert capped.records[0]["last"] == 13
+
+
 def test_mask_prompt_feeds_the_previous_probabilities():
     s = np.zeros((N, H, W), np.uint8)
     rect(s, range(6, 12), 10, 26, 12, 32)
