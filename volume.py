@@ -9,8 +9,9 @@ where it continues, each next slice prompted from the result on the slice before
     propagated prompt there and restarts a stopped direction from it.
 
 The stop rule ends a direction at the first slice whose mask has vanished (< `min_pixels`), or
-whose area fell below `stop_area` x the area on the last anchor, or whose predicted IoU fell below
-`stop_iou`; that slice's mask is dropped. docs/volume.md has the measurements behind the defaults.
+whose area fell below `stop_area` x the area on the last seed slice, or whose predicted IoU fell
+below `stop_iou`, or whose area grew over `stop_growth` x the previous slice's; that slice's mask
+is dropped. docs/volume.md has the measurements behind the defaults.
 
 The encoder runs at most once per slice: the structures of one call advance together, slice by
 slice, upward then downward, and decode against the same embedding (SliceEncoder counts the
@@ -45,6 +46,7 @@ class PropagateConfig:
     stop_area: float = 0.0  # stop below this fraction of the mask area on the last anchor slice
     stop_iou: float = 0.0  # stop where the predicted IoU falls below this
     min_pixels: int = 1  # a mask with fewer pixels has vanished: stop
+    stop_growth: float | None = None  # stop where the area exceeds this x the previous slice's
     box_cap: float | None = None  # prompt boxes stay inside the seed's box grown by this fraction
 
 
@@ -159,13 +161,18 @@ def decode_slice(sam, emb, geom, box, mask_prob=None, multimask=True) -> tuple:
     return geom.logits_to_original(low)[0, 0].numpy(), low, float(iou[0])  # (H, W)
 
 
-def _stop_reason(area: int, iou: float, ref_area: int, cfg: PropagateConfig) -> str | None:
+def _stop_reason(area: int, iou: float, ref_area: int, prev_area: int, cfg: PropagateConfig):
+    """Why propagation ends on this slice, or None. A structure that ends shows either as a mask
+    that vanishes or shrinks, or, when the model latches onto the tissue around it, as a mask
+    that suddenly grows (`stop_growth`)."""
     if area < cfg.min_pixels:
         return "vanished"
     if area < cfg.stop_area * ref_area:
-        return f"area below {cfg.stop_area:g} of the anchor's"
+        return f"area below {cfg.stop_area:g} of the seed slice's"
     if iou < cfg.stop_iou:
         return f"predicted IoU below {cfg.stop_iou:g}"
+    if cfg.stop_growth is not None and area > cfg.stop_growth * prev_area:
+        return f"area grew over {cfg.stop_growth:g} x the previous slice's"
     return None
 
 
@@ -254,7 +261,7 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
             if t.stopped:  # an anchor restarts a stopped propagation
                 records[i]["stops"][-1]["restarted_at"] = k
             t.ref_area, t.stopped = area, False
-        elif (reason := _stop_reason(area, iou, t.ref_area, cfg)) is not None:
+        elif (reason := _stop_reason(area, iou, t.ref_area, int(t.mask.sum()), cfg)) is not None:
             direction = "up" if t.step > 0 else "down"
             records[i]["stops"].append({"direction": direction, "slice": k, "reason": reason})
             t.stopped = True

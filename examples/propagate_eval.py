@@ -67,15 +67,38 @@ def per_slice(sam, enc, u8, boxes: dict, multimask: bool) -> np.ndarray:
     return out
 
 
+# Stop rules: (name, kind, threshold). Each also stops where the mask vanished. "overlap": the
+# mask's Dice with the previous slice's mask; "grow": its area over the previous slice's.
+RULES = [("vanished", "area", 0.0)] + [(f"area<{f:g}", "area", f) for f in (0.02, 0.05, 0.1, 0.2)]
+RULES += [(f"iou<{t:g}", "iou", t) for t in (0.5, 0.7)]
+RULES += [(f"overlap<{t:g}", "overlap", t) for t in (0.5, 0.7, 0.8)]
+RULES += [(f"grow>{t:g}", "grow", t) for t in (1.2, 1.5)]
+
+
+def fires(kind: str, t: float, mask, prev, iou: float, key_area: int) -> bool:
+    area = int(mask.sum())
+    if area < 1:
+        return True
+    if kind == "area":
+        return area < t * key_area
+    if kind == "iou":
+        return iou < t
+    if kind == "overlap":
+        return dice(mask, prev) < t
+    return area > t * int(prev.sum())
+
+
 def cut(seg_mask: np.ndarray, rec: dict, kind: str, threshold: float) -> tuple:
     """The propagation cut at the first slice (each way from the key) where the rule fires
     -> (mask, first, last)."""
-    areas = seg_mask.sum((0, 1))  # (Z,)
     ious, key = rec["predicted_iou"], rec["key"]
+    key_area = int(seg_mask[:, :, key].sum())
     first = last = key
     for step in (1, -1):
         k = key + step
-        while k in ious and not fires(kind, threshold, int(areas[k]), ious[k], int(areas[key])):
+        while k in ious and not fires(
+            kind, threshold, seg_mask[:, :, k], seg_mask[:, :, k - step], ious[k], key_area
+        ):
             k += step
         if step > 0:
             last = k - 1
@@ -87,17 +110,6 @@ def cut(seg_mask: np.ndarray, rec: dict, kind: str, threshold: float) -> tuple:
     return out, first, last
 
 
-# Stop rules: (name, kind, threshold). Each also stops where the mask vanished.
-RULES = [("vanished", "area", 0.0)] + [(f"area<{f:g}", "area", f) for f in (0.02, 0.05, 0.1, 0.2)]
-RULES += [(f"iou<{t:g}", "iou", t) for t in (0.5, 0.6, 0.7, 0.8)]
-
-
-def fires(kind: str, threshold: float, area: int, iou: float, key_area: int) -> bool:
-    if area < 1:
-        return True
-    return area < threshold * key_area if kind == "area" else iou < threshold
-
-
 SETTINGS = [(0.1, 2.0, False, None), (0.1, 2.0, True, None), (0.0, 2.0, False, None)]
 
 
@@ -107,7 +119,7 @@ def _setting(v) -> tuple:
     return float(margin), float(min_margin), mask == "y", float(cap[0]) if cap else None
 
 
-def run(out: Path, embeddings, checkpoint, settings: list, step: int, structures: list) -> dict:
+def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines=True) -> dict:
     sam = infer.load_model(infer.InferConfig(checkpoint=checkpoint))
     u8, gt = structures_gt()
     u8, gt = u8[:, :, ::step], {k: g[:, :, ::step] for k, g in gt.items()}  # every step-th slice
@@ -138,7 +150,7 @@ def run(out: Path, embeddings, checkpoint, settings: list, step: int, structures
         union = np.any(list(slices.values()), axis=0)
         box3d = tight_box(union)
         res = {"extent": [z0, z1], "key": key, "key_box": box, "box3d_box": box3d}
-        for mm in (True, False):
+        for mm in (True, False) if baselines else ():
             tag = "multi" if mm else "single"
             t0 = time.perf_counter()
             b3 = per_slice(sam, enc, u8, {k: box3d for k in slices}, mm)
@@ -147,7 +159,7 @@ def run(out: Path, embeddings, checkpoint, settings: list, step: int, structures
             res[f"baselines_decode_s_per_slice_{tag}"] = (time.perf_counter() - t0) / (
                 2 * len(slices)
             )
-        mm = res["oracle_multi"] >= res["oracle_single"]  # the better output for this model
+        mm = res.get("oracle_multi", 1) >= res.get("oracle_single", 0)  # the better output
         for margin, min_margin, mask_prompt, cap in settings:
             cfg = volume.PropagateConfig(margin, min_margin, mask_prompt, box_cap=cap)
             st = volume.Structure(box, key)
@@ -159,6 +171,13 @@ def run(out: Path, embeddings, checkpoint, settings: list, step: int, structures
                 "reached": [rec["first"], rec["last"]],
                 "ends": rec["ends"],
                 "rules": {},
+            }
+            m0 = seg.masks[0]
+            row["slice_dice"] = {
+                k: round(dice(m0[:, :, k], g[:, :, k]), 3) for k in rec["predicted_iou"]
+            }
+            row["slice_area"] = {
+                k: [int(m0[:, :, k].sum()), int(g[:, :, k].sum())] for k in rec["predicted_iou"]
             }
             for rule_name, kind, threshold in RULES:
                 m, first, last = cut(seg.masks[0], rec, kind, threshold)
@@ -179,11 +198,12 @@ def run(out: Path, embeddings, checkpoint, settings: list, step: int, structures
                 f"best {best[0]} {best[1]['dice']:.4f} stop {best[1]['stop_error']}",
                 flush=True,
             )
-        print(
-            f"{name:12s} box3d {res['box3d_multi']:.4f}/{res['box3d_single']:.4f} "
-            f"oracle {res['oracle_multi']:.4f}/{res['oracle_single']:.4f} (multi/single)",
-            flush=True,
-        )
+        if baselines:
+            print(
+                f"{name:12s} box3d {res['box3d_multi']:.4f}/{res['box3d_single']:.4f} "
+                f"oracle {res['oracle_multi']:.4f}/{res['oracle_single']:.4f} (multi/single)",
+                flush=True,
+            )
         results["structures"][name] = res
         files.write_json(out / "results.json", results)
     enc_s = list(enc.encode_s.values())
@@ -207,10 +227,11 @@ if __name__ == "__main__":
         default=SETTINGS,
         help="MARGIN,MIN_MARGIN,y|n (mask prompt) per propagation run",
     )
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--structures", nargs="+", choices=["white matter", "grey matter", "brain"])
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared CPU)")
     p.add_argument("--step", type=int, default=1, help="every step-th axial slice (CPU time)")
     a = p.parse_args()
     torch.set_grad_enabled(False)
     torch.set_num_threads(a.threads)
-    run(Path(a.out), a.embeddings, a.checkpoint, a.settings, a.step, a.structures)
+    run(Path(a.out), a.embeddings, a.checkpoint, a.settings, a.step, a.structures, a.baselines)

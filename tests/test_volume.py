@@ -133,6 +133,21 @@ def test_area_and_iou_stop_rules():
     assert r["last"] == 14 and r["ends"]["up"]["reason"].startswith("predicted IoU below 0.5")
 
 
+def test_growth_stop_rule():
+    """The structure ends on slice 14 inside a larger bright region (slices 15..19): the mask
+    jumps from 320 to 1440 px; stop_growth 1.5 ends the propagation there."""
+    s = np.zeros((N, H, W), np.uint8)
+    rect(s, range(8, 15), 10, 26, 12, 32)  # 16 x 20 = 320 px
+    rect(s, range(15, 20), 2, 38, 4, 44)  # 36 x 40 = 1440 px: fills any box grown from the above
+    vol = to_volume(s)
+    _, seg = run(vol, [Structure([12, 10, 32, 26], key=10)], margin=0.3)
+    assert seg.records[0]["last"] == 19
+    _, seg = run(vol, [Structure([12, 10, 32, 26], key=10)], margin=0.3, stop_growth=1.5)
+    r = seg.records[0]
+    assert r["last"] == 14 and r["ends"]["up"]["slice"] == 15
+    assert r["ends"]["up"]["reason"].startswith("area grew over 1.5")
+
+
 def test_box_margin_follows_a_drifting_structure():
     """The structure moves 3 px a slice: a box grown by 2 px loses part of it each slice, a
     larger margin follows it."""
