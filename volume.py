@@ -40,14 +40,14 @@ AXES = {"x": 0, "y": 1, "z": 2}  # of the canonical RAS+ volume: sagittal, coron
 
 @dataclass
 class PropagateConfig:
-    margin: float = 0.1  # the previous mask's box grows by this fraction of its size per side
-    min_margin: float = 2.0  # ... and by at least this many pixels per side
+    margin: float = 0.05  # the previous mask's box grows by this fraction of its size per side
+    min_margin: float = 1.0  # ... and by at least this many pixels per side
     mask_prompt: bool = False  # also prompt with sigmoid(previous slice's low-res logits)
     stop_area: float = 0.0  # stop below this fraction of the mask area on the last anchor slice
     stop_iou: float = 0.0  # stop where the predicted IoU falls below this
     min_pixels: int = 1  # a mask with fewer pixels has vanished: stop
-    stop_growth: float | None = None  # stop where the area exceeds this x the previous slice's
-    box_cap: float | None = None  # prompt boxes stay inside the seed's box grown by this fraction
+    stop_growth: float | None = 1.5  # stop where the area exceeds this x the previous slice's
+    box_cap: float | None = 0.05  # prompt boxes stay inside the seed's box grown by this fraction
 
 
 @dataclass

@@ -110,7 +110,7 @@ def cut(seg_mask: np.ndarray, rec: dict, kind: str, threshold: float) -> tuple:
     return out, first, last
 
 
-SETTINGS = [(0.1, 2.0, False, None), (0.1, 2.0, True, None), (0.0, 2.0, False, None)]
+SETTINGS = [(0.05, 1.0, False, 0.05)]  # volume.PropagateConfig's defaults
 
 
 def _setting(v) -> tuple:
@@ -161,7 +161,9 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
             )
         mm = res.get("oracle_multi", 1) >= res.get("oracle_single", 0)  # the better output
         for margin, min_margin, mask_prompt, cap in settings:
-            cfg = volume.PropagateConfig(margin, min_margin, mask_prompt, box_cap=cap)
+            cfg = volume.PropagateConfig(
+                margin, min_margin, mask_prompt, box_cap=cap, stop_growth=None
+            )  # every rule applied afterwards
             st = volume.Structure(box, key)
             seg = volume.segment_volume(sam, u8, [st], AXIS, cfg, mm, encoder=enc)
             rec = seg.records[0]

@@ -67,9 +67,11 @@ def rect(slices, ks, y0, y1, x0, x1, value=220):
 
 
 def run(vol, structures, **cfg):
+    """segment_volume with the bright-in-box segmenter; the cap and the growth rule are off
+    unless a test sets them (each test exercises the rules it names)."""
     sam = BrightInBox()
-    seg = volume.segment_volume(sam, vol, structures, "z", PropagateConfig(**cfg))
-    return sam, seg
+    cfg = PropagateConfig(**{"box_cap": None, "stop_growth": None, **cfg})
+    return sam, volume.segment_volume(sam, vol, structures, "z", cfg)
 
 
 def dice(a, b):
@@ -168,8 +170,8 @@ def test_box_cap_keeps_prompts_inside_the_seed_box():
     for k in range(4, 14):
         rect(s, [k], 12, 24, 20 - 2 * (k - 4), 28 + 2 * (k - 4))
     vol = to_volume(s)
-    _, free = run(vol, [Structure([20, 12, 28, 24], key=4)])
-    _, capped = run(vol, [Structure([20, 12, 28, 24], key=4)], box_cap=0.0)
+    _, free = run(vol, [Structure([20, 12, 28, 24], key=4)], margin=0.25, min_margin=3)
+    _, capped = run(vol, [Structure([20, 12, 28, 24], key=4)], margin=0.25, min_margin=3, box_cap=0)
     assert dice(free.masks[0], vol > 0) > 0.95
     inside = np.zeros((N, H, W), bool)
     inside[:, :, 20:28] = True
