@@ -717,12 +717,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--split", default="test", help="--eval: the manifest split (test, val, train)")
     add("--limit", type=int, help="--eval: only the first N images")
     add("--save-masks", action="store_true", help="--eval: write the predictions (OUT/masks/MODE)")
+    _add_propagate_args(p)
     add("--download", metavar="NAME", help=f"fetch a checkpoint into {cache_dir()}")
     add("--bench", action="store_true", help="latency: ours vs the official predictor flow")
     add("--bench-preset", default="vit_b")
     add("--bench-size", type=int, default=512)
     add("--bench-repeats", type=int, default=5)
     return p.parse_args(argv)
+
+
+def _add_propagate_args(p) -> None:
+    """The NIfTI propagation flags (volume.py: one box, the whole structure)."""
+    import volume  # it imports this module: imported here, when the parser is built
+
+    g = p.add_argument_group("NIfTI propagation (volume.py; docs/volume.md)")
+    g.add_argument(
+        "--propagate",
+        action="store_true",
+        help="follow each --box on --slice K (or --box3d from its middle slice) through the "
+        "volume, each slice prompted from the one before",
+    )
+    g.add_argument(
+        "--anchor",
+        nargs=5,
+        type=float,
+        action="append",
+        metavar=("K", "X0", "Y0", "X1", "Y1"),
+        help="--propagate: an extra box on slice K that re-anchors the structure",
+    )
+    cli.add_config_args(g, volume.PropagateConfig)
 
 
 if __name__ == "__main__":

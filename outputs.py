@@ -30,9 +30,11 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import cli
 import data
 import files
 import infer
+import volume
 from infer import InferConfig, Prompt
 
 AXES = {"x": 0, "y": 1, "z": 2}  # of the canonical RAS+ volume: sagittal, coronal, axial
@@ -93,6 +95,8 @@ class Job:
     axis: str = "z"  # x sagittal, y coronal, z axial (of the canonical RAS+ volume)
     box3d: list | None = None  # NIfTI: [x0, y0, z0, x1, y1, z1]; x1, y1, z1 exclusive
     window: object = None  # NIfTI intensity: CT preset name or (level, width); None: percentiles
+    propagate: object = None  # NIfTI: a volume.PropagateConfig to follow the boxes through slices
+    anchors: list | None = None  # --propagate: [[K, x0, y0, x1, y1], ...] boxes that re-anchor
 
 
 def parse_entry(path: Path, entry, defaults: dict | None = None) -> Job:
@@ -178,7 +182,11 @@ def job_from_args(args, path: Path, cfg: InferConfig) -> Job:
         raise ValueError("--box3d is the whole prompt: leave out --box/--point/--neg")
     if args.box3d is None and not prompts:
         raise ValueError(f"{path}: no prompts (give --box, --point/--neg, --box3d or --prompts)")
-    return Job(path, prompts, args.slice, args.axis, args.box3d, cfg.window)
+    job = Job(path, prompts, args.slice, args.axis, args.box3d, cfg.window)
+    if getattr(args, "propagate", False):  # volume.py's flags
+        job.propagate = volume.PropagateConfig(**cli.config_values(volume.PropagateConfig, args))
+        job.anchors = args.anchor
+    return job
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,6 +221,8 @@ def read_source(job: Job) -> Source:
         src = Source(job, prompts, list(ks), volume=u8)
         where = f"{job.path} ({job.axis} slices)"
     else:
+        if job.propagate is not None:
+            raise ValueError(f"{job.path}: --propagate follows a structure through a NIfTI volume")
         src = Source(job, job.prompts, [None], image=data.read_image(job.path))
         where = str(job.path)
     try:
@@ -352,6 +362,8 @@ def run_job(sam, src: Source, outs: dict, cfg: InferConfig) -> dict:
     masks) are for the caller to print."""
     t0 = time.perf_counter()
     job, P = src.job, len(src.prompts)
+    if job.propagate is not None:  # one box, the whole structure: volume.py
+        return _run_propagation(sam, src, outs, cfg, t0)
     H, W = src.frame(src.slices[0]).shape[:2]
     canvas = (
         None
@@ -424,6 +436,28 @@ def _segment(sam, image, prompts, cfg: InferConfig, where) -> infer.Segmentation
         return infer.segment(sam, image, prompts, multimask=cfg.multimask)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
+
+
+def _run_propagation(sam, src: Source, outs: dict, cfg: InferConfig, t0: float) -> dict:
+    """--propagate: volume.py follows each box through the slices; the outputs as one set."""
+    job = src.job
+    labels, record, image, ids, prompts = volume.propagate_job(sam, job, src.volume, cfg.multimask)
+    H, W = image.shape[:2]
+    with files.OutputSet(overwrite=cfg.force) as out:
+        write_nifti(out, outs["mask"], labels, job.path)
+        if outs.get("overlay") is not None:
+            out.write_png(outs["overlay"], overlay(image, ids, prompts, cfg.overlay_alpha))
+        record = {"input": str(job.path), "height": int(H), "width": int(W),
+                  "checkpoint": cfg.checkpoint, "multimask": cfg.multimask,
+                  "precision": cfg.dtype, "threads": torch.get_num_threads(), **record,
+                  "overlay_scale": display_scale((H, W)),
+                  "outputs": {k: None if v is None else str(v) for k, v in outs.items()},
+                  }  # fmt: skip
+        record["timings_s"]["total"] = time.perf_counter() - t0
+        if outs.get("json") is not None:
+            out.write_json(outs["json"], record)
+        out.commit()
+    return record
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,239 @@
+"""Measure slice-to-slice propagation (volume.py) on the MNI152 template (examples/mni152.py's
+labels: white matter, grey matter, brain), axial slices, LiteMedSAM's weights by default.
+
+    python examples/propagate_eval.py runs/prop                      # encodes every slice once
+    python examples/propagate_eval.py runs/prop --embeddings E.pt    # reuse saved embeddings
+
+Per structure, 3D Dice over the whole volume of:
+  box3d   today's --box3d: the structure's 3D bounding box, every slice of its z range on its own
+  oracle  the tight box of the structure on every slice where it is present
+  prop    volume.segment_volume from ONE box (the tight one) on the structure's middle slice, for
+          each prompt setting (box margin, mask prompt); each stop rule is applied afterwards by
+          cutting the run at the first slice where it fires (the propagation up to that slice is
+          the same), so one run per setting measures every rule
+and the slices where propagation stops against the structure's true extent. Every slice is
+encoded once (a keeping volume.SliceEncoder shared by all runs); times per slice are reported.
+With --step 2 the volume is every 2nd axial slice (2 mm apart): slice indices and stop errors
+are then in those slices (x2 for the template's own). Writes OUT/results.json and prints a table.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mni152  # noqa: E402
+
+import data  # noqa: E402
+import files  # noqa: E402
+import infer  # noqa: E402
+import volume  # noqa: E402
+
+AXIS = "z"
+
+
+def structures_gt() -> tuple:
+    """The T1 (canonical, uint8 as the CLI scales it) and {name: (X, Y, Z) bool} labels."""
+    read = lambda k: data.read_volume(mni152.template_dir() / mni152.FILES.format(k)).data  # noqa: E731
+    t1, gm, wm = read("t1"), read("gm"), read("wm")
+    gt = {
+        "white matter": wm >= 128,
+        "grey matter": (wm < 128) & (gm >= 128),
+        "brain": gm + wm >= 128,
+    }
+    return data.normalize_intensity(t1), gt
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+
+
+def tight_box(mask2d: np.ndarray) -> list:
+    return data.boxes_from_masks(torch.from_numpy(mask2d)[None])[0].tolist()
+
+
+def per_slice(sam, enc, u8, boxes: dict, multimask: bool) -> np.ndarray:
+    """Each slice k of `boxes` {k: box} segmented on its own (box3d, oracle) -> (X, Y, Z) bool."""
+    out = np.zeros(u8.shape, bool)
+    for k, box in boxes.items():
+        emb, geom = enc(k)
+        logits, _, _ = volume.decode_slice(sam, emb, geom, box, None, multimask)
+        out[:, :, k] = volume.slice_to_voxels(logits > sam.cfg.mask_threshold)
+    return out
+
+
+# Stop rules: (name, kind, threshold). Each also stops where the mask vanished. "overlap": the
+# mask's Dice with the previous slice's mask; "grow": its area over the previous slice's.
+RULES = [("vanished", "area", 0.0)] + [(f"area<{f:g}", "area", f) for f in (0.02, 0.05, 0.1, 0.2)]
+RULES += [(f"iou<{t:g}", "iou", t) for t in (0.5, 0.7)]
+RULES += [(f"overlap<{t:g}", "overlap", t) for t in (0.5, 0.7, 0.8)]
+RULES += [(f"grow>{t:g}", "grow", t) for t in (1.2, 1.5)]
+
+
+def fires(kind: str, t: float, mask, prev, iou: float, key_area: int) -> bool:
+    area = int(mask.sum())
+    if area < 1:
+        return True
+    if kind == "area":
+        return area < t * key_area
+    if kind == "iou":
+        return iou < t
+    if kind == "overlap":
+        return dice(mask, prev) < t
+    return area > t * int(prev.sum())
+
+
+def cut(seg_mask: np.ndarray, rec: dict, kind: str, threshold: float) -> tuple:
+    """The propagation cut at the first slice (each way from the key) where the rule fires
+    -> (mask, first, last)."""
+    ious, key = rec["predicted_iou"], rec["key"]
+    key_area = int(seg_mask[:, :, key].sum())
+    first = last = key
+    for step in (1, -1):
+        k = key + step
+        while k in ious and not fires(
+            kind, threshold, seg_mask[:, :, k], seg_mask[:, :, k - step], ious[k], key_area
+        ):
+            k += step
+        if step > 0:
+            last = k - 1
+        else:
+            first = k + 1
+    out = seg_mask.copy()
+    out[:, :, :first] = False
+    out[:, :, last + 1 :] = False
+    return out, first, last
+
+
+SETTINGS = [(0.05, 1.0, False, 0.05)]  # volume.PropagateConfig's defaults
+
+
+def _setting(v) -> tuple:
+    """ "0.1,2,n[,0.1]" -> (margin 0.1, min_margin 2 px, no mask prompt, box_cap 0.1 or None)."""
+    margin, min_margin, mask, *cap = v.split(",")
+    return float(margin), float(min_margin), mask == "y", float(cap[0]) if cap else None
+
+
+def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines=True) -> dict:
+    sam = infer.load_model(infer.InferConfig(checkpoint=checkpoint))
+    u8, gt = structures_gt()
+    u8, gt = u8[:, :, ::step], {k: g[:, :, ::step] for k, g in gt.items()}  # every step-th slice
+    enc = volume.SliceEncoder(sam, u8, AXIS, keep=True)
+    if embeddings:  # {"emb": {original slice: (D, h, w)}, "encode_s": {slice: s}} of this model
+        saved = torch.load(embeddings, weights_only=True)
+        H, W = data.volume_slice(u8, AXIS, 0).shape
+        geom = data.geometry(H, W, sam.cfg.image_size, sam.cfg.resize_mode)
+        have = [k for k in saved["emb"] if k % step == 0]
+        enc.cache = {k // step: (saved["emb"][k][None], geom) for k in have}
+        enc.encode_s = {k // step: saved["encode_s"][k] for k in have}
+    load = open("/proc/loadavg").read().split()[:3]
+    results = {
+        "checkpoint": sam.cfg.name,
+        "axis": AXIS,
+        "step": step,
+        "loadavg": load,
+        "structures": {},
+    }
+    for name, g in gt.items():
+        if structures and name not in structures:
+            continue
+        zs = np.nonzero(g.any((0, 1)))[0]
+        z0, z1 = int(zs[0]), int(zs[-1])
+        key = (z0 + z1) // 2
+        slices = {k: data.volume_slice(g, AXIS, k) for k in range(z0, z1 + 1)}  # (H, W) views
+        box = tight_box(slices[key])
+        union = np.any(list(slices.values()), axis=0)
+        box3d = tight_box(union)
+        res = {"extent": [z0, z1], "key": key, "key_box": box, "box3d_box": box3d}
+        for mm in (True, False) if baselines else ():
+            tag = "multi" if mm else "single"
+            t0 = time.perf_counter()
+            b3 = per_slice(sam, enc, u8, {k: box3d for k in slices}, mm)
+            orc = per_slice(sam, enc, u8, {k: tight_box(s) for k, s in slices.items()}, mm)
+            res[f"box3d_{tag}"], res[f"oracle_{tag}"] = dice(b3, g), dice(orc, g)
+            res[f"baselines_decode_s_per_slice_{tag}"] = (time.perf_counter() - t0) / (
+                2 * len(slices)
+            )
+        mm = res.get("oracle_multi", 1) >= res.get("oracle_single", 0)  # the better output
+        for margin, min_margin, mask_prompt, cap in settings:
+            cfg = volume.PropagateConfig(
+                margin, min_margin, mask_prompt, box_cap=cap, stop_growth=None
+            )  # every rule applied afterwards
+            st = volume.Structure(box, key)
+            seg = volume.segment_volume(sam, u8, [st], AXIS, cfg, mm, encoder=enc)
+            rec = seg.records[0]
+            n_dec = len(seg.timings["decode_s"])
+            row = {
+                "decode_s_per_slice": sum(seg.timings["decode_s"].values()) / max(1, n_dec),
+                "reached": [rec["first"], rec["last"]],
+                "ends": rec["ends"],
+                "rules": {},
+            }
+            m0 = seg.masks[0]
+            row["slice_dice"] = {
+                k: round(dice(m0[:, :, k], g[:, :, k]), 3) for k in rec["predicted_iou"]
+            }
+            row["slice_area"] = {
+                k: [int(m0[:, :, k].sum()), int(g[:, :, k].sum())] for k in rec["predicted_iou"]
+            }
+            for rule_name, kind, threshold in RULES:
+                m, first, last = cut(seg.masks[0], rec, kind, threshold)
+                row["rules"][rule_name] = {
+                    "dice": dice(m, g),
+                    "first": first,
+                    "last": last,
+                    "stop_error": [first - z0, last - z1],
+                }
+            tag = (
+                f"prop m={margin:g}/{min_margin:g}px mask={'y' if mask_prompt else 'n'} cap={cap} "
+                + ("multi" if mm else "single")
+            )
+            res[tag] = row
+            best = max(row["rules"].items(), key=lambda kv: kv[1]["dice"])
+            print(
+                f"{name:12s} {tag:32s} vanished {row['rules']['vanished']['dice']:.4f} "
+                f"best {best[0]} {best[1]['dice']:.4f} stop {best[1]['stop_error']}",
+                flush=True,
+            )
+        if baselines:
+            print(
+                f"{name:12s} box3d {res['box3d_multi']:.4f}/{res['box3d_single']:.4f} "
+                f"oracle {res['oracle_multi']:.4f}/{res['oracle_single']:.4f} (multi/single)",
+                flush=True,
+            )
+        results["structures"][name] = res
+        files.write_json(out / "results.json", results)
+    enc_s = list(enc.encode_s.values())
+    results["encode_s_per_slice"] = {
+        "mean": float(np.mean(enc_s)),
+        "median": float(np.median(enc_s)),
+    }
+    files.write_json(out / "results.json", results)
+    return results
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", help="folder for results.json")
+    p.add_argument("--embeddings", help="saved embeddings {'emb': (Z, D, h, w), 'encode_s': [...]}")
+    p.add_argument("--checkpoint", help="default: LiteMedSAM (checkpoints.default_checkpoint)")
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        type=_setting,
+        default=SETTINGS,
+        help="MARGIN,MIN_MARGIN,y|n (mask prompt) per propagation run",
+    )
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--structures", nargs="+", choices=["white matter", "grey matter", "brain"])
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared CPU)")
+    p.add_argument("--step", type=int, default=1, help="every step-th axial slice (CPU time)")
+    a = p.parse_args()
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(a.threads)
+    run(Path(a.out), a.embeddings, a.checkpoint, a.settings, a.step, a.structures, a.baselines)

@@ -1,0 +1,378 @@
+"""Volumes: the 2D model through a 3D volume. One box on one slice -> the structure on every slice
+where it continues, each next slice prompted from the result on the slice before.
+
+    key slice K, box B     --encode K, decode B-->              mask M_K (the reference area)
+    slice K+1              --box of M_K grown by `margin`-->    mask M_K+1   (and so on upward,
+                             (+ sigmoid of M_K's low-res          until the stop rule fires)
+                              logits if `mask_prompt`)
+    then the same from K downward. An extra box on another slice (an anchor) replaces the
+    propagated prompt there and restarts a stopped direction from it.
+
+The stop rule ends a direction at the first slice whose mask has vanished (< `min_pixels`), or
+whose area fell below `stop_area` x the area on the last seed slice, or whose predicted IoU fell
+below `stop_iou`, or whose area grew over `stop_growth` x the previous slice's; that slice's mask
+is dropped. docs/volume.md has the measurements behind the defaults.
+
+The encoder runs at most once per slice: the structures of one call advance together, slice by
+slice, upward then downward, and decode against the same embedding (SliceEncoder counts the
+passes). Embeddings are kept only between the lowest and the highest key slice, which both sweeps
+visit.
+
+    seg = segment_volume(sam, u8, [Structure(box=[60, 50, 140, 170], key=90)], axis="z")
+    seg.labels  # (X, Y, Z) uint8, structure i -> i + 1, in the volume's (canonical) voxel order
+    seg.records[0]["first"], seg.records[0]["last"], seg.records[0]["stops"]
+
+Coordinates are those of infer.py: (x, y) pixels of the slice as data.volume_slice shows it.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import infer
+
+AXES = {"x": 0, "y": 1, "z": 2}  # of the canonical RAS+ volume: sagittal, coronal, axial
+
+
+@dataclass
+class PropagateConfig:
+    margin: float = 0.05  # the previous mask's box grows by this fraction of its size per side
+    min_margin: float = 1.0  # ... and by at least this many pixels per side
+    mask_prompt: bool = False  # also prompt with sigmoid(previous slice's low-res logits)
+    stop_area: float = 0.0  # stop below this fraction of the mask area on the last anchor slice
+    stop_iou: float = 0.0  # stop where the predicted IoU falls below this
+    min_pixels: int = 1  # a mask with fewer pixels has vanished: stop
+    stop_growth: float | None = 1.5  # stop where the area exceeds this x the previous slice's
+    box_cap: float | None = 0.05  # prompt boxes stay inside the seed's box grown by this fraction
+
+
+@dataclass
+class Structure:
+    """One structure to follow through the volume: a box on its key slice, optional anchors."""
+
+    box: list  # [x0, y0, x1, y1] on slice `key`, in the slice image's pixels
+    key: int  # the slice index along the axis
+    anchors: dict = field(default_factory=dict)  # {slice: [x0, y0, x1, y1]}: boxes that re-anchor
+    limits: tuple | None = None  # (first, last) slices it may reach (inclusive); None: the volume
+
+
+@dataclass
+class VolumeSegmentation:
+    labels: np.ndarray  # (X, Y, Z) ids, structure i -> i + 1, 0 background; overlaps: highest logit
+    masks: np.ndarray  # (P, X, Y, Z) bool, each structure's own mask (overlaps kept)
+    records: list  # per structure: slices reached, why each direction stopped, predicted IoU
+    timings: dict  # encode_s, decode_s (all structures): {slice: seconds}; encoder_calls; total_s
+
+
+class SliceEncoder:
+    """Embeddings of the slices of one uint8 volume, each encoded at most once while kept.
+    `calls` counts encoder passes per slice; `encode_s` is the time of each pass."""
+
+    def __init__(self, sam, volume: np.ndarray, axis: str = "z", keep: bool = False):
+        self.sam, self.volume, self.axis = sam, volume, axis
+        self.keep = keep  # keep every embedding (one per slice in memory), to reuse across calls
+        self.cache, self.calls, self.encode_s = {}, {}, {}
+
+    def __call__(self, k: int) -> tuple:
+        """-> embedding (1, D, h, w) and data.Geometry of slice k."""
+        if k not in self.cache:
+            gray = data.volume_slice(self.volume, self.axis, k)  # (H, W)
+            t0 = time.perf_counter()
+            self.cache[k] = infer.encode_image(self.sam, np.repeat(gray[..., None], 3, axis=2))
+            self.encode_s[k] = self.encode_s.get(k, 0.0) + time.perf_counter() - t0
+            self.calls[k] = self.calls.get(k, 0) + 1
+        return self.cache[k]
+
+    def drop(self, k: int) -> None:
+        """Forget slice k's embedding: segment_volume calls this once no sweep needs it again."""
+        if not self.keep:
+            self.cache.pop(k, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks: everything is validated before the first encoder pass
+# ------------------------------------------------------------------------------------------------
+
+
+def check_structures(structures: list, shape: tuple, axis: str) -> None:
+    """Key and anchor slices inside the volume, boxes inside the slice, limits around the key."""
+    if axis not in AXES:
+        raise ValueError(f"axis must be x, y or z, not {axis!r}")
+    if len(shape) != 3:
+        raise ValueError(f"expected a 3D volume, got shape {shape}")
+    if not structures:
+        raise ValueError("no structures to segment")
+    n = shape[AXES[axis]]
+    hw = data.volume_slice(np.zeros(shape, np.uint8), axis, 0).shape  # (H, W) of a slice
+    for i, s in enumerate(structures):
+        lo, hi = s.limits if s.limits is not None else (0, n - 1)
+        if not 0 <= lo <= hi < n:
+            raise ValueError(f"structure {i}: limits {s.limits} are outside 0..{n - 1}")
+        for k, box in {s.key: s.box, **s.anchors}.items():
+            if not (isinstance(k, int) and lo <= k <= hi):
+                raise ValueError(
+                    f"structure {i}: slice {k} is outside the volume's 0..{n - 1} along {axis}"
+                    + (f" or the limits {lo}..{hi}" if s.limits is not None else "")
+                )
+            try:
+                infer.check_prompts([infer.Prompt(box=list(box))], hw)
+            except ValueError as err:
+                raise ValueError(f"structure {i}, slice {k}: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Propagation
+# ------------------------------------------------------------------------------------------------
+
+
+def grow_box(mask: np.ndarray, cfg: PropagateConfig, seed_box=None) -> list:
+    """The tight box of an (H, W) mask (x1, y1 one past the last pixel, as data.boxes_from_masks),
+    each side moved out by max(min_margin, margin x the box's size), clipped to the image and,
+    with cfg.box_cap, to `seed_box` grown by box_cap x its size (a mask that fills its box would
+    otherwise grow by the margin on every slice)."""
+    H, W = mask.shape
+    ys, xs = np.nonzero(mask)
+    box = _grown([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], cfg.margin, cfg.min_margin)
+    limit = [0.0, 0.0, float(W), float(H)]
+    if cfg.box_cap is not None and seed_box is not None:
+        cap = _grown(seed_box, cfg.box_cap, 0.0)
+        limit = [max(limit[0], cap[0]), max(limit[1], cap[1]), min(W, cap[2]), min(H, cap[3])]
+    x0, y0 = max(box[0], limit[0]), max(box[1], limit[1])
+    x1, y1 = min(box[2], limit[2]), min(box[3], limit[3])
+    return [x0, y0, x1, y1] if x0 < x1 and y0 < y1 else limit
+
+
+def _grown(box, fraction: float, at_least: float) -> list:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    mx, my = max(at_least, fraction * (x1 - x0)), max(at_least, fraction * (y1 - y0))
+    return [x0 - mx, y0 - my, x1 + mx, y1 + my]
+
+
+def decode_slice(sam, emb, geom, box, mask_prob=None, multimask=True) -> tuple:
+    """One box (and optionally the previous slice's probabilities (1, 1, S/4, S/4)) on one slice
+    -> logits (H, W) at the slice's size, low-res logits (1, 1, S/4, S/4), predicted IoU."""
+    boxes = geom.boxes_to_model(torch.tensor([box], dtype=torch.float32))  # (1, 4)
+    low, iou = infer._decode_best(sam, emb, None, boxes, mask_prob, multimask)  # (1, 1, h, w)
+    low = low.float().cpu()
+    return geom.logits_to_original(low)[0, 0].numpy(), low, float(iou[0])  # (H, W)
+
+
+def _stop_reason(area: int, iou: float, ref_area: int, prev_area: int, cfg: PropagateConfig):
+    """Why propagation ends on this slice, or None. A structure that ends shows either as a mask
+    that vanishes or shrinks, or, when the model latches onto the tissue around it, as a mask
+    that suddenly grows (`stop_growth`)."""
+    if area < cfg.min_pixels:
+        return "vanished"
+    if area < cfg.stop_area * ref_area:
+        return f"area below {cfg.stop_area:g} of the seed slice's"
+    if iou < cfg.stop_iou:
+        return f"predicted IoU below {cfg.stop_iou:g}"
+    if cfg.stop_growth is not None and area > cfg.stop_growth * prev_area:
+        return f"area grew over {cfg.stop_growth:g} x the previous slice's"
+    return None
+
+
+class _Track:
+    """One structure in one sweep: its seeds (key and anchor boxes), the last kept mask and its
+    logits, the reference area (the mask's on the last seed), whether it has stopped."""
+
+    def __init__(self, s: Structure, n: int, step: int):
+        lo, hi = s.limits if s.limits is not None else (0, n - 1)
+        self.seeds, self.step, self.end = {s.key: s.box, **s.anchors}, step, hi if step > 0 else lo
+        self.mask = self.low = self.seed_box = None  # None until the sweep passes a seed
+        self.ref_area, self.stopped = 0, False
+
+    def wants(self, k: int) -> bool:
+        """Does this track decode slice k: a seed, or the next slice of a live propagation?"""
+        live = self.mask is not None and not self.stopped and (self.end - k) * self.step >= 0
+        return k in self.seeds or live
+
+    def finished(self, k: int) -> bool:
+        """Will this track decode no slice from k on (stopped or past its end, no seed ahead)?"""
+        if any((a - k) * self.step >= 0 for a in self.seeds):
+            return False
+        return self.mask is None or self.stopped or (self.end - k) * self.step < 0
+
+
+@torch.inference_mode()
+def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
+                   cfg: PropagateConfig | None = None, multimask: bool = True,
+                   progress: bool = False, encoder: SliceEncoder | None = None
+                   ) -> VolumeSegmentation:  # fmt: skip
+    """Follow each `Structure` from its key slice through the (X, Y, Z) uint8 `volume` (canonical
+    voxel order, as data.normalize_intensity(data.read_volume(...).data) gives it) along `axis`.
+
+    Two sweeps, upward then downward, each starting at the outermost seed (key or anchor slice):
+    on a seed slice a structure is prompted with that box alone (restarting it if it had stopped),
+    elsewhere with the grown box of its last mask; the downward sweep reuses the seeds' masks and
+    ends a structure where it meets a slice the upward sweep already gave it.
+    Raises ValueError before any work for a slice outside the volume or a box outside the slice,
+    and for a seed box whose mask is empty (before any output exists). `encoder`: a SliceEncoder
+    to share, e.g. to run several settings on the same volume with one encoding."""
+    cfg = cfg or PropagateConfig()
+    check_structures(structures, volume.shape, axis)
+    t_start = time.perf_counter()
+    n, P = volume.shape[AXES[axis]], len(structures)
+    enc = encoder or SliceEncoder(sam, volume, axis)
+    masks = np.zeros((P, *volume.shape), bool)  # (P, X, Y, Z)
+    best = np.full(volume.shape, -np.inf, np.float32)  # (X, Y, Z): the winning logit so far
+    labels = np.zeros(volume.shape, np.uint8 if P < 256 else np.uint16)  # (X, Y, Z)
+    records = [{"key": s.key, "anchors": sorted(s.anchors), "first": s.key, "last": s.key,
+                "stops": [], "predicted_iou": {}} for s in structures]  # fmt: skip
+    seeded, decode_s = {}, {}  # (structure, seed slice) -> (mask, low) from the upward sweep
+
+    def put(i: int, k: int, logits: np.ndarray, iou: float) -> None:
+        """Structure i's mask on slice k into masks/labels (the slice view back to voxels)."""
+        idx, view = _slice_index(axis, k), slice_to_voxels(logits)  # (as a slice of the volume)
+        m = view > sam.cfg.mask_threshold
+        masks[(i, *idx)] = m
+        win = m & (view > best[idx])
+        best[idx] = np.where(win, view, best[idx])
+        labels[idx] = np.where(win, i + 1, labels[idx])
+        r = records[i]
+        r["predicted_iou"][k] = round(iou, 4)
+        r["first"], r["last"] = min(r["first"], k), max(r["last"], k)
+
+    def advance(i: int, t: _Track, k: int, emb, geom) -> None:
+        """Track t (structure i) onto slice k; the stop rule decides whether its mask is kept."""
+        if k in t.seeds and (i, k) in seeded:  # the downward sweep: the seed's upward result
+            (t.mask, t.low), t.seed_box = seeded[i, k], t.seeds[k]
+            t.ref_area, t.stopped = int(t.mask.sum()), False
+            return
+        if k not in t.seeds and k in records[i]["predicted_iou"]:
+            t.stopped = True  # met the upward sweep, which covered the slices from here on
+            return
+        box = t.seeds[k] if k in t.seeds else grow_box(t.mask, cfg, t.seed_box)
+        prob = torch.sigmoid(t.low) if cfg.mask_prompt and k not in t.seeds else None
+        logits, low, iou = decode_slice(sam, emb, geom, box, prob, multimask)
+        m = logits > sam.cfg.mask_threshold  # (H, W)
+        area = int(m.sum())
+        if k in t.seeds:
+            if area < max(1, cfg.min_pixels):
+                raise ValueError(
+                    f"structure {i}: the box {box} on slice {k} gives an empty mask "
+                    "(nothing to propagate from it)"
+                )
+            seeded[i, k], t.seed_box = (m, low), box
+            if t.stopped:  # an anchor restarts a stopped propagation
+                records[i]["stops"][-1]["restarted_at"] = k
+            t.ref_area, t.stopped = area, False
+        elif (reason := _stop_reason(area, iou, t.ref_area, int(t.mask.sum()), cfg)) is not None:
+            direction = "up" if t.step > 0 else "down"
+            records[i]["stops"].append({"direction": direction, "slice": k, "reason": reason})
+            t.stopped = True
+            return
+        t.mask, t.low = m, low
+        put(i, k, logits, iou)
+
+    lo_seed = min(min([s.key, *s.anchors]) for s in structures)
+    hi_seed = max(max([s.key, *s.anchors]) for s in structures)
+    bar = tqdm(desc="slices", unit="slice", disable=not progress)
+    for step in (1, -1):
+        tracks = [_Track(s, n, step) for s in structures]
+        ks = range(lo_seed, n) if step > 0 else range(hi_seed, -1, -1)
+        for k in ks:
+            if all(t.finished(k) for t in tracks):
+                break
+            active = [i for i, t in enumerate(tracks) if t.wants(k)]
+            if not active:
+                continue  # a structure whose first seed lies further on has not started yet
+            emb, geom = enc(k)
+            t0 = time.perf_counter()
+            for i in active:
+                advance(i, tracks[i], k, emb, geom)
+            decode_s[k] = decode_s.get(k, 0.0) + time.perf_counter() - t0
+            if step < 0 or k > hi_seed:  # no later sweep comes back to this slice
+                enc.drop(k)
+            bar.update(1)
+        for i, t in enumerate(tracks):
+            if not t.stopped:
+                edge = "the volume" if structures[i].limits is None else "the limits"
+                direction = "up" if step > 0 else "down"
+                records[i]["stops"].append(
+                    {"direction": direction, "slice": None, "reason": f"reached the end of {edge}"}
+                )
+    bar.close()
+    for k in range(lo_seed, hi_seed + 1):
+        enc.drop(k)
+    for r in records:
+        r["slices"] = len(r["predicted_iou"])
+        r["predicted_iou"] = {k: r["predicted_iou"][k] for k in sorted(r["predicted_iou"])}
+        r["ends"] = {d: [s for s in r["stops"] if s["direction"] == d][-1] for d in ("up", "down")}
+    timings = {"encode_s": dict(sorted(enc.encode_s.items())),
+               "encoder_calls": dict(sorted(enc.calls.items())),
+               "decode_s": dict(sorted(decode_s.items())),
+               "total_s": time.perf_counter() - t_start}  # fmt: skip
+    return VolumeSegmentation(labels, masks, records, timings)
+
+
+def slice_to_voxels(image: np.ndarray) -> np.ndarray:
+    """The inverse of data.volume_slice's view: an (H, W) slice image -> the volume's own order
+    of that slice's voxels (outputs.put_slice does the same into a volume)."""
+    return image.T[::-1, ::-1]
+
+
+def _slice_index(axis: str, k: int) -> tuple:
+    index = [slice(None)] * 3
+    index[AXES[axis]] = k
+    return tuple(index)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line's --propagate (outputs.py reads the volume and writes the files)
+# ------------------------------------------------------------------------------------------------
+
+
+def job_structures(job) -> list:
+    """The structures of an outputs.Job: each --box on --slice K (the anchors, --anchor K X0 Y0
+    X1 Y1, re-anchor the one structure), or --box3d's box from its middle slice, confined to its
+    slices."""
+    if job.box3d is not None:
+        x0, y0, z0, x1, y1, z1 = job.box3d
+        if not (float(z0).is_integer() and float(z1).is_integer() and z0 < z1):
+            raise ValueError(f"box3d slices z0 {z0:g}, z1 {z1:g} are not whole indices, z0 < z1")
+        z0, last = int(z0), int(z1) - 1  # z1 is exclusive, like x1 and y1
+        return [Structure([x0, y0, x1, y1], (z0 + last) // 2, limits=(z0, last))]
+    if job.slice is None:
+        raise ValueError("--propagate starts from --slice K with --box (or from --box3d)")
+    if any(p.box is None or p.points for p in job.prompts):
+        raise ValueError("--propagate follows boxes: give each structure as a --box, no points")
+    anchors = {}
+    for k, *box in job.anchors or []:
+        if not float(k).is_integer():
+            raise ValueError(f"--anchor slice {k} is not a whole index")
+        anchors[int(k)] = list(box)
+    if anchors and len(job.prompts) != 1:
+        raise ValueError("--anchor re-anchors one structure: give a single --box with it")
+    return [Structure(list(p.box), job.slice, dict(anchors)) for p in job.prompts]
+
+
+def propagate_job(sam, job, u8: np.ndarray, multimask: bool = True) -> tuple:
+    """outputs.py's --propagate on the canonical uint8 volume `u8` -> (label volume (X, Y, Z),
+    record, the key slice's image (H, W, 3) and label ids (H, W) for the overlay, its prompts)."""
+    cfg = job.propagate
+    try:
+        structures = job_structures(job)
+        seg = segment_volume(sam, u8, structures, job.axis, cfg, multimask, progress=True)
+    except ValueError as err:
+        raise ValueError(f"{job.path}: {err}") from None
+    key = structures[0].key
+    gray = data.volume_slice(u8, job.axis, key)  # (H, W)
+    ids = data.volume_slice(seg.labels, job.axis, key)  # (H, W)
+    enc, dec = seg.timings["encode_s"], seg.timings["decode_s"]
+    record = {
+        "axis": job.axis,
+        "propagation": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "structures": seg.records,
+        "overlay_slice": key,
+        "label_ids": "voxel value i+1 = structure i",
+        "timings_s": {"encode": sum(enc.values()), "decode": sum(dec.values()),
+                      "encoder_passes": sum(seg.timings["encoder_calls"].values()),
+                      "per_slice": (sum(enc.values()) + sum(dec.values())) / max(1, len(dec))},
+    }  # fmt: skip
+    prompts = [infer.Prompt(box=list(s.box)) for s in structures if s.key == key]
+    return seg.labels, record, np.repeat(gray[..., None], 3, axis=2), ids, prompts
