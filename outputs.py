@@ -450,7 +450,8 @@ def _run_propagation(sam, src: Source, outs: dict, cfg: InferConfig, t0: float) 
         record = {"input": str(job.path), "height": int(H), "width": int(W),
                   "checkpoint": cfg.checkpoint, "multimask": cfg.multimask,
                   "precision": cfg.dtype, "threads": torch.get_num_threads(), **record,
-                  "overlay_scale": display_scale((H, W)),
+                  "area_px": np.bincount(labels.ravel(), minlength=len(prompts) + 1)[1:],
+                  "overlay_scale": display_scale((H, W)), "warnings": [],
                   "outputs": {k: None if v is None else str(v) for k, v in outs.items()},
                   }  # fmt: skip
         record["timings_s"]["total"] = time.perf_counter() - t0

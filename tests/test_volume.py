@@ -282,7 +282,7 @@ def test_anchor_box_replaces_the_propagated_prompt():
     [
         (Structure([12, 10, 32, 26], key=N), f"slice {N} is outside the volume's 0..{N - 1}"),
         (Structure([12, 10, 32, 26], key=-1), "slice -1 is outside"),
-        (Structure([12, 10, 60, 26], key=8), "box 0 [12, 10, 60, 26] is not inside the 48x40"),
+        (Structure([12, 10, 60, 26], key=8), "box 0 [12, 10, 60, 26] is not inside the 40x48"),
         (Structure([12, 10, 32, 26], key=8, anchors={30: [1, 1, 5, 5]}), "slice 30 is outside"),
         (Structure([12, 10, 32, 26], key=8, limits=(9, 12)), "slice 8 is outside"),
         (Structure([0, 0, 6, 6], key=8), "gives an empty mask"),  # a dark corner
@@ -370,7 +370,8 @@ def test_cli_propagate_from_box3d(nifti, tmp_path, monkeypatch):
     monkeypatch.setattr(infer, "load_model", lambda cfg: BrightInBox())
     out = tmp_path / "mask.nii.gz"
     x0, y0, x1, y1 = _key_box(path)
-    args = [str(path), "--box3d", x0, y0, "6", x1, y1, "10", "--propagate", "--out", str(out)]
+    # z1 is exclusive, like x1 and y1: slices 6..10, the middle one is the key
+    args = [str(path), "--box3d", x0, y0, "6", x1, y1, "11", "--propagate", "--out", str(out)]
     assert infer.main(infer.parse_args(args)) == 0
     s = json.loads(out.with_name("mask.json").read_text())["structures"][0]
     assert (s["key"], s["first"], s["last"]) == (8, 6, 10)
