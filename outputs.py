@@ -233,6 +233,7 @@ def run_job(sam, job: Job, outs: dict, cfg: InferConfig) -> dict:
         "width": int(image.shape[1]),
         "checkpoint": cfg.checkpoint,
         "multimask": cfg.multimask,
+        "precision": cfg.dtype,  # what ran: infer.load_model resolves "auto"
         "prompts": [asdict(p) for p in prompts],
         **record,
         "outputs": {k: None if v is None else str(v) for k, v in outs.items()},
@@ -413,6 +414,7 @@ def run_eval(args, cfg: InferConfig) -> int:
         save_dir=out_dir / "masks" if args.save_masks else None, split=args.split,
     )  # fmt: skip
     results["checkpoint"] = cfg.checkpoint
+    results["precision"] = cfg.dtype
     write_eval(out_dir, results)
     print(format_table(results, cfg.prompt_modes))
     print(f"wrote {', '.join(str(out_dir / n) for n in names)}")
