@@ -321,15 +321,20 @@ def precision_latency(presets=("lite_medsam", "vit_b"), runs=5, threads=2, onnx=
                     calls["onnxruntime"] = session
             for fn in calls.values():
                 fn()  # warm-up
-            times = {k: [] for k in calls}
+            times, cpu = {k: [] for k in calls}, {k: [] for k in calls}
             for _ in range(runs):
                 for k, fn in calls.items():
-                    times[k].append(time_runs(fn, 1).min)
+                    c0 = time.process_time()  # CPU seconds of this process: what a loaded
+                    times[k].append(time_runs(fn, 1).min)  # machine disturbs least
+                    cpu[k].append(time.process_time() - c0)
             med = {k: statistics.median(v) for k, v in times.items()}
+            cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
             res[name] = {
                 "median_s": med,
                 "min_s": {k: min(v) for k, v in times.items()},
+                "cpu_median_s": cpu_med,
                 "speedup_vs": {k: med[k] / med[precision.FAST] for k in med},
+                "cpu_speedup_vs": {k: cpu_med[k] / cpu_med[precision.FAST] for k in med},
                 "embedding_rel_err": float(err),
             }
             print(name, json.dumps(res[name]), flush=True)
