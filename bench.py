@@ -4,6 +4,7 @@ step (ours against the official step), each timed with the one helper `time_runs
     python bench.py encoder vit_b --image-size 256 [--kernels reference] [--runs 7]
     python bench.py infer [--preset vit_b] [--size 512] [--repeats 5] [--checkpoint FILE]
     python bench.py train [--preset vit_b] [--runs 3] [--only official|ours]
+    python bench.py precision [--presets lite_medsam vit_b] [--runs 5] [--threads 2] [--no-onnx]
 
 `python model.py bench`, `python infer.py --bench` and `python train.py --bench` call the same
 functions. The official side is official.py (line-by-line ports run on our modules), so both sides
