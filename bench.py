@@ -5,6 +5,7 @@ step (ours against the official step), each timed with the one helper `time_runs
     python bench.py infer [--preset vit_b] [--size 512] [--repeats 5] [--checkpoint FILE]
     python bench.py train [--preset vit_b] [--runs 3] [--only official|ours]
     python bench.py prompts [--counts 1 10 100 1000] [--size 6000] [--preset tiny]
+    python bench.py precision [--presets lite_medsam vit_b] [--runs 5] [--threads 2] [--no-onnx]
 
 `python model.py bench`, `python infer.py --bench` and `python train.py --bench` call the same
 functions. The official side is official.py (line-by-line ports run on our modules), so both sides
@@ -289,6 +290,101 @@ def train_step_cli(preset: str, runs: int, only: str | None) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+# ------------------------------------------------------------------------------------------------
+# Reduced precision (python bench.py precision): the encoder at fp32 and on precision.py's fast
+# path, the official computation and onnxruntime beside them, and this CPU's matmul rates; all
+# interleaved in one run so that a loaded machine slows every side alike
+# ------------------------------------------------------------------------------------------------
+
+
+def matmul_rate(dtype, m=2048, k=768, n=3072, runs=5) -> float:
+    """GFLOP/s of one (m, k) @ (k, n) matmul in `dtype`, the best of `runs` (the shape of vit_b's
+    MLP on 2048 tokens)."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    return 2 * m * k * n / time_runs(lambda: a @ b, runs, warmup=1).min / 1e9
+
+
+def _onnx_encoder(sam: model.Sam, x: torch.Tensor):
+    """onnxruntime on sam's image encoder exported as it is (torch.onnx, dynamo exporter, opset
+    18), fp32, on torch's thread count -> a callable, or None when onnxruntime is absent."""
+    import tempfile
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/encoder.onnx"
+        torch.onnx.export(sam.image_encoder, (x,), path, dynamo=True, opset_version=18,
+                          input_names=["image"], external_data=False)  # fmt: skip
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    feed = {"image": x.numpy()}
+    return lambda: session.run(None, feed)
+
+
+@torch.inference_mode()
+def precision_latency(presets=("lite_medsam", "vit_b"), runs=5, threads=2, onnx=True) -> dict:
+    """Encoder seconds of one 256x256 image (batch 1) per preset: fp32 (today's path), the fast
+    path (precision.FAST), and for the ViTs the official computation (kernels="reference") and
+    onnxruntime on that official graph; LiteMedSAM with its released weights when installed,
+    the ViTs with random ones. The variants take turns, one call each per round."""
+    import precision
+    from checkpoints import default_checkpoint
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    res = {"threads": threads, "runs": runs, "load_before": _load()}
+    try:
+        res["matmul_gflops"] = {
+            str(d).removeprefix("torch."): matmul_rate(d) for d in (torch.float32, torch.bfloat16)
+        }
+        for name in presets:
+            if name == "lite_medsam":
+                sam = model.load_checkpoint(default_checkpoint(), verbose=False).eval()
+            else:
+                torch.manual_seed(0)
+                sam = model.Sam(model.SamConfig.from_name(name, image_size=256)).eval()
+            x = torch.randn(1, 3, sam.cfg.image_size, sam.cfg.image_size)  # (1, 3, S, S)
+            fast = precision.apply(model.Sam(sam.cfg).eval(), precision.FAST)
+            fast.load_state_dict(sam.state_dict())
+            calls = {"float32": partial(sam.encode, x), precision.FAST: partial(fast.encode, x)}
+            ref = sam.encode(x)
+            err = (fast.encode(x) - ref).norm() / ref.norm()
+            if sam.cfg.encoder == "vit":
+                cfg = model.SamConfig.from_name(name, image_size=256, kernels="reference")
+                official = model.Sam(cfg).eval()
+                official.load_state_dict(sam.state_dict())
+                calls["official"] = partial(official.encode, x)
+                session = _onnx_encoder(official, x) if onnx else None
+                if session is not None:
+                    calls["onnxruntime"] = session
+            for fn in calls.values():
+                fn()  # warm-up
+            times, cpu = {k: [] for k in calls}, {k: [] for k in calls}
+            for _ in range(runs):
+                for k, fn in calls.items():
+                    c0 = time.process_time()  # CPU seconds of this process: what a loaded
+                    times[k].append(time_runs(fn, 1).min)  # machine disturbs least
+                    cpu[k].append(time.process_time() - c0)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
+            res[name] = {
+                "median_s": med,
+                "min_s": {k: min(v) for k, v in times.items()},
+                "cpu_median_s": cpu_med,
+                "speedup_vs": {k: med[k] / med[precision.FAST] for k in med},
+                "cpu_speedup_vs": {k: cpu_med[k] / cpu_med[precision.FAST] for k in med},
+                "embedding_rel_err": float(err),
+            }
+            print(name, json.dumps(res[name]), flush=True)
+    finally:
+        torch.set_num_threads(before)
+    res["load_after"] = _load()
+    return res
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -324,6 +420,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--only", "--bench-only", dest="only", choices=["official", "ours"], default=None,
         help="one variant alone, for its process peak memory",
     )  # fmt: skip
+    r = sub.add_parser("precision", help="encoder fp32 vs the bf16 fast path (precision.py)")
+    r.add_argument("--presets", nargs="+", default=["lite_medsam", "vit_b"])
+    r.add_argument("--runs", type=int, default=5)
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True)
     return p.parse_args(argv)
 
 
@@ -340,6 +441,9 @@ def main(args) -> int:
         print(json.dumps(res, indent=1))
     elif args.command == "prompts":
         print(json.dumps(prompt_memory(tuple(args.counts), args.size, args.preset), indent=1))
+    elif args.command == "precision":
+        res = precision_latency(tuple(args.presets), args.runs, args.threads, args.onnx)
+        print(json.dumps(res, indent=1))
     else:
         train_step_cli(args.preset, args.runs, args.only)
     return 0

