@@ -88,23 +88,6 @@ def weights(path) -> dict:
     return load_file(str(path))
 
 
-def synthetic_batch(B: int, M: int, S: int, seed: int) -> dict:
-    """B noise images with M random rectangles each, in data.TrainDataset's batch layout."""
-    g = torch.Generator().manual_seed(seed)
-    masks = torch.zeros(B, M, S, S)
-    for b in range(B):
-        for m in range(M):
-            x0, y0 = torch.randint(0, S // 2, (2,), generator=g).tolist()
-            w, h = torch.randint(S // 16, S // 2, (2,), generator=g).tolist()
-            masks[b, m, y0 : y0 + h, x0 : x0 + w] = 1
-    flat = masks.reshape(B * M, S, S).bool()
-    coords, labels = data.sample_points(flat, 1, g)
-    return dict(image=torch.randn(B, 3, S, S, generator=g), masks=masks,
-                boxes=data.boxes_from_masks(flat, jitter=True, generator=g).reshape(B, M, 4),
-                point_coords=coords.reshape(B, M, 1, 2), point_labels=labels.reshape(B, M, 1),
-                index=torch.arange(B))  # fmt: skip
-
-
 # ------------------------------------------------------------------------------------------------
 # Losses
 
@@ -256,7 +239,7 @@ def test_step_one_prompt_is_drawn_once_per_batch_or_per_image():
     gen = torch.Generator().manual_seed(0)
     kinds = [train.draw_prompts(cfg, gen)[0] for _ in range(200)]
     assert set(kinds) == {True, False} and 70 < sum(kinds) < 130  # 50/50, one bool per batch
-    batch = synthetic_batch(8, 1, 32, seed=0)
+    batch = official.synthetic_batch(8, 1, 32, seed=0)
     for box in (True, False):
         assert train.make_micro(batch, 0, 0, "cpu", box).use_box.tolist() == [box] * 8
     cfg = train.TrainConfig(data="x", prompt_choice="image")
@@ -268,7 +251,7 @@ def test_step_one_prompt_is_drawn_once_per_batch_or_per_image():
 def test_point_embeddings_train_unless_frozen():
     """The official bug froze the point and padding embeddings (prompt_encoder.py:92-94); ours
     trains them by default, --freeze-point-embeddings freezes exactly those three."""
-    batch = synthetic_batch(2, 2, 64, seed=0)
+    batch = official.synthetic_batch(2, 2, 64, seed=0)
     batch["point_labels"][0, 0, 0] = 0  # a negative point too: all three embeddings are used
     for freeze in (False, True):
         tr = tiny_trainer(freeze_point_embeddings=freeze)
@@ -334,7 +317,7 @@ def run_both(monkeypatch, **ours_cfg) -> tuple:
     cfg = train.TrainConfig(data="-", checkpoint="none", model="tiny", image_size=64,
                             masks_per_image=3, seed=3, **ours_cfg)  # fmt: skip
     tr = train.cpu_trainer(sam, cfg)
-    batch = synthetic_batch(2, 3, 64, seed=0)
+    batch = official.synthetic_batch(2, 3, 64, seed=0)
     copy_gen = torch.Generator().manual_seed(0)
     copy_gen.set_state(tr.gen.get_state())
     box, plan = train.draw_prompts(cfg, copy_gen)
@@ -433,7 +416,7 @@ def test_micro_batches_give_the_gradient_of_the_full_batch():
     tr.optimizer_step = lambda: grads.append(
         [p.grad.clone() for p in tr.params if p.grad is not None]
     )
-    batch = synthetic_batch(4, 3, 64, seed=0)
+    batch = official.synthetic_batch(4, 3, 64, seed=0)
     halves = [{k: v[i : i + 2] for k, v in batch.items()} for i in (0, 2)]
     for parts in ([batch], halves):
         micros = [train.make_micro(b, 0, 0, tr.device) for b in parts]
@@ -459,7 +442,7 @@ def test_step_one_trains_adapters_then_iterations_train_the_decoder_alone():
         step()
 
     tr.optimizer_step = record
-    train.train_step(tr, [synthetic_batch(2, 3, 64, seed=0)], 0)
+    train.train_step(tr, [official.synthetic_batch(2, 3, 64, seed=0)], 0)
     assert len(with_grad) == 1 + 2  # step 1 + iter_points optimizer steps
     assert with_grad[0] == {"image_encoder.Adapter", "prompt_encoder", "mask_decoder"}
     assert all(g == {"mask_decoder"} for g in with_grad[1:])
@@ -509,7 +492,7 @@ def test_amp_runs_the_model_in_the_autocast_dtype_and_the_loss_in_float32(amp, m
 
     monkeypatch.setattr(train, "pooled_loss", record)
     before = [p.detach().clone() for p in tr.params]
-    res = train.train_step(tr, [synthetic_batch(2, 2, 64, seed=0)], 0)
+    res = train.train_step(tr, [official.synthetic_batch(2, 2, 64, seed=0)], 0)
     want = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     assert len(losses) == 3 and set(dtypes) == {want}  # step 1 + 2 iterations, all autocast
     assert all(loss.dtype == torch.float32 for loss, _ in losses) and math.isfinite(res["loss"])
