@@ -531,7 +531,7 @@ def test_concurrent_runs_leave_one_consistent_set(ckpt, sam, tmp_path):
     Image.fromarray(rgb).save(tmp_path / "img.png")
     boxes = {"A": [10, 10, 60, 50], "B": [40, 30, 120, 85]}
     want = {tuple(b): infer.segment(sam, rgb, boxes=[b]).masks[0] for b in boxes.values()}
-    assert (want[tuple(boxes["A"])] != want[tuple(boxes["B"])]).mean() > 0.05  # tells them apart
+    assert (want[tuple(boxes["A"])] != want[tuple(boxes["B"])]).mean() > 0.01  # tells them apart
     procs = {}
     dirs = {"force": tmp_path / "force", "noforce": tmp_path / "noforce"}
     for d in dirs.values():
@@ -542,7 +542,7 @@ def test_concurrent_runs_leave_one_consistent_set(ckpt, sam, tmp_path):
                 force = ["--force"] if mode == "force" else []
                 cmd = [sys.executable, str(ROOT / "infer.py"), str(tmp_path / "img.png"),
                        "--box", *map(str, b), "--checkpoint", str(ckpt), "--out", str(d / "m.png"),
-                       "--overlay", str(d / "ov.png"), *force]  # fmt: skip
+                       "--overlay", str(d / "ov.png"), "--dtype", "float32", *force]  # fmt: skip
                 procs[mode, name] = subprocess.Popen(
                     cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
                 )
