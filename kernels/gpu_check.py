@@ -404,33 +404,21 @@ def speed_ops(r: Report, device: str, dry: bool):
 
 
 def _import_training():
-    """train.py's pieces (or a top-level bench.py's, if they moved there). train.py imports
-    data.py, which imports nibabel at the top; the step never reads a NIfTI file, so when nibabel
-    is absent (the GPU machine) an empty stand-in module takes its name for this process."""
+    """train.py's step and official.py's port of the official step. Both import data.py, which
+    imports nibabel at the top; the step never reads a NIfTI file, so when nibabel is absent (the
+    GPU machine) an empty stand-in module takes its name for this process."""
     stand_in = False
     try:
         import nibabel  # noqa: F401, PLC0415
     except ImportError:
         sys.modules["nibabel"] = types.ModuleType("nibabel")
         stand_in = True
+    import official  # noqa: PLC0415
     import train  # noqa: PLC0415
 
-    pieces = {}
-    sources = [train]
-    try:
-        import bench  # noqa: PLC0415  (a top-level bench.py, if the ports moved there)
-
-        sources.insert(0, bench)
-    except ImportError:
-        pass
-    for name in ("official_step", "synthetic_batch", "train_step", "build_model", "Trainer",
-                 "Forward", "select_trainable", "make_optimizer", "TrainConfig"):  # fmt: skip
-        for src in sources:
-            if hasattr(src, name):
-                pieces[name] = getattr(src, name)
-                break
-        else:
-            raise ImportError(f"train.py (or bench.py) has no {name}")
+    pieces = dict(official_step=official.official_step, synthetic_batch=official.synthetic_batch,
+                  train_step=train.train_step, build_model=train.build_model,
+                  make_trainer=train.make_trainer, TrainConfig=train.TrainConfig)  # fmt: skip
     return types.SimpleNamespace(**pieces), stand_in
 
 
@@ -453,7 +441,8 @@ def speed_training(r: Report, device: str, dry: bool):
 
             def case(B=B, variant=variant):
                 cfg = t.TrainConfig(
-                    data="-", model=preset, batch_size=B, amp="bf16", image_size=size,
+                    data="-", checkpoint="none", model=preset, batch_size=B, amp="bf16",
+                    image_size=size,
                     masks_per_image=2 if dry else 5, iter_points=3 if dry else 8,
                 )  # fmt: skip
                 batch = t.synthetic_batch(B, cfg.masks_per_image, cfg.image_size, seed=0)
@@ -474,12 +463,7 @@ def speed_training(r: Report, device: str, dry: bool):
                             )
 
                 else:
-                    params = t.select_trainable(sam, verbose=False)
-                    tr = t.Trainer(
-                        cfg, sam, t.Forward(sam), params, t.make_optimizer(params, cfg, device),
-                        torch.amp.GradScaler(device, enabled=False),
-                        torch.Generator().manual_seed(0), torch.device(device),
-                    )  # fmt: skip
+                    tr = t.make_trainer(sam, cfg, torch.device(device), verbose=False)
 
                     def step(i):
                         t.train_step(tr, [batch], i)

@@ -330,8 +330,11 @@ def test_lite_medsam_runner_equals_infer_cli(lite, tmp_path):
     _, out = lite
     box = [str(v) for v in MNI_BOX]
     ref_png, got_png = tmp_path / "infer.png", tmp_path / "onnx.png"
+    # the exported graphs are fp32: compare with infer.py's fp32 path (its default on a bf16 CPU
+    # is the bf16 encoder, docs/precision.md)
     r = subprocess.run([sys.executable, "infer.py", str(MNI_PNG), "--box", *box, "--out",
-                        str(ref_png)], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+                        str(ref_png), "--dtype", "float32"], cwd=ROOT, capture_output=True,
+                       text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
     r = _run_runner_without_torch([out, MNI_PNG, "--box", *box, "--out", got_png])
     assert r.returncode == 0, r.stderr

@@ -458,7 +458,10 @@ def test_grad_accumulation_matches_the_full_batch(dataset, tmp_path):
         weights(tmp_path / "b" / "last.safetensors"),
     )
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+        # Attention key biases get a gradient that is 0 in exact arithmetic (softmax ignores a
+        # per-query shift), so Adam turns rounding noise into steps of up to lr: compared to lr.
+        atol = 1e-4 if k.endswith("k_proj.bias") else 2e-5
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
 
 
 @pytest.mark.slow
@@ -527,7 +530,8 @@ def test_two_gloo_processes_match_one(dataset, tmp_path):
     moved = 0
     init = train.build_model(train.TrainConfig(**small(dataset, tmp_path)), "cpu").state_dict()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+        atol = 1e-4 if k.endswith("k_proj.bias") else 2e-5  # see the grad_accum test
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
         moved += not torch.equal(a[k], init[k])
     assert moved > 20  # training changed the weights, so the comparison means something
     logs = [[json.loads(x)["loss"] for x in (tmp_path / d / "log.jsonl").read_text().splitlines()]
