@@ -156,13 +156,31 @@ def scale_to_uint8(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.round(scaled).astype(np.uint8)
 
 
+AXES = {"x": 0, "y": 1, "z": 2}  # slice axes of a canonical RAS+ volume: sagittal, coronal, axial
+
+
+def slice_index(axis: str, k: int) -> tuple:
+    """The index of slice k along `axis` in a canonical volume: volume[slice_index("z", 5)]."""
+    return (slice(None),) * AXES[axis] + (k,)
+
+
 def volume_slice(volume: np.ndarray, axis: str, k: int) -> np.ndarray:
     """Slice k along "x" (sagittal), "y" (coronal) or "z" (axial) of a canonical RAS+ volume (as
     read_volume gives it) -> (H, W) in the radiological view of the dataset slices: rows run
     anterior/superior -> posterior/inferior, columns patient right -> left (sagittal: anterior ->
     posterior)."""
-    s = volume[(slice(None),) * "xyz".index(axis) + (k,)]  # RAS order, a view of the volume
+    s = volume[slice_index(axis, k)]  # RAS order, a view of the volume
     return np.ascontiguousarray(s[::-1, ::-1].T)  # (H, W)
+
+
+def slice_to_voxels(image: np.ndarray) -> np.ndarray:
+    """The inverse of volume_slice's view: an (H, W) slice image -> that slice's voxel order."""
+    return image.T[::-1, ::-1]
+
+
+def put_slice(volume: np.ndarray, axis: str, k: int, image: np.ndarray) -> None:
+    """The inverse of volume_slice: write an (H, W) slice image back as slice k."""
+    volume[slice_index(axis, k)] = slice_to_voxels(image)
 
 
 # ----------------------------------------------------------------------------------------------

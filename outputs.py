@@ -37,7 +37,6 @@ import infer
 import volume
 from infer import InferConfig, Prompt
 
-AXES = {"x": 0, "y": 1, "z": 2}  # of the canonical RAS+ volume: sagittal, coronal, axial
 PALETTE = [(64, 128, 255), (255, 160, 0), (220, 64, 220), (0, 200, 200), (150, 100, 40),
            (140, 90, 255)]  # fmt: skip  # mask tints: none is the box's or the points' colour
 BOX_COLOUR = (255, 255, 255)  # box outlines: white, unlike every mask tint
@@ -125,7 +124,7 @@ def parse_entry(path: Path, entry, defaults: dict | None = None) -> Job:
             raise ValueError(f"prompt {i}: {err}") from None
     get = entry.get
     job = Job(path, prompts, get("slice"), get("axis", "z"), get("box3d"), get("window"))
-    if job.axis not in AXES:
+    if job.axis not in data.AXES:
         raise ValueError(f"axis must be x, y or z, not {job.axis!r}")
     if job.slice is not None and (not isinstance(job.slice, int) or isinstance(job.slice, bool)):
         raise ValueError(f"slice must be a whole number, not {job.slice!r}")
@@ -217,7 +216,7 @@ def read_source(job: Job) -> Source:
     if is_nifti(job.path):
         vol = data.read_volume(job.path)
         u8 = data.normalize_intensity(vol.data, job.window)  # (X, Y, Z) uint8
-        ks, prompts = _job_slices(job, u8.shape[AXES[job.axis]])
+        ks, prompts = _job_slices(job, u8.shape[data.AXES[job.axis]])
         src = Source(job, prompts, list(ks), volume=u8)
         where = f"{job.path} ({job.axis} slices)"
     else:
@@ -332,14 +331,6 @@ def overlay(image: np.ndarray, ids: np.ndarray, prompts: list, alpha: float) -> 
     return np.asarray(pil)
 
 
-def put_slice(vol: np.ndarray, axis: str, k: int, image: np.ndarray) -> None:
-    """The inverse of data.volume_slice (the radiological view data.py writes its dataset slices
-    in, so coordinates on a slice match the dataset's): write an (H, W) image back as slice k."""
-    index = [slice(None)] * 3
-    index[AXES[axis]] = k
-    vol[tuple(index)] = image.T[::-1, ::-1]
-
-
 def write_nifti(out: files.OutputSet, path: Path, canonical: np.ndarray, source: Path) -> None:
     """A label volume computed on the canonical (RAS+) grid, written in the source file's own
     voxel order, shape (an (X, Y, Z, 1) input stays 4D), affine and header, so it overlays the
@@ -384,7 +375,7 @@ def run_job(sam, src: Source, outs: dict, cfg: InferConfig) -> dict:
         areas += area
         empty_slices += area == 0
         if canvas is not None:
-            put_slice(canvas, job.axis, k, ids)
+            data.put_slice(canvas, job.axis, k, ids)
             per_slice.append({"slice": k, "predicted_iou": seg.iou.tolist(), "area_px": area})
         if k == mid:
             shown, iou = (image, ids), seg.iou

@@ -35,8 +35,6 @@ from tqdm import tqdm
 import data
 import infer
 
-AXES = {"x": 0, "y": 1, "z": 2}  # of the canonical RAS+ volume: sagittal, coronal, axial
-
 
 @dataclass
 class PropagateConfig:
@@ -100,13 +98,13 @@ class SliceEncoder:
 
 def check_structures(structures: list, shape: tuple, axis: str) -> None:
     """Key and anchor slices inside the volume, boxes inside the slice, limits around the key."""
-    if axis not in AXES:
+    if axis not in data.AXES:
         raise ValueError(f"axis must be x, y or z, not {axis!r}")
     if len(shape) != 3:
         raise ValueError(f"expected a 3D volume, got shape {shape}")
     if not structures:
         raise ValueError("no structures to segment")
-    n = shape[AXES[axis]]
+    n = shape[data.AXES[axis]]
     hw = data.volume_slice(np.zeros(shape, np.uint8), axis, 0).shape  # (H, W) of a slice
     for i, s in enumerate(structures):
         lo, hi = s.limits if s.limits is not None else (0, n - 1)
@@ -216,7 +214,7 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
     cfg = cfg or PropagateConfig()
     check_structures(structures, volume.shape, axis)
     t_start = time.perf_counter()
-    n, P = volume.shape[AXES[axis]], len(structures)
+    n, P = volume.shape[data.AXES[axis]], len(structures)
     enc = encoder or SliceEncoder(sam, volume, axis)
     masks = np.zeros((P, *volume.shape), bool)  # (P, X, Y, Z)
     best = np.full(volume.shape, -np.inf, np.float32)  # (X, Y, Z): the winning logit so far
@@ -227,7 +225,7 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
 
     def put(i: int, k: int, logits: np.ndarray, iou: float) -> None:
         """Structure i's mask on slice k into masks/labels (the slice view back to voxels)."""
-        idx, view = _slice_index(axis, k), slice_to_voxels(logits)  # (as a slice of the volume)
+        idx, view = data.slice_index(axis, k), data.slice_to_voxels(logits)  # slice -> voxels
         m = view > sam.cfg.mask_threshold
         masks[(i, *idx)] = m
         win = m & (view > best[idx])
@@ -308,18 +306,6 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
                "decode_s": dict(sorted(decode_s.items())),
                "total_s": time.perf_counter() - t_start}  # fmt: skip
     return VolumeSegmentation(labels, masks, records, timings)
-
-
-def slice_to_voxels(image: np.ndarray) -> np.ndarray:
-    """The inverse of data.volume_slice's view: an (H, W) slice image -> the volume's own order
-    of that slice's voxels (outputs.put_slice does the same into a volume)."""
-    return image.T[::-1, ::-1]
-
-
-def _slice_index(axis: str, k: int) -> tuple:
-    index = [slice(None)] * 3
-    index[AXES[axis]] = k
-    return tuple(index)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def per_slice(sam, enc, u8, boxes: dict, multimask: bool) -> np.ndarray:
     for k, box in boxes.items():
         emb, geom = enc(k)
         logits, _, _ = volume.decode_slice(sam, emb, geom, box, None, multimask)
-        out[:, :, k] = volume.slice_to_voxels(logits > sam.cfg.mask_threshold)
+        out[:, :, k] = data.slice_to_voxels(logits > sam.cfg.mask_threshold)
     return out
 
 

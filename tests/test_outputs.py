@@ -164,9 +164,9 @@ def test_put_slice_inverts_data_volume_slice():
     img = data.volume_slice(vol, "z", 2)
     assert img.shape == (5, 6) and img[0, 0] == 7  # radiological: anterior top, right on the left
     vol = np.random.default_rng(0).integers(0, 9, (6, 5, 4))
-    for axis, ax in outputs.AXES.items():
+    for axis, ax in data.AXES.items():
         out = np.zeros_like(vol)
-        outputs.put_slice(out, axis, 1, data.volume_slice(vol, axis, 1))
+        data.put_slice(out, axis, 1, data.volume_slice(vol, axis, 1))
         np.testing.assert_array_equal(np.take(out, 1, ax), np.take(vol, 1, ax))
         assert np.count_nonzero(np.delete(out, 1, ax)) == 0  # only that slice is written
 

@@ -86,7 +86,7 @@ def dice(a, b):
 def test_slice_view_round_trip():
     vol = np.arange(W * H * N).reshape(W, H, N)
     for k in (0, 7):
-        assert np.array_equal(volume.slice_to_voxels(data.volume_slice(vol, "z", k)), vol[:, :, k])
+        assert np.array_equal(data.slice_to_voxels(data.volume_slice(vol, "z", k)), vol[:, :, k])
 
 
 def test_propagates_both_ways_and_stops_where_the_structure_ends():
