@@ -26,6 +26,27 @@ def temp_path(path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes)}")
 
 
+def stale_temps(folder, name: str) -> list[Path]:
+    """The temp files (temp_path) of `folder`/`name` that no other live process is writing: a
+    killed run's leftovers (and this process's own, when called before it writes)."""
+    stale = []
+    for tmp in Path(folder).glob(f".{name}.*.tmp*"):
+        pid = tmp.name[len(name) + 2 :].split(".")[0]
+        if not (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))):
+            stale.append(tmp)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def atomic_write(path, write) -> None:
     """write(tmp) into a temp file beside `path`, then rename it to `path`."""
     path = Path(path)

@@ -17,7 +17,6 @@ left by a killed run are removed by the next run in that directory.
 """
 
 import json
-import os
 import resource
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -116,25 +115,12 @@ def clean_temps(out: Path) -> list[str]:
     process's are kept. -> the names removed."""
     removed = []
     for name in RUN_FILES:
-        for tmp in out.glob(f".{name}.*.tmp*"):
-            pid = tmp.name[len(name) + 2 :].split(".")[0]
-            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-                continue
+        for tmp in files.stale_temps(out, name):
             tmp.unlink(missing_ok=True)
             removed.append(tmp.name)
     if removed:
         print(f"{out}: removed temp files of a killed run: {', '.join(removed)}")
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 # ------------------------------------------------------------------------------------------------
