@@ -265,15 +265,17 @@ def select_random_points(pr, gt, point_num: int, draws) -> tuple:
     return np.array(batch_points), np.array(batch_labels)
 
 
-def generate_point(masks, labels, low_res_masks, batched_input: dict, point_num: int, draws):
-    """utils.py:192-205: clicks from sigmoid(masks) > 0.5 against the label, the previous low-res
-    mask as probabilities, boxes dropped."""
+def generate_point(masks, labels, low_res_masks, batched_input: dict, point_num: int, clicks):
+    """utils.py:192-205 (used by test.py and train.py alike): clicks from sigmoid(masks) > 0.5
+    against the label, the previous low-res mask as probabilities, boxes dropped. clicks(masks
+    binary, labels, n) -> (points, labels) is select_random_points over the caller's draws."""
     masks_binary = (torch.sigmoid(masks.clone()) > 0.5).float()  # :193-195
     low_res_masks_logist = torch.sigmoid(low_res_masks.clone())  # :197-198
-    points, point_labels = select_random_points(masks_binary, labels, point_num, draws)  # :200
-    batched_input["mask_inputs"] = low_res_masks_logist  # :201-204
-    batched_input["point_coords"] = torch.as_tensor(points)
-    batched_input["point_labels"] = torch.as_tensor(point_labels)
+    points, point_labels = clicks(masks_binary, labels, point_num)  # :200
+    device = masks.device  # :201-204 (and train.py:166's to_device)
+    batched_input["mask_inputs"] = low_res_masks_logist
+    batched_input["point_coords"] = torch.as_tensor(points).to(device)  # (P, n, 2)
+    batched_input["point_labels"] = torch.as_tensor(point_labels).to(device)  # (P, n)
     batched_input["boxes"] = None
     return batched_input
 
@@ -365,7 +367,12 @@ def official_test_mask(
             )
             if it != iter_point - 1:
                 batched_input = generate_point(
-                    masks, labels, low_res_masks, batched_input, point_num, draws
+                    masks,
+                    labels,
+                    low_res_masks,
+                    batched_input,
+                    point_num,
+                    lambda mb, lab, n: select_random_points(mb, lab, n, draws),
                 )
                 point_coords.append(batched_input["point_coords"])
                 point_labels.append(batched_input["point_labels"])
@@ -455,17 +462,8 @@ def _draws(draws):
 
 
 def official_points(masks, labels, low_res_masks, prompt: dict, point_num: int, draws) -> dict:
-    """generate_point (utils.py:192-205): clicks from the prediction's error region (the draws'
-    clicks: select_random_points), the low-res mask as probabilities, boxes dropped."""
-    masks_binary = (torch.sigmoid(masks.clone()) > 0.5).float()  # :193-195
-    low_res_masks_logist = torch.sigmoid(low_res_masks.clone())  # :197-198
-    points, point_labels = _draws(draws).clicks(masks_binary, labels, point_num)  # :200
-    device = masks.device  # :201-204, then to_device (train.py:166)
-    prompt["mask_inputs"] = low_res_masks_logist
-    prompt["point_coords"] = torch.as_tensor(points).to(device)  # (P, n, 2)
-    prompt["point_labels"] = torch.as_tensor(point_labels).to(device)  # (P, n)
-    prompt["boxes"] = None
-    return prompt
+    """generate_point in training (train.py:165, 196), its clicks from the draws' clicks()."""
+    return generate_point(masks, labels, low_res_masks, prompt, point_num, _draws(draws).clicks)
 
 
 def train_one_batch(sam, optimizer, batch: dict, iter_point: int, point_list, draws) -> list:
