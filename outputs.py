@@ -59,6 +59,27 @@ def _numbers(values) -> list:
     return [float(v) for v in values]
 
 
+def parse_window(w):
+    """A CT window from the command line (["lung"], ["40", "400"]) or JSON ("lung", [40, 400])
+    -> a data.WINDOWS name or (level, width) floats, finite with width > 0; None stays None
+    (percentiles)."""
+    if isinstance(w, list | tuple) and len(w) == 1:
+        w = w[0]
+    if w is None or (isinstance(w, str) and w in data.WINDOWS):
+        return w
+    try:
+        if isinstance(w, str) or any(isinstance(v, bool) for v in w):
+            raise TypeError
+        level, width = (float(v) for v in w)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"window is one of {', '.join(data.WINDOWS)} or LEVEL WIDTH, not {w!r}"
+        ) from None
+    if not (np.isfinite(level) and np.isfinite(width) and width > 0):
+        raise ValueError(f"window LEVEL WIDTH must be finite with WIDTH > 0, not {w!r}")
+    return level, width
+
+
 def parse_prompt(obj) -> Prompt:
     """A prompt from its JSON form {"box": [...], "points": [[x, y], ...], "labels": [...]}."""
     if not isinstance(obj, dict) or not set(obj) <= {"box", "points", "labels"} or not obj:
@@ -128,7 +149,7 @@ def parse_entry(path: Path, entry, defaults: dict | None = None) -> Job:
         raise ValueError(f"axis must be x, y or z, not {job.axis!r}")
     if job.slice is not None and (not isinstance(job.slice, int) or isinstance(job.slice, bool)):
         raise ValueError(f"slice must be a whole number, not {job.slice!r}")
-    job.window = infer.parse_window(job.window)
+    job.window = parse_window(job.window)
     b3 = job.box3d
     if b3 is not None:
         try:

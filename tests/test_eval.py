@@ -13,6 +13,7 @@ from PIL import Image
 
 import data
 import infer
+import infer_cli
 import model
 import official
 import outputs
@@ -197,14 +198,14 @@ def test_defaults_are_the_official_protocol(sam, dataset):
     res = infer.evaluate(sam, dataset, ("box",))
     assert res["prompts"]["protocol"] == "official" and res["prompts"]["no_error_click"] == "pad"
     assert infer.InferConfig().protocol == "official"
-    args = infer.parse_args(["--eval", "x", "--protocol", "tight", "--no-error-click", "confirm",
-                             "--modes", "box", "3", "5shot"])  # fmt: skip
-    cfg = infer.config_from_args(args)
+    args = infer_cli.parse_args(["--eval", "x", "--protocol", "tight", "--no-error-click",
+                                 "confirm", "--modes", "box", "3", "5shot"])  # fmt: skip
+    cfg = infer_cli.config_from_args(args)
     assert (cfg.protocol, cfg.no_error_click) == ("tight", "confirm")
     assert cfg.prompt_modes == ("box", 3, "5shot")
     for bad in (["--modes", "shot"], ["--modes", "0shot"], ["--no-error-click", "skip"]):
         with pytest.raises(SystemExit):
-            infer.parse_args(["--eval", "x", *bad])
+            infer_cli.parse_args(["--eval", "x", *bad])
     with pytest.raises(ValueError, match="prompt modes"):
         infer.evaluate(sam, dataset, ("3shots",))
 

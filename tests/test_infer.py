@@ -22,6 +22,7 @@ from PIL import Image
 import data
 import files
 import infer
+import infer_cli
 import model
 import outputs
 
@@ -59,7 +60,7 @@ def blob_image(h, w, seed=0):
 
 
 def run(argv):
-    return infer.main(infer.parse_args([str(a) for a in argv]))
+    return infer_cli.main(infer_cli.parse_args([str(a) for a in argv]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,9 +270,9 @@ def test_folder_mode_skips_and_lists_bad_files(ckpt, tmp_path):
 
 
 def test_no_adapter_dtype_and_single_mask(ckpt, tmp_path):
-    args = infer.parse_args(["x.png", "--checkpoint", str(ckpt), "--no-adapter", "--single-mask",
-                             "--dtype", "bfloat16"])  # fmt: skip
-    cfg = infer.config_from_args(args)
+    args = infer_cli.parse_args(["x.png", "--checkpoint", str(ckpt), "--no-adapter",
+                                 "--single-mask", "--dtype", "bfloat16"])  # fmt: skip
+    cfg = infer_cli.config_from_args(args)
     assert cfg.adapter is False and cfg.multimask is False
     sam = infer.load_model(cfg)
     assert not any(".Adapter." in n for n, _ in sam.named_parameters())
@@ -470,13 +471,13 @@ def test_threads_default_leaves_busy_cores_alone(monkeypatch):
     """Issue 12.8: --threads N is N; the default 0 is the cores the load average leaves idle."""
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
-    assert infer.cpu_threads(0) == 8 and infer.cpu_threads(3) == 3
+    assert infer_cli.cpu_threads(0) == 8 and infer_cli.cpu_threads(3) == 3
     monkeypatch.setattr(os, "getloadavg", lambda: (5.6, 0.0, 0.0))
-    assert infer.cpu_threads(0) == 2
+    assert infer_cli.cpu_threads(0) == 2
     monkeypatch.setattr(os, "getloadavg", lambda: (30.0, 0.0, 0.0))
-    assert infer.cpu_threads(0) == 1
+    assert infer_cli.cpu_threads(0) == 1
     with pytest.raises(ValueError, match="--threads must be 0"):
-        infer.cpu_threads(-1)
+        infer_cli.cpu_threads(-1)
 
 
 def _wait(cond, seconds, what):

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import infer
+import infer_cli
 import model
 import precision
 
@@ -142,7 +143,7 @@ def test_auto_follows_the_cpu_check_into_the_json(monkeypatch, ckpt_and_image, t
     monkeypatch.setattr(precision, "apply", apply)
     out = tmp_path / f"mask_{has_bf16}.png"
     argv = [img, "--checkpoint", ckpt, "--box", 2, 3, 30, 35, "--out", out, "--device", "cpu"]
-    assert infer.main(infer.parse_args([str(a) for a in argv])) == 0
+    assert infer_cli.main(infer_cli.parse_args([str(a) for a in argv])) == 0
     want = precision.FAST if has_bf16 else "float32"
     assert json.loads(out.with_suffix(".json").read_text())["precision"] == want
     assert loaded[0].precision == want
@@ -154,7 +155,7 @@ def test_explicit_float32_overrides_auto(monkeypatch, ckpt_and_image, tmp_path):
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     out = tmp_path / "m.png"
     argv = [img, "--checkpoint", ckpt, "--box", 2, 3, 30, 35, "--out", out, "--dtype", "float32"]
-    assert infer.main(infer.parse_args([str(a) for a in argv])) == 0
+    assert infer_cli.main(infer_cli.parse_args([str(a) for a in argv])) == 0
     assert json.loads(out.with_suffix(".json").read_text())["precision"] == "float32"
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import data
 import infer
+import infer_cli
 import model
 import volume
 from volume import PropagateConfig, Structure
@@ -353,7 +354,7 @@ def test_cli_propagate_writes_the_input_voxel_order(nifti, tmp_path, monkeypatch
     monkeypatch.setattr(infer, "load_model", lambda cfg: BrightInBox())
     out = tmp_path / "mask.nii.gz"
     args = [str(path), "--slice", "8", "--box", *_key_box(path), "--propagate", "--out", str(out)]
-    assert infer.main(infer.parse_args(args)) == 0
+    assert infer_cli.main(infer_cli.parse_args(args)) == 0
     img = nib.load(str(out))
     assert np.allclose(img.affine, affine) and img.shape == gt.shape
     assert dice(np.asarray(img.dataobj) == 1, gt) > 0.95
@@ -372,7 +373,7 @@ def test_cli_propagate_from_box3d(nifti, tmp_path, monkeypatch):
     x0, y0, x1, y1 = _key_box(path)
     # z1 is exclusive, like x1 and y1: slices 6..10, the middle one is the key
     args = [str(path), "--box3d", x0, y0, "6", x1, y1, "11", "--propagate", "--out", str(out)]
-    assert infer.main(infer.parse_args(args)) == 0
+    assert infer_cli.main(infer_cli.parse_args(args)) == 0
     s = json.loads(out.with_name("mask.json").read_text())["structures"][0]
     assert (s["key"], s["first"], s["last"]) == (8, 6, 10)
 
@@ -392,7 +393,7 @@ def test_cli_propagate_bad_input_writes_nothing(nifti, tmp_path, monkeypatch, ex
     out = tmp_path / "out" / "mask.nii.gz"
     args = [str(path), "--box", *_key_box(path), "--propagate", "--out", str(out), *extra]
     with pytest.raises(ValueError, match=message) as err:
-        infer.main(infer.parse_args(args))
+        infer_cli.main(infer_cli.parse_args(args))
     assert str(path) in str(err.value)
     assert not (tmp_path / "out").exists()
 
