@@ -16,15 +16,20 @@ directory unless --force; a resumed one drops the log lines of steps it will run
 left by a killed run are removed by the next run in that directory.
 """
 
+import datetime
 import json
+import os
 import resource
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import checkpoints
+import cli
 import data
 import files
 import model
@@ -121,6 +126,102 @@ def clean_temps(out: Path) -> list[str]:
     if removed:
         print(f"{out}: removed temp files of a killed run: {', '.join(removed)}")
     return removed
+
+
+# ------------------------------------------------------------------------------------------------
+# The starting weights and the run's plan (steps, data position, config.json)
+# ------------------------------------------------------------------------------------------------
+
+
+def checkpoint_file(cfg):
+    """The file a fresh run starts from: --checkpoint (a path or a known name), infer.py's
+    default (LiteMedSAM) without one; None for --checkpoint none (random init)."""
+    if cfg.checkpoint == "none":
+        return None
+    return checkpoints.resolve_checkpoint(cfg.checkpoint) if cfg.checkpoint else (
+        checkpoints.default_checkpoint())  # fmt: skip
+
+
+def build_model(cfg, device) -> model.Sam:
+    if (path := checkpoint_file(cfg)) is not None:
+        return model.load_checkpoint(path, image_size=cfg.image_size, adapter=cfg.adapter,
+                                     device=device, seed=cfg.seed,
+                                     conventions=cfg.input_conventions,
+                                     decoder_heads=cfg.decoder_heads)  # fmt: skip
+    mcfg = model.SamConfig.from_name(cfg.model, image_size=cfg.image_size, adapter=cfg.adapter)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+        torch.manual_seed(cfg.seed)
+        return model.Sam(mcfg).to(device)
+
+
+def plan_run(tr, state: dict | None) -> tuple:
+    """-> (dataset, steps per epoch, total steps, first step, end of this run, best (score,
+    step)); config.json written. The step alone fixes the data position (epoch, batch), the lr."""
+    cfg, out = tr.cfg, Path(tr.cfg.out)
+    ds = data.TrainDataset(cfg.data, tr.sam.cfg, masks_per_image=cfg.masks_per_image,
+                           seed=cfg.seed, mask_sampling=cfg.mask_sampling,
+                           box_rule=cfg.box_rule)  # fmt: skip
+    spe = len(ds) // cfg.batch_size
+    if spe == 0:
+        raise ValueError(f"{cfg.data}: {len(ds)} training images, fewer than the batch size")
+    if state and state["steps_per_epoch"] != spe:
+        raise ValueError(f"{cfg.data}: the dataset changed since the run started ({spe} steps "
+                         f"per epoch, not {state['steps_per_epoch']})")  # fmt: skip
+    total = cfg.steps or cfg.epochs * spe
+    start = state["step"] if state else 0
+    best = (state["best"], state.get("best_step")) if state else (-1.0, None)
+    end = min(total, start + cfg.stop_after) if cfg.stop_after else total
+    if tr.rank == 0:
+        source = out / "last.safetensors" if state else checkpoint_file(cfg) or "none (random init)"
+        write_config(out, asdict(cfg), tr.sam.cfg, total, start, source)
+    return ds, spe, total, start, end, best
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes (DDP) and the data order
+# ------------------------------------------------------------------------------------------------
+
+
+def setup_distributed(device: str) -> tuple:
+    """-> (rank, world size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs,
+    gloo on CPUs."""
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = cli.resolve_device(device, local)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local)
+    if world > 1:
+        # Generous timeout: the other processes wait while rank 0 validates.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2))  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return int(os.environ.get("RANK", "0")), world, device
+
+
+def mean_over_processes(tr, losses: dict) -> dict:
+    if tr.world == 1:
+        return losses
+    t = torch.tensor(list(losses.values()), dtype=torch.float64, device=tr.device)
+    dist.all_reduce(t)
+    return dict(zip(losses, (t / tr.world).tolist(), strict=True))
+
+
+def batches(ds, cfg, rank: int, world: int, step: int, spe: int):
+    """The micro-batches of every step from `step` to the end of its epoch, on this process.
+
+    The DistributedSampler's permutation depends on (seed, epoch) only, and process r takes every
+    world-th index: so the images of a global step are the same whatever the number of processes."""
+    epoch, first = divmod(step, spe)
+    ds.set_epoch(epoch)
+    sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    local = cfg.batch_size // world
+    indices = list(sampler)[first * local : spe * local]
+    loader = DataLoader(ds, batch_size=local // cfg.grad_accum, sampler=indices,
+                        num_workers=cfg.workers, drop_last=True)  # fmt: skip
+    it = iter(loader)
+    for _ in range(spe - first):
+        yield [next(it) for _ in range(cfg.grad_accum)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,20 +24,16 @@ masks (drawn with replacement):
 
     loss = 20 * focal + dice + (predicted IoU - soft IoU)^2, pooled over the batch's masks.
 
-Sections: config | losses | the training step | the loop | plumbing (DDP, the trainer, data) |
-command line. The run directory (state.pt, resume, log.jsonl) is runs.py; benchmarks against the
-official step live in bench.py, the official step itself in official.py.
+Sections: config | losses | the training step | the loop | plumbing (setup, the trainer). Beside
+this file: runs.py (the starting weights, DDP, the data order, the run directory: state.pt, resume,
+log.jsonl), train_cli.py (the flags), bench.py (one step against the official one, official.py).
 """
 
-import argparse
-import datetime
 import functools
 import math
-import os
-import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,15 +42,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-import checkpoints
-import cli
 import data
 import infer
 import model
 import runs
+from runs import batches, build_model, mean_over_processes, plan_run, setup_distributed  # plumbing
 
 # ------------------------------------------------------------------------------------------------
 # Config
@@ -505,8 +499,8 @@ def validate(sam: model.Sam, cfg: TrainConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# Plumbing: setup, processes (DDP), the trainer, data order. The run directory (training state,
-# resume, log.jsonl) is runs.py.
+# Plumbing: setup and the trainer. runs.py has the rest: the starting weights (build_model), the
+# run's plan, processes (DDP), the data order, the run directory (training state, resume, log).
 # ------------------------------------------------------------------------------------------------
 
 
@@ -527,66 +521,6 @@ def setup(args: dict) -> tuple:
     if state is not None:
         runs.restore(tr.sam, tr.opt, tr.scaler, tr.gen, state)
     return tr, state
-
-
-def plan_run(tr: Trainer, state: dict | None) -> tuple:
-    """-> (dataset, steps per epoch, total steps, first step, end of this run, best (score,
-    step)); config.json written. The step alone fixes the data position (epoch, batch), the lr."""
-    cfg, out = tr.cfg, Path(tr.cfg.out)
-    ds = data.TrainDataset(cfg.data, tr.sam.cfg, masks_per_image=cfg.masks_per_image,
-                           seed=cfg.seed, mask_sampling=cfg.mask_sampling,
-                           box_rule=cfg.box_rule)  # fmt: skip
-    spe = len(ds) // cfg.batch_size
-    if spe == 0:
-        raise ValueError(f"{cfg.data}: {len(ds)} training images, fewer than the batch size")
-    if state and state["steps_per_epoch"] != spe:
-        raise ValueError(f"{cfg.data}: the dataset changed since the run started ({spe} steps "
-                         f"per epoch, not {state['steps_per_epoch']})")  # fmt: skip
-    total = cfg.steps or cfg.epochs * spe
-    start = state["step"] if state else 0
-    best = (state["best"], state.get("best_step")) if state else (-1.0, None)
-    end = min(total, start + cfg.stop_after) if cfg.stop_after else total
-    if tr.rank == 0:
-        source = out / "last.safetensors" if state else checkpoint_file(cfg) or "none (random init)"
-        runs.write_config(out, asdict(cfg), tr.sam.cfg, total, start, source)
-    return ds, spe, total, start, end, best
-
-
-def setup_distributed(device: str) -> tuple:
-    """-> (rank, world size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs,
-    gloo on CPUs."""
-    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = cli.resolve_device(device, local)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local)
-    if world > 1:
-        # Generous timeout: the other processes wait while rank 0 validates.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(hours=2))  # fmt: skip
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return int(os.environ.get("RANK", "0")), world, device
-
-
-def checkpoint_file(cfg: TrainConfig):
-    """The file a fresh run starts from: --checkpoint (a path or a known name), infer.py's
-    default (LiteMedSAM) without one; None for --checkpoint none (random init)."""
-    if cfg.checkpoint == "none":
-        return None
-    return checkpoints.resolve_checkpoint(cfg.checkpoint) if cfg.checkpoint else (
-        checkpoints.default_checkpoint())  # fmt: skip
-
-
-def build_model(cfg: TrainConfig, device) -> model.Sam:
-    if (path := checkpoint_file(cfg)) is not None:
-        return model.load_checkpoint(path, image_size=cfg.image_size, adapter=cfg.adapter,
-                                     device=device, seed=cfg.seed,
-                                     conventions=cfg.input_conventions,
-                                     decoder_heads=cfg.decoder_heads)  # fmt: skip
-    mcfg = model.SamConfig.from_name(cfg.model, image_size=cfg.image_size, adapter=cfg.adapter)
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
-        torch.manual_seed(cfg.seed)
-        return model.Sam(mcfg).to(device)
 
 
 def make_trainer(sam: model.Sam, cfg: TrainConfig, device, rank=0, world=1, verbose=True):
@@ -611,53 +545,12 @@ def cpu_trainer(sam: model.Sam, cfg: TrainConfig) -> Trainer:
     return make_trainer(sam, cfg, torch.device("cpu"), verbose=False)
 
 
-def mean_over_processes(tr: Trainer, losses: dict) -> dict:
-    if tr.world == 1:
-        return losses
-    t = torch.tensor(list(losses.values()), dtype=torch.float64, device=tr.device)
-    dist.all_reduce(t)
-    return dict(zip(losses, (t / tr.world).tolist(), strict=True))
-
-
-def batches(ds, cfg: TrainConfig, rank: int, world: int, step: int, spe: int):
-    """The micro-batches of every step from `step` to the end of its epoch, on this process.
-
-    The DistributedSampler's permutation depends on (seed, epoch) only, and process r takes every
-    world-th index: so the images of a global step are the same whatever the number of processes."""
-    epoch, first = divmod(step, spe)
-    ds.set_epoch(epoch)
-    sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    local = cfg.batch_size // world
-    indices = list(sampler)[first * local : spe * local]
-    loader = DataLoader(ds, batch_size=local // cfg.grad_accum, sampler=indices,
-                        num_workers=cfg.workers, drop_last=True)  # fmt: skip
-    it = iter(loader)
-    for _ in range(spe - first):
-        yield [next(it) for _ in range(cfg.grad_accum)]
-
-
 # ------------------------------------------------------------------------------------------------
-# Command line: one flag per TrainConfig field (help = the field's comment)
+# Command line: train_cli.py (one flag per TrainConfig field, help = the field's comment; --bench)
 # ------------------------------------------------------------------------------------------------
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # Defaults stay out of the namespace: the dataclass holds them, and --resume can tell which
-    # settings were given.
-    choices = dict(model=list(model.PRESETS), **CHOICES)
-    cli.add_config_args(p, TrainConfig, suppress_defaults=True,
-                        **{k: dict(choices=v) for k, v in choices.items()})  # fmt: skip
-    p.add_argument("--bench", action="store_true", help="time one step vs the official port")
-    p.add_argument("--bench-preset", default="vit_b", choices=list(model.PRESETS))
-    p.add_argument("--bench-runs", type=int, default=3)
-    p.add_argument("--bench-only", choices=["official", "ours"], default=None,
-                   help="one variant alone, for its process peak memory")  # fmt: skip
-    ns = p.parse_args()
-    if ns.bench:
-        import bench  # the benchmarks sit above the stages; only this branch needs them
+    import train_cli  # it imports this module: the command line sits above the stage
 
-        bench.train_step_cli(ns.bench_preset, ns.bench_runs, ns.bench_only)
-        sys.exit()
-    cli.main_guard(main, cli.config_values(TrainConfig, ns), "train.py")
+    train_cli.main(train_cli.parse_args())

@@ -624,9 +624,9 @@ def test_an_empty_val_split_is_refused_before_any_step(tmp_path):
 
 
 def test_checkpoint_default_is_infers_and_random_init_is_explicit():
-    assert train.checkpoint_file(train.TrainConfig(data="x")) == checkpoints.default_checkpoint()
+    assert runs.checkpoint_file(train.TrainConfig(data="x")) == checkpoints.default_checkpoint()
     assert (
-        train.checkpoint_file(train.TrainConfig(data="x", checkpoint="none", model="tiny")) is None
+        runs.checkpoint_file(train.TrainConfig(data="x", checkpoint="none", model="tiny")) is None
     )
     with pytest.raises(ValueError, match="--model is for --checkpoint none"):
         train.TrainConfig(data="x", model="tiny")  # would silently be ignored otherwise
