@@ -20,15 +20,13 @@ prompt, T prompt tokens, S image size, h/w token grid (S/16; S/4 for LiteMedSAM'
 encoder channels, D prompt/decoder channels, nh heads, hs head size, L tokens in an attention call.
 
 Sections: config | image encoder | prompt encoder | mask decoder | Sam | checkpoints (which layout,
-which keys, resize) | command line. Beside this file: kernels/ (the encoder's fast attention and
-adapter paths, checked against the reference math here), tinyvit.py (LiteMedSAM's encoder, the
-lite_medsam preset), checkpoints.py (reading checkpoint files safely, downloads). The command
-line (convert, info, bench, export-onnx) is in docs/model.md.
+which keys, resize). Beside this file: kernels/ (the encoder's fast attention and adapter paths,
+checked against the reference math here), tinyvit.py (LiteMedSAM's encoder, the lite_medsam
+preset), checkpoints.py (reading checkpoint files safely, downloads), model_cli.py (the command
+line: convert, info, bench, export-onnx; docs/model.md).
 """
 
-import argparse
 import math
-import runpy
 import sys
 from dataclasses import dataclass, field, fields, replace
 
@@ -733,51 +731,12 @@ def save_checkpoint(sam: Sam, path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Command line: convert official files, parameter counts; `bench` and `export-onnx` hand the rest
-# of the line to bench.py (`encoder`) and onnx_export.py, which sit above the stages
+# Command line: model_cli.py (convert, info; bench and export-onnx hand over to bench.py and
+# onnx_export.py, which sit above the stages)
 # ------------------------------------------------------------------------------------------------
-
-HANDOVER = {"bench": ["bench", "encoder"], "export-onnx": ["onnx_export"]}
-
-
-def main(args) -> None:
-    if args.command == "convert":
-        kw = dict(conventions=args.input_conventions, decoder_heads=args.decoder_heads)
-        sam = load_checkpoint(args.src, args.image_size, args.adapter, **kw)
-        save_checkpoint(sam, args.dst)
-        print(f"wrote {args.dst} ({sam.cfg.name} at {sam.cfg.image_size} px)")
-    elif args.command == "info":
-        adapter = {} if args.adapter is None else dict(adapter=args.adapter)  # None: the preset's
-        with torch.device("meta"):  # counting needs the shapes only
-            cfg = SamConfig.from_name(args.preset, image_size=args.image_size or 256, **adapter)
-            counts = count_parameters(Sam(cfg))
-        print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
-    else:  # that module's own command line, as if run as `python bench.py encoder ...`
-        module, *first = HANDOVER[args.command]
-        sys.argv = [f"{module}.py", *first, *args.rest]
-        runpy.run_module(module, run_name="__main__")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="model.py", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help="official .pth (SAM, SAM-Med2D) -> our .safetensors")
-    c.add_argument("src")
-    c.add_argument("dst")
-    c.add_argument("--input-conventions", choices=("sam-med2d", "checkpoint"), default="sam-med2d")
-    c.add_argument("--decoder-heads", choices=("reinit", "keep"), default="reinit")
-    info = sub.add_parser("info", help="parameter counts")
-    info.add_argument("preset", choices=list(PRESETS))
-    for s in (c, info):  # default: the file's (convert) or the preset's (info)
-        s.add_argument("--image-size", type=int)
-        s.add_argument("--adapter", action=argparse.BooleanOptionalAction)
-    for name, (module, *first) in HANDOVER.items():
-        sub.add_parser(name, add_help=False, help=f"python {module}.py {' '.join(first)} ...")
-    args, args.rest = p.parse_known_args(argv)
-    if args.rest and args.command not in HANDOVER:
-        p.error(f"unrecognized arguments: {' '.join(args.rest)}")
-    return args
 
 
 if __name__ == "__main__":
-    main_guard(main, parse_args(), "model.py")
+    import model_cli  # it imports this module: the command line sits above the stage
+
+    main_guard(model_cli.main, model_cli.parse_args(), "model.py")

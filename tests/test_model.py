@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import model
+import model_cli
 from model import Sam, SamConfig, load_checkpoint, save_checkpoint, select_best
 
 TOL = 1e-5
@@ -484,15 +485,15 @@ def test_convert_command_sheds_optimizer(tmp_path):
     cfg = SamConfig.from_name("tiny")
     src, dst = tmp_path / "med.pth", tmp_path / "med.safetensors"
     save_med2d(official_med2d_state_dict(cfg), src)
-    model.main(model.parse_args(["convert", str(src), str(dst)]))
+    model_cli.main(model_cli.parse_args(["convert", str(src), str(dst)]))
     sam = load_checkpoint(dst, verbose=False)
     assert sam.cfg.channel_order == "BGR" and sam.cfg.adapter
     with safe_open(str(dst), framework="pt") as f:  # the model's tensors, no optimizer state
         assert set(f.keys()) == set(sam.state_dict())
     # --image-size and --no-adapter reach load_checkpoint; absent flags keep the file's settings
     dst2 = tmp_path / "med512.safetensors"
-    model.main(model.parse_args(["convert", str(src), str(dst2), "--image-size", "512",
-                                 "--no-adapter"]))  # fmt: skip
+    model_cli.main(model_cli.parse_args(["convert", str(src), str(dst2), "--image-size", "512",
+                                         "--no-adapter"]))  # fmt: skip
     small = load_checkpoint(dst2, verbose=False)
     assert (small.cfg.image_size, small.cfg.adapter, small.cfg.channel_order) == (512, False, "BGR")
 
@@ -501,44 +502,46 @@ def test_convert_command_builds_a_sam_med2d_start_or_keeps_sam(tmp_path):
     sd = randomise(Sam(SamConfig.from_name("tiny", image_size=1024, adapter=False))).state_dict()
     torch.save(sd, tmp_path / "sam.pth")
     args = ["convert", str(tmp_path / "sam.pth"), "--image-size", "256", "--adapter"]
-    model.main(model.parse_args([*args[:2], str(tmp_path / "med.safetensors"), *args[2:]]))
+    model_cli.main(model_cli.parse_args([*args[:2], str(tmp_path / "med.safetensors"), *args[2:]]))
     med = load_checkpoint(tmp_path / "med.safetensors", verbose=False)
     assert (med.cfg.channel_order, med.cfg.resize_mode) == ("BGR", "stretch")
     assert not torch.equal(med.state_dict()["mask_decoder.mask_tokens.weight"],
                            sd["mask_decoder.mask_tokens.weight"])  # fmt: skip
     keep = [str(tmp_path / "keep.safetensors"), "--input-conventions", "checkpoint",
             "--decoder-heads", "keep"]  # fmt: skip
-    model.main(model.parse_args([*args[:2], *keep, *args[2:]]))
+    model_cli.main(model_cli.parse_args([*args[:2], *keep, *args[2:]]))
     kept = load_checkpoint(tmp_path / "keep.safetensors", verbose=False)
     assert (kept.cfg.channel_order, kept.cfg.resize_mode) == ("RGB", "longest")
     assert torch.equal(kept.state_dict()["mask_decoder.mask_tokens.weight"],
                        sd["mask_decoder.mask_tokens.weight"])  # fmt: skip
     with pytest.raises(SystemExit):  # argparse: not a choice
-        model.parse_args([*args[:2], "x.safetensors", "--decoder-heads", "fresh"])
+        model_cli.parse_args([*args[:2], "x.safetensors", "--decoder-heads", "fresh"])
 
 
 def test_bench_and_export_onnx_hand_the_line_over(capsys, monkeypatch):
     """`model.py bench ...` runs `bench.py encoder ...` (its flags, its output);
     `model.py export-onnx ...` hands its whole line to onnx_export.py the same way."""
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # the handover sets sys.argv
-    args = model.parse_args(["bench", "tiny", "--image-size", "64", "--runs", "1", "--warmup", "0"])
+    args = model_cli.parse_args(
+        ["bench", "tiny", "--image-size", "64", "--runs", "1", "--warmup", "0"]
+    )
     assert args.rest == ["tiny", "--image-size", "64", "--runs", "1", "--warmup", "0"]
     with pytest.raises(SystemExit) as done:
-        model.main(args)
+        model_cli.main(args)
     assert done.value.code == 0
     first, second = capsys.readouterr().out.strip().splitlines()
     assert first.startswith("parameters: encoder ") and second.startswith("tiny@64 adapter=True ")
-    onnx = model.parse_args(["export-onnx", "ckpt.safetensors", "out", "--opset", "17"])
+    onnx = model_cli.parse_args(["export-onnx", "ckpt.safetensors", "out", "--opset", "17"])
     assert (onnx.command, onnx.rest) == (
         "export-onnx",
         ["ckpt.safetensors", "out", "--opset", "17"],
     )
     with pytest.raises(SystemExit):  # the other commands take no foreign flags
-        model.parse_args(["info", "tiny", "--runs", "3"])
+        model_cli.parse_args(["info", "tiny", "--runs", "3"])
 
 
 def test_info_command_prints_the_counts(capsys):
-    model.main(model.parse_args(["info", "tiny", "--no-adapter", "--image-size", "512"]))
+    model_cli.main(model_cli.parse_args(["info", "tiny", "--no-adapter", "--image-size", "512"]))
     with torch.device("meta"):
         sam = Sam(SamConfig.from_name("tiny", adapter=False, image_size=512))
     counts = model.count_parameters(sam)
@@ -548,7 +551,7 @@ def test_info_command_prints_the_counts(capsys):
         f"{counts['total']:,}\n"
     )
     with pytest.raises(SystemExit):  # argparse: not a preset
-        model.parse_args(["info", "vit_x"])
+        model_cli.parse_args(["info", "vit_x"])
 
 
 def test_legacy_format_checkpoint_loads(tmp_path):
