@@ -29,12 +29,9 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from files import read_json
-
-VOLUME_SUFFIXES = (".nii.gz", ".nii")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from components import label_components
+from files import DataError, is_binary, open_image, read_json, read_label_map
 
 # CT window presets: name -> (level, width) in Hounsfield units
 WINDOWS = {
@@ -45,38 +42,14 @@ WINDOWS = {
 }
 
 
-class DataError(ValueError):
-    """A bad input file; the message starts with the file's path and says what is wrong."""
-
-
-def stem(path) -> str:
-    """A file's name without its format suffix: "scan.nii.gz" -> "scan", "p01_a.png" -> "p01_a"."""
-    name = Path(path).name
-    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
-
-
 # ----------------------------------------------------------------------------------------------
 # Reading images and volumes, intensity normalisation
-
-
-def _load_pil(path) -> Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        im = Image.open(path)
-        im.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
-    if getattr(im, "n_frames", 1) > 1:
-        raise DataError(f"{path}: multi-frame image ({im.n_frames} frames); convert to NIfTI")
-    return im
 
 
 def read_image(path) -> np.ndarray:
     """PNG/JPEG/BMP/TIFF, 8/16 bit or float, grey or colour -> (H, W, 3) uint8 RGB. 16-bit and
     float pixels already within 0..255 integers are kept, others are scaled min-max."""
-    im = _load_pil(path)
+    im = open_image(path)
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # 16-bit or float
         a = np.asarray(im)  # (H, W)
         if not np.isfinite(a).all():
@@ -239,9 +212,8 @@ class Geometry:
 
 def nearest_indices(src: int, dst: int) -> np.ndarray:
     """OpenCV's INTER_NEAREST source index for each of `dst` output pixels along an axis of
-    `src` pixels (resize.cpp, resizeNN): floor(i * (1.0 / (dst / src))), computed in double
-    exactly so, capped at src - 1. torch's mode="nearest" (float32 src / dst) picks another
-    pixel for some sizes (e.g. 186 -> 256 at i = 128: cv2 92, torch 93)."""
+    `src` pixels (resize.cpp, resizeNN), exactly: torch's mode="nearest" picks another pixel for
+    some sizes (docs/data.md, "OpenCV's nearest rule, exactly")."""
     ifx = 1.0 / (dst / src)  # Python floats are doubles, as in OpenCV
     return np.minimum(np.floor(np.arange(dst, dtype=np.float64) * ifx), src - 1).astype(np.int64)
 
@@ -305,46 +277,7 @@ def preprocess(image: np.ndarray, cfg, nearest="cv2") -> tuple[torch.Tensor, Geo
 
 
 # ----------------------------------------------------------------------------------------------
-# Masks: files -> (H, W) bool, and connected components (a vectorised union-find, no scipy)
-
-
-def read_label_map(path, shape=None, image=None) -> np.ndarray:
-    """A mask or label map file -> (H, W) int64 of non-negative integer labels. With `shape`, the
-    (H, W) of the image it belongs to (named by `image`), a mask of another size is an error."""
-    im = _load_pil(path)
-    if im.mode in ("RGB", "RGBA", "CMYK", "YCbCr"):
-        rgb = np.asarray(im.convert("RGB"))  # (H, W, 3)
-        if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all()):
-            raise DataError(f"{path}: colour mask (channels differ); masks must be grey labels")
-        a = rgb[..., 0]
-    elif im.mode in ("LA", "PA"):
-        a = np.asarray(im)[..., 0]  # P keeps its palette indices: they are the labels
-    else:
-        a = np.asarray(im)
-    if shape is not None and a.shape != tuple(shape):
-        (h, w), (H, W) = a.shape, shape
-        of = f" {image}" if image else ""
-        raise DataError(f"{path}: mask is {w}x{h} but its image{of} is {W}x{H}")
-    check_labels(a, path)
-    return a.astype(np.int64)
-
-
-def check_labels(a: np.ndarray, path) -> None:
-    """Labels (a 2D mask file or a label volume) must be finite non-negative integers."""
-    if np.issubdtype(a.dtype, np.floating):
-        if not np.isfinite(a).all():
-            raise DataError(f"{path}: labels contain NaN or inf")
-        frac = a != np.round(a)
-        if frac.any():
-            raise DataError(f"{path}: non-integer labels (e.g. {a[frac][0]:g})")
-    if a.size and a.min() < 0:
-        raise DataError(f"{path}: negative label {a.min():g}")
-
-
-def is_binary(labels: np.ndarray) -> bool:
-    """0/1 or 0/255 (an all-zero mask included): the two ways a binary mask is stored."""
-    hi = int(labels.max()) if labels.size else 0
-    return hi in (0, 1, 255) and bool(((labels == 0) | (labels == hi)).all())
+# Masks: files -> (H, W) bool, and the largest 8-connected component (components.py labels them)
 
 
 def read_mask(path, shape=None, image=None) -> np.ndarray:
@@ -355,49 +288,6 @@ def read_mask(path, shape=None, image=None) -> np.ndarray:
         vals = np.unique(a)[:8].tolist()
         raise DataError(f"{path}: mask values {vals} are not binary (0/1 or 0/255)")
     return a > 0
-
-
-def label_components(masks: torch.Tensor) -> torch.Tensor:
-    """(..., H, W) bool -> (..., H, W) int64: 8-connected components within each (H, W) plane,
-    numbered 1, 2, ... over the whole batch in scan order of their first pixel; 0 = background.
-
-    Every foreground pixel starts as its own tree. Each round hooks the larger of two adjacent
-    roots under the smaller (scatter-min), then pointer jumping flattens the trees. Roots are the
-    smallest pixel index of their component; every root with a different neighbour merges in
-    each round, so the rounds grow like log(N), not like the component's diameter."""
-    shape, (H, W) = masks.shape, masks.shape[-2:]
-    flat = masks.reshape(-1).bool()  # (B*H*W,)
-    fg = flat.nonzero().squeeze(1)  # (N,)
-    ids = torch.full(flat.shape, -1, dtype=torch.long, device=masks.device)
-    ids[fg] = torch.arange(fg.numel(), device=masks.device)
-    g = ids.view(-1, H, W)  # (B, H, W) compact pixel ids, -1 background
-    pairs = [
-        (g[:, :, :-1], g[:, :, 1:]),  # right neighbour
-        (g[:, :-1, :], g[:, 1:, :]),  # down
-        (g[:, :-1, :-1], g[:, 1:, 1:]),  # down-right
-        (g[:, :-1, 1:], g[:, 1:, :-1]),  # down-left
-    ]
-    a = torch.cat([p.reshape(-1) for p, _ in pairs])  # (E,)
-    b = torch.cat([q.reshape(-1) for _, q in pairs])  # (E,)
-    keep = (a >= 0) & (b >= 0)
-    a, b = a[keep], b[keep]
-    parent = torch.arange(fg.numel(), device=masks.device)  # (N,)
-    while True:
-        pa, pb = parent[a], parent[b]
-        diff = pa != pb
-        if not bool(diff.any()):
-            break
-        lo, hi = torch.minimum(pa[diff], pb[diff]), torch.maximum(pa[diff], pb[diff])
-        parent.scatter_reduce_(0, hi, lo, reduce="amin")  # hook roots
-        while True:  # pointer jumping until every pixel points at its root
-            grand = parent[parent]
-            if torch.equal(grand, parent):
-                break
-            parent = grand
-    out = torch.zeros(flat.shape, dtype=torch.long, device=masks.device)
-    if fg.numel():
-        out[fg] = torch.unique(parent, return_inverse=True)[1] + 1
-    return out.view(shape)
 
 
 def largest_component(mask):
@@ -427,11 +317,8 @@ def boxes_from_masks(
     last pixel, as skimage's regionprops bbox in the official code). An empty mask gets the whole
     image (the official code crashes). `largest_component`: box of the largest 8-connected
     component (the official rule, utils.py:28-38). `jitter` (training) by `jitter_rule`:
-    "official" (utils.py:50-65): the whole box moves by (dx, dy), each an integer in [-M, M-1]
-    with M = min(5, int(0.5 * min(w, h))), dx drawn before dy, box after box, nothing drawn when
-    M == 0, no clamping (a box may leave the image). "ours": each coordinate moves by an integer
-    in [-m, m], m = min(floor(0.1 * min(w, h)), 5), then the box is clamped to the image and kept
-    at least 1 px wide."""
+    "official" (utils.py:50-65), the whole box shifts by up to 5 px, unclamped; "ours", each
+    coordinate, clamped to the image. The exact rules: docs/data.md, "Prompts"."""
     if jitter_rule not in ("official", "ours"):
         raise ValueError(f"jitter_rule must be 'official' or 'ours', got {jitter_rule!r}")
     if largest_component:
@@ -588,9 +475,8 @@ def _item_seed(*parts: int) -> int:
 
 class TrainDataset(torch.utils.data.Dataset):
     """A training sample: one image and M of its masks, with prompts sampled in model space as the
-    official code does (DataLoader.py:153-163). mask_sampling "with" (official random.choices) or
-    "without" (repeats only when there are fewer than M); box_rule "official" (largest component,
-    whole-box jitter) or "ours" (whole mask, per-corner clamped jitter): see boxes_from_masks.
+    official code does (DataLoader.py:153-163). mask_sampling, box_rule: the official rules by
+    default, ours as options (docs/data.md, "Prompts").
     Item keys: image (3, S, S) float32 normalised; masks (M, S, S) float32 0/1; boxes (M, 4)
     float32; point_coords (M, n, 2) float32 x, y; point_labels (M, n) int64; index () int64.
     Each item draws from its own generator seeded by (seed, epoch, index), so samples repeat

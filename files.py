@@ -1,12 +1,16 @@
-"""Writing files so that nothing is lost or half-written, and reading JSON with errors that name
-the file.
+"""Files: writing them so that nothing is lost or half-written, reading them (JSON, images, label
+maps) with errors that name the file, and the one rule for a file's name without its suffix.
 
 Every stage writes through `atomic_write`: the bytes go to a hidden temp file beside the target,
 which is then renamed over it, so a reader sees the old file or the new one, never half of one,
 and a killed run leaves no partial output. Files that belong together (a mask, its overlay, its
 record) go through an `OutputSet`: all written as temp files first, then renamed as a group under
 a lock, so concurrent runs onto the same outputs leave one run's set, never a mix. JSON is written
-strictly (no NaN/Infinity, which strict parsers reject)."""
+strictly (no NaN/Infinity, which strict parsers reject).
+
+`stem` (".nii.gz"-aware) names every stage's outputs. Reading is strict too: JSON, images and
+label maps (the masks data.read_mask turns into bool) are checked as they are read, and a bad
+file is an error whose message starts with its path (`DataError` for a bad input file)."""
 
 import contextlib
 import fcntl
@@ -16,6 +20,15 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii")  # the files the stages read as NIfTI volumes
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # ... and as 2D images
+
+
+def stem(path) -> str:
+    """A file's name without its format suffix: "scan.nii.gz" -> "scan", "p01_a.png" -> "p01_a"."""
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
 
 
 def temp_path(path) -> Path:
@@ -165,3 +178,66 @@ def read_json(path):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading images and label maps strictly: a bad file is a DataError that names it
+# ------------------------------------------------------------------------------------------------
+
+
+class DataError(ValueError):
+    """A bad input file; the message starts with the file's path and says what is wrong."""
+
+
+def open_image(path) -> Image.Image:
+    """An image file, opened and loaded by Pillow: one frame, else a DataError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        im = Image.open(path)
+        im.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+    if getattr(im, "n_frames", 1) > 1:
+        raise DataError(f"{path}: multi-frame image ({im.n_frames} frames); convert to NIfTI")
+    return im
+
+
+def read_label_map(path, shape=None, image=None) -> np.ndarray:
+    """A mask or label map file -> (H, W) int64 of non-negative integer labels. With `shape`, the
+    (H, W) of the image it belongs to (named by `image`), a mask of another size is an error."""
+    im = open_image(path)
+    if im.mode in ("RGB", "RGBA", "CMYK", "YCbCr"):
+        rgb = np.asarray(im.convert("RGB"))  # (H, W, 3)
+        if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all()):
+            raise DataError(f"{path}: colour mask (channels differ); masks must be grey labels")
+        a = rgb[..., 0]
+    elif im.mode in ("LA", "PA"):
+        a = np.asarray(im)[..., 0]  # P keeps its palette indices: they are the labels
+    else:
+        a = np.asarray(im)
+    if shape is not None and a.shape != tuple(shape):
+        (h, w), (H, W) = a.shape, shape
+        of = f" {image}" if image else ""
+        raise DataError(f"{path}: mask is {w}x{h} but its image{of} is {W}x{H}")
+    check_labels(a, path)
+    return a.astype(np.int64)
+
+
+def check_labels(a: np.ndarray, path) -> None:
+    """Labels (a 2D mask file or a label volume) must be finite non-negative integers."""
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise DataError(f"{path}: labels contain NaN or inf")
+        frac = a != np.round(a)
+        if frac.any():
+            raise DataError(f"{path}: non-integer labels (e.g. {a[frac][0]:g})")
+    if a.size and a.min() < 0:
+        raise DataError(f"{path}: negative label {a.min():g}")
+
+
+def is_binary(labels: np.ndarray) -> bool:
+    """0/1 or 0/255 (an all-zero mask included): the two ways a binary mask is stored."""
+    hi = int(labels.max()) if labels.size else 0
+    return hi in (0, 1, 255) and bool(((labels == 0) | (labels == hi)).all())

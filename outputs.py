@@ -164,7 +164,7 @@ def parse_entry(path: Path, entry, defaults: dict | None = None) -> Job:
 
 
 def is_nifti(path) -> bool:
-    return str(path).lower().endswith(data.VOLUME_SUFFIXES)
+    return str(path).lower().endswith(files.VOLUME_SUFFIXES)
 
 
 def _cli_defaults(args, cfg: InferConfig) -> dict:
@@ -490,10 +490,10 @@ def run_single(args, cfg: InferConfig) -> int:
         raise FileNotFoundError(f"{path}: no such file")
     job = job_from_args(args, path, cfg)
     suffix = ".nii.gz" if is_nifti(path) else ".png"
-    mask = Path(args.out or f"{data.stem(path)}_mask{suffix}")
+    mask = Path(args.out or f"{files.stem(path)}_mask{suffix}")
     if is_nifti(mask) != is_nifti(path) or not (is_nifti(mask) or mask.suffix.lower() == ".png"):
         raise ValueError(f"--out {mask}: the mask of {path} is written as {suffix}")
-    jpath = Path(args.json) if args.json else mask.with_name(f"{data.stem(mask)}.json")
+    jpath = Path(args.json) if args.json else mask.with_name(f"{files.stem(mask)}.json")
     outs = {"mask": mask, "overlay": Path(args.overlay) if args.overlay else None, "json": jpath}
     check_outputs(outs.values(), cfg.force, inputs=[path, *_inputs(args, cfg)])
     src = read_source(job)  # the image, its prompts and slices checked before the model loads

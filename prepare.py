@@ -41,8 +41,18 @@ from tqdm import tqdm
 
 import cli
 import data
-from data import IMAGE_SUFFIXES, VOLUME_SUFFIXES, WINDOWS, DataError
-from files import read_json, write_json, write_png
+from data import WINDOWS, DataError
+from files import (
+    IMAGE_SUFFIXES,
+    VOLUME_SUFFIXES,
+    check_labels,
+    is_binary,
+    read_json,
+    read_label_map,
+    stem,
+    write_json,
+    write_png,
+)
 
 
 @dataclass
@@ -132,14 +142,14 @@ def _pair(images: list[Path], labels: list[Path], one_folder: bool, channel: str
     the images set aside as further nnU-Net channels."""
     by_stem, by_base = {}, {}
     for lab in labels:
-        by_stem.setdefault(data.stem(lab), []).append(lab)
-        role, base = _role(data.stem(lab))
+        by_stem.setdefault(stem(lab), []).append(lab)
+        role, base = _role(stem(lab))
         if role == "label":
             by_base.setdefault(base, []).append(lab)
-    stems = {data.stem(f) for f in images}
+    stems = {stem(f) for f in images}
     found, channels = {}, []
     for f in images:
-        st, cands = data.stem(f), {}
+        st, cands = stem(f), {}
         role, base = _role(st)
         if role == "label" and one_folder:
             continue  # a label file, not an image
@@ -156,7 +166,7 @@ def _pair(images: list[Path], labels: list[Path], one_folder: bool, channel: str
             if role == "image" and not one_folder:  # case01_image + case01
                 cands.update({lab: "role suffix" for lab in by_stem.get(base, [])})
         found[f] = cands
-    lonely = [c for c in channels if f"{data.stem(c)[:-5]}_{channel}" not in stems]
+    lonely = [c for c in channels if f"{stem(c)[:-5]}_{channel}" not in stems]
     return found, channels, lonely
 
 
@@ -173,8 +183,8 @@ def find_cases(cfg: DataConfig) -> list[Case]:
     if label_dir is None:  # one folder per case
         for d in sorted(p for p in image_dir.iterdir() if p.is_dir() and p.name[0] != "."):
             files = _list_files(d, suffixes)
-            labs = [f for f in files if _role(data.stem(f))[0] == "label"]
-            imgs = [f for f in files if _role(data.stem(f))[0] != "label"]  # image or no role
+            labs = [f for f in files if _role(stem(f))[0] == "label"]
+            imgs = [f for f in files if _role(stem(f))[0] != "label"]  # image or no role
             names = lambda fs: [f.name for f in fs]
             err = "" if len(imgs) == len(labs) == 1 else (
                 f"{d}: need one image and one label file (role names such as image/label), "
@@ -186,7 +196,7 @@ def find_cases(cfg: DataConfig) -> list[Case]:
         images, labels = _list_files(image_dir, suffixes), _list_files(label_dir, suffixes)
         one_folder = label_dir == image_dir
         found, channels, lonely = _pair(images, labels, one_folder, f"{cfg.channel:04d}")
-        if one_folder and not any(_role(data.stem(f))[0] == "label" for f in labels):
+        if one_folder and not any(_role(stem(f))[0] == "label" for f in labels):
             raise DataError(f"{image_dir}: --images and --labels are the same folder and no file "
                             "name has a label role (_label, _seg, _mask, _gt): every image would "
                             "be its own label map")  # fmt: skip
@@ -199,7 +209,7 @@ def find_cases(cfg: DataConfig) -> list[Case]:
                 claims.setdefault(lab, []).append(f)
         for f, cands in found.items():
             lab, rule = next(iter(cands.items()), (None, ""))
-            base = data.stem(lab) if lab else data.stem(f)
+            base = stem(lab) if lab else stem(f)
             case_id = _role(base)[1] if rule == "role suffix" else base
             if len(cands) > 1:
                 err = f"{f}: ambiguous, {len(cands)} label files fit: {', '.join(map(str, cands))}"
@@ -208,13 +218,13 @@ def find_cases(cfg: DataConfig) -> list[Case]:
             else:
                 err = "" if lab else f"{f}: no label file for it in {label_dir}"
             pairs.append((case_id, f, lab, rule, err))
-        pairs += [(data.stem(c), c, None, "", f"{c}: an nnU-Net channel without its "
+        pairs += [(stem(c), c, None, "", f"{c}: an nnU-Net channel without its "
                    f"_{cfg.channel:04d} image")
                   for c in lonely]  # fmt: skip
     cases: dict[str, Case] = {}
     for case_id, f, lab, rule, error in pairs:
         if cfg.kind == "images" and cfg.case_pattern:
-            match = re.search(cfg.case_pattern, data.stem(f))
+            match = re.search(cfg.case_pattern, stem(f))
             case_id = match.group(1) if match else case_id
             error = error or ("" if match else f"{f}: case pattern {cfg.case_pattern!r} does not "
                               "match")  # fmt: skip
@@ -367,7 +377,7 @@ def _read_case_volume(image_path: Path, label_path: Path, window, max_labels: in
     if not np.allclose(vol.affine, lab.affine, atol=1e-3):
         d = np.abs(vol.affine - lab.affine).max()
         raise DataError(f"{label_path}: affine differs from image {image_path}'s (by {d:.3g})")
-    data.check_labels(lab.data, label_path)
+    check_labels(lab.data, label_path)
     if np.array_equal(vol.data, lab.data):
         raise DataError(f"{label_path}: identical to its image {image_path}: an intensity "
                         "volume, not a label map")  # fmt: skip
@@ -421,10 +431,10 @@ def _images_unit(case: Case, cfg: DataConfig):
     entries, names, dropped = [], set(), 0
     for image_path, mask_path in case.pairs:
         image = data.read_image(image_path)  # (H, W, 3)
-        lab = data.read_label_map(mask_path, image.shape[:2], image_path)  # (H, W)
-        if data.is_binary(lab):
+        lab = read_label_map(mask_path, image.shape[:2], image_path)  # (H, W)
+        if is_binary(lab):
             lab = (lab > 0).astype(np.int64)
-        name = _image_name(cfg, case, _clean(data.stem(image_path)))
+        name = _image_name(cfg, case, _clean(stem(image_path)))
         if name in names:
             raise DataError(f"{image_path}: output name {name} is already used in case {case.name}")
         names.add(name)

@@ -16,6 +16,7 @@ from PIL import Image
 from test_prepare import make_volumes, mni_paths, volume_cfg
 
 import data
+import files
 import prepare
 from files import read_json
 from model import SamConfig
@@ -97,8 +98,8 @@ def test_read_mask_binary_conventions(tmp_path):
 def test_stem_strips_one_format_suffix():
     want = {"scan.nii.gz": "scan", "SCAN.NII.GZ": "SCAN", "ct.nii": "ct", "p01_a.png": "p01_a",
             "a.b.tif": "a.b", "dir/x_mask.png": "x_mask", "noext": "noext"}  # fmt: skip
-    assert {name: data.stem(Path(name)) for name in want} == want
-    assert data.stem("dir.v2/case.nii.gz") == "case"  # a str works too
+    assert {name: files.stem(Path(name)) for name in want} == want
+    assert files.stem("dir.v2/case.nii.gz") == "case"  # a str works too
 
 
 def test_read_mask_checks_its_image_size(tmp_path):
