@@ -30,6 +30,7 @@ import torch
 
 import infer
 import model
+import model_cli
 import official
 import train
 
@@ -103,7 +104,7 @@ def _load() -> str:
 
 
 def parameters_line(sam: model.Sam) -> str:
-    counts = model.count_parameters(sam)
+    counts = model_cli.count_parameters(sam)
     return "parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
 
 

@@ -38,6 +38,7 @@ from torch import nn
 import checkpoints
 import kernels
 from cli import main_guard
+from kernels import use_kernels  # noqa: F401  (model.use_kernels: switch a model's path)
 from kernels.attention import rel_pos_table
 
 # ------------------------------------------------------------------------------------------------
@@ -303,17 +304,6 @@ class Block(nn.Module):
         if self.kernels == "reference":
             return x + self.mlp(y) + self.Adapter(y)
         return self.Adapter.fused(y, residual=x, mlp=self.mlp(y), impl=self.kernels)
-
-
-def use_kernels(module: nn.Module, impl: str) -> nn.Module:
-    """Switch every encoder block of module to a kernels path ("auto", "reference", "torch",
-    "triton"), e.g. to time or check the fast path against the reference on the same weights."""
-    if impl not in kernels.IMPLS:
-        raise ValueError(f"kernels path must be one of {kernels.IMPLS}, not {impl!r}")
-    for m in module.modules():
-        if isinstance(m, Block):
-            m.kernels = impl
-    return module
 
 
 class PatchEmbed(nn.Module):
@@ -591,16 +581,6 @@ def select_best(logits, iou):
     best = iou.argmax(dim=1)  # (P,)
     rows = torch.arange(iou.shape[0], device=iou.device)
     return logits[rows, best][:, None], iou[rows, best]
-
-
-def count_parameters(sam: Sam) -> dict:
-    """Parameter counts per part; the adapters are counted apart from the rest of the encoder."""
-    adapters = sum(p.numel() for n, p in sam.image_encoder.named_parameters() if ".Adapter." in n)
-    encoder = sum(p.numel() for p in sam.image_encoder.parameters()) - adapters
-    prompt = sum(p.numel() for p in sam.prompt_encoder.parameters())
-    decoder = sum(p.numel() for p in sam.mask_decoder.parameters())
-    return dict(encoder=encoder, adapters=adapters, prompt_encoder=prompt, mask_decoder=decoder,
-                total=encoder + adapters + prompt + decoder)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,9 +11,19 @@ import sys
 import torch
 
 import model
-from model import PRESETS, Sam, SamConfig, count_parameters, load_checkpoint, save_checkpoint
+from model import PRESETS, Sam, SamConfig, load_checkpoint, save_checkpoint
 
 HANDOVER = {"bench": ["bench", "encoder"], "export-onnx": ["onnx_export"]}
+
+
+def count_parameters(sam: Sam) -> dict:
+    """Parameter counts per part; the adapters are counted apart from the rest of the encoder."""
+    adapters = sum(p.numel() for n, p in sam.image_encoder.named_parameters() if ".Adapter." in n)
+    encoder = sum(p.numel() for p in sam.image_encoder.parameters()) - adapters
+    prompt = sum(p.numel() for p in sam.prompt_encoder.parameters())
+    decoder = sum(p.numel() for p in sam.mask_decoder.parameters())
+    return dict(encoder=encoder, adapters=adapters, prompt_encoder=prompt, mask_decoder=decoder,
+                total=encoder + adapters + prompt + decoder)  # fmt: skip
 
 
 def main(args) -> None:

@@ -61,6 +61,18 @@ def _choose(op: str, impl: str, x: torch.Tensor, supported: bool, preferred: boo
     return path
 
 
+def use_kernels(module: torch.nn.Module, impl: str) -> torch.nn.Module:
+    """Switch every encoder block of module (each has a `kernels` attribute: model.Block) to a path
+    ("auto", "reference", "torch", "triton"), e.g. to time or check the fast path against the
+    reference on the same weights."""
+    if impl not in IMPLS:
+        raise ValueError(f"kernels path must be one of {IMPLS}, not {impl!r}")
+    for m in module.modules():
+        if isinstance(getattr(m, "kernels", None), str):
+            m.kernels = impl
+    return module
+
+
 def attention_layer(
     x, qkv_weight, qkv_bias, proj_weight, proj_bias, rel_pos_h, rel_pos_w, num_heads: int,
     window_size: int, impl: str = "auto",

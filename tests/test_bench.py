@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import bench
 import infer
 import model
+import model_cli
 import official
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def test_encoder_cli_prints_parameter_counts_then_latency(capsys):
     bench.main(bench.parse_args(["encoder", "tiny", "--image-size", "64", "--runs", "1",
                                  "--warmup", "0"]))  # fmt: skip
     first, second = capsys.readouterr().out.strip().splitlines()
-    counts = model.count_parameters(model.Sam(model.SamConfig.from_name("tiny", image_size=64)))
+    counts = model_cli.count_parameters(model.Sam(model.SamConfig.from_name("tiny", image_size=64)))
     assert first == "parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
     assert second.startswith("tiny@64 adapter=True kernels=auto threads=")

@@ -23,6 +23,7 @@ from torch import nn
 
 import data
 import model
+import model_cli
 import outputs
 
 
@@ -160,7 +161,7 @@ def test_real_file_loads_strictly_with_its_parameter_count(lite):
     buffers = ("running_mean", "running_var", "num_batches_tracked", "gaussian_matrix")
     file_params = sum(v.numel() for k, v in sd.items() if not k.endswith(buffers))
     assert sum(p.numel() for p in lite.parameters()) == file_params
-    counts = model.count_parameters(lite)
+    counts = model_cli.count_parameters(lite)
     assert counts["total"] == file_params and counts["adapters"] == 0
 
 

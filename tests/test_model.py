@@ -193,7 +193,7 @@ def test_select_best_picks_highest_iou():
 def test_vit_b_parameter_counts():
     with torch.device("meta"):
         sam = Sam(SamConfig.from_name("vit_b", image_size=256, adapter=True))
-    counts = model.count_parameters(sam)
+    counts = model_cli.count_parameters(sam)
     C = 768  # per block: channel gate 2*C*C/4, conv 9*C*C, deconv 16*C*C, LayerNorm 2*C
     assert counts["adapters"] == 12 * (2 * C * C // 4 + 9 * C * C + 16 * C * C + 2 * C)
     assert 270e6 < counts["total"] < 272e6  # the official vit_b@256 with adapters: ~271M
@@ -544,7 +544,7 @@ def test_info_command_prints_the_counts(capsys):
     model_cli.main(model_cli.parse_args(["info", "tiny", "--no-adapter", "--image-size", "512"]))
     with torch.device("meta"):
         sam = Sam(SamConfig.from_name("tiny", adapter=False, image_size=512))
-    counts = model.count_parameters(sam)
+    counts = model_cli.count_parameters(sam)
     assert capsys.readouterr().out == (
         f"parameters: encoder {counts['encoder']:,}, adapters 0, prompt_encoder "
         f"{counts['prompt_encoder']:,}, mask_decoder {counts['mask_decoder']:,}, total "

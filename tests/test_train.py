@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 import checkpoints
 import data
 import model
+import model_cli
 import official
 import runs
 import train
@@ -154,7 +155,7 @@ def test_iou_target_has_no_gradient_and_handles_empty_masks():
 def test_trainable_set_is_adapters_prompt_encoder_and_decoder(capsys):
     sam = model.Sam(model.SamConfig.from_name("tiny", image_size=64))
     params = train.select_trainable(sam)
-    counts = model.count_parameters(sam)
+    counts = model_cli.count_parameters(sam)
     assert sum(p.numel() for p in params) == (
         counts["adapters"] + counts["prompt_encoder"] + counts["mask_decoder"]
     )
