@@ -1,6 +1,8 @@
-"""precision.py: the bf16 fast path against the fp32 computation (documented tolerances), the fp32
-path bit for bit as it was, where bf16 actually runs, and `--dtype auto` following torch's CPU
-check (patched both ways) into the JSON record. Figures on real weights: docs/precision.md."""
+"""precision.py: the bf16 fast path against the fp32 computation (documented tolerances), on SAM's
+ViT and on TinyViT; TinyViT's inference form (tinyvit.fuse_for_inference) against the module it
+came from in fp32; the fp32 path bit for bit as it was; where bf16 actually runs; and `--dtype
+auto` following torch's CPU check (patched both ways) into the JSON record. Figures on real
+weights: docs/precision.md."""
 
 import copy
 import json
@@ -14,6 +16,7 @@ from PIL import Image
 import infer
 import model
 import precision
+import tinyvit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +35,26 @@ def rel(a, b) -> float:
 def tiny():
     torch.manual_seed(0)
     return model.Sam(model.SamConfig.from_name("tiny", image_size=64)).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_lite():
+    """A small TinyViT (LiteMedSAM's structure and heads; 16x16 grids in windows of 7 and 14, so
+    windows are padded) with random BatchNorm statistics, so that folding them is not trivial."""
+    torch.manual_seed(0)
+    cfg = model.SamConfig.from_name(
+        "lite_medsam", image_size=64, stage_dims=(16, 32, 40, 80), stage_depths=(1, 1, 2, 1),
+        prompt_dim=32, decoder_heads=2, decoder_mlp_dim=64,
+    )  # fmt: skip
+    sam = model.Sam(cfg).eval()
+    for m in sam.modules():
+        if isinstance(m, tinyvit.FrozenBatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-1, 1)
+    for m in sam.modules():
+        if isinstance(m, tinyvit.TinyViTAttention):
+            m.attention_biases.data.normal_()
+    return sam
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +80,53 @@ def test_fast_path_within_tolerance_of_fp32(tiny, inputs):
 
 
 @torch.inference_mode()
+def test_fast_path_within_tolerance_of_fp32_on_tinyvit(tiny_lite, inputs):
+    x, boxes = inputs
+    fast = precision.apply(copy.deepcopy(tiny_lite), precision.FAST)
+    emb, emb_fast = tiny_lite.encode(x), fast.encode(x)
+    assert emb_fast.dtype == torch.float32
+    assert 0 < rel(emb_fast, emb) < EMB_RTOL
+    low, _ = tiny_lite.decode(emb, boxes=boxes)
+    low_fast, _ = fast.decode(emb_fast, boxes=boxes)
+    assert rel(low_fast, low) < LOGIT_RTOL
+
+
+@torch.inference_mode()
+def test_tinyvit_inference_form_computes_the_same_function(tiny_lite, inputs):
+    """Folded BatchNorms, in-place GELUs and adds, SDPA attention: in fp32 equal to the module it
+    came from up to rounding (1e-5), and really changed (the BatchNorms are gone)."""
+    x, _ = inputs
+    enc = tiny_lite.image_encoder
+    fused = tinyvit.fuse_for_inference(copy.deepcopy(enc))
+    assert not any(isinstance(m, tinyvit.FrozenBatchNorm2d) for m in fused.modules())
+    want = enc(x)
+    assert rel(fused(x), want) < 1e-5
+    assert rel(fused(x.contiguous(memory_format=torch.channels_last)), want) < 1e-5
+    attn = enc.layers[1].blocks[0].attn
+    y = torch.randn(3, 7, 7, attn.qkv.in_features)  # (B, w, w, C): one window each
+    fused_attn = copy.deepcopy(attn)
+    fused_attn.fused = True
+    assert rel(fused_attn(y), attn(y)) < 1e-5
+
+
+@torch.inference_mode()
+def test_fast_encoder_is_bf16_and_channels_last(tiny_lite):
+    """What fast_encoder hands to the fast path: bf16 conv/Linear weights except the patch
+    embedding's, TinyViT's 4-D weights channels-last; the model's own weights untouched."""
+    fast = precision.apply(copy.deepcopy(tiny_lite), precision.FAST)
+    enc = fast.image_encoder.forward.fast_encoder
+    layouts = []  # 4-D weights whose layouts differ (not 1x1, not depthwise): the 3x3 neck conv
+    for name, m in enc.named_modules():
+        if isinstance(m, precision.WEIGHTED):
+            want = torch.float32 if name.startswith("patch_embed") else torch.bfloat16
+            assert m.weight.dtype == want, name
+            if m.weight.ndim == 4 and m.weight.shape[1] > 1 and m.weight.shape[2:] != (1, 1):
+                layouts.append(m.weight.is_contiguous(memory_format=torch.channels_last))
+    assert layouts and all(layouts)
+    assert all(p.dtype == torch.float32 for p in fast.parameters())
+
+
+@torch.inference_mode()
 def test_where_bf16_runs(tiny, inputs):
     """Encoder Linears see bf16; the patch embedding and the whole decoder see fp32."""
     x, boxes = inputs
@@ -69,7 +139,7 @@ def test_where_bf16_runs(tiny, inputs):
 
         return hook
 
-    enc = fast.image_encoder
+    enc = fast.image_encoder.forward.fast_encoder  # the copy the fast path runs
     hooks = [
         enc.blocks[0].mlp.lin1.register_forward_hook(record("encoder mlp in")),
         enc.blocks[-1].mlp.lin2.register_forward_hook(record("encoder mlp")),
@@ -84,7 +154,7 @@ def test_where_bf16_runs(tiny, inputs):
             h.remove()
     assert seen["encoder mlp in"] == (torch.float32, torch.bfloat16)  # after fp32 LayerNorm
     assert seen["encoder mlp"] == (torch.bfloat16, torch.bfloat16)
-    assert seen["patch embed"] == (torch.float32, torch.float32)
+    assert seen["patch embed"] == (torch.float32, torch.float32)  # handed on in bf16
     assert seen["decoder iou head"] == (torch.float32, torch.float32)
     assert seen["decoder upscaling"] == (torch.float32, torch.float32)
 
@@ -146,7 +216,7 @@ def test_auto_follows_the_cpu_check_into_the_json(monkeypatch, ckpt_and_image, t
     want = precision.FAST if has_bf16 else "float32"
     assert json.loads(out.with_suffix(".json").read_text())["precision"] == want
     assert loaded[0].precision == want
-    assert hasattr(loaded[0].image_encoder.forward, "__wrapped__") == has_bf16  # the wrapper
+    assert hasattr(loaded[0].image_encoder.forward, "fast_encoder") == has_bf16  # the wrapper
 
 
 def test_explicit_float32_overrides_auto(monkeypatch, ckpt_and_image, tmp_path):
