@@ -14,6 +14,7 @@ date, are in docs/measurements.md. Nothing imports this module except those CLI 
 """
 
 import argparse
+import copy
 import ctypes
 import gc
 import json
@@ -324,12 +325,28 @@ def _onnx_encoder(sam: model.Sam, x: torch.Tensor):
     return lambda: session.run(None, feed)
 
 
+# Issue 14's goals: (preset, fast path against, at least this many times faster)
+PRECISION_GOALS = (("lite_medsam", "float32", 3.0), ("vit_b", "float32", 2.0),
+                   ("vit_b", "official", 4.0), ("vit_b", "onnxruntime", 1.8))  # fmt: skip
+
+
+def encoder_gflop(sam: model.Sam, x: torch.Tensor) -> float:
+    """GFLOP of one encoder pass (torch's FLOP counter: matmuls and convs, 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        sam.encode(x)
+    return counter.get_total_flops() / 1e9
+
+
 @torch.inference_mode()
 def precision_latency(presets=("lite_medsam", "vit_b"), runs=5, threads=2, onnx=True) -> dict:
     """Encoder seconds of one 256x256 image (batch 1) per preset: fp32 (today's path), the fast
     path (precision.FAST), and for the ViTs the official computation (kernels="reference") and
     onnxruntime on that official graph; LiteMedSAM with its released weights when installed,
-    the ViTs with random ones. The variants take turns, one call each per round."""
+    the ViTs with random ones. The variants take turns, one call each per round. Ends with
+    issue 14's goals (PRECISION_GOALS) against the medians, and each path's GFLOP/s beside the
+    matmul rates measured in the same run."""
     import precision
     from checkpoints import default_checkpoint
 
@@ -347,8 +364,7 @@ def precision_latency(presets=("lite_medsam", "vit_b"), runs=5, threads=2, onnx=
                 torch.manual_seed(0)
                 sam = model.Sam(model.SamConfig.from_name(name, image_size=256)).eval()
             x = torch.randn(1, 3, sam.cfg.image_size, sam.cfg.image_size)  # (1, 3, S, S)
-            fast = precision.apply(model.Sam(sam.cfg).eval(), precision.FAST)
-            fast.load_state_dict(sam.state_dict())
+            fast = precision.apply(copy.deepcopy(sam), precision.FAST)  # after the weights
             calls = {"float32": partial(sam.encode, x), precision.FAST: partial(fast.encode, x)}
             ref = sam.encode(x)
             err = (fast.encode(x) - ref).norm() / ref.norm()
@@ -370,18 +386,35 @@ def precision_latency(presets=("lite_medsam", "vit_b"), runs=5, threads=2, onnx=
                     cpu[k].append(time.process_time() - c0)
             med = {k: statistics.median(v) for k, v in times.items()}
             cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
+            gflop = encoder_gflop(sam, x)
             res[name] = {
                 "median_s": med,
                 "min_s": {k: min(v) for k, v in times.items()},
                 "cpu_median_s": cpu_med,
                 "speedup_vs": {k: med[k] / med[precision.FAST] for k in med},
                 "cpu_speedup_vs": {k: cpu_med[k] / cpu_med[precision.FAST] for k in med},
+                "gflop": gflop,
+                "gflops": {k: gflop / med[k] for k in med},
                 "embedding_rel_err": float(err),
             }
             print(name, json.dumps(res[name]), flush=True)
     finally:
         torch.set_num_threads(before)
     res["load_after"] = _load()
+    rates = res["matmul_gflops"]
+    print(
+        f"matmul (2048x768 @ 768x3072, {threads} threads): fp32 {rates['float32']:.0f} GFLOP/s, "
+        f"bf16 {rates['bfloat16']:.0f} GFLOP/s; load {res['load_before']} -> {res['load_after']}"
+    )
+    for name, against, goal in PRECISION_GOALS:
+        if name in res and against in res[name]["speedup_vs"]:
+            r = res[name]
+            got = r["speedup_vs"][against]
+            print(f"goal {name} {precision.FAST} vs {against}: {got:.2f}x median (min "
+                  f"{r['min_s'][against] / r['min_s'][precision.FAST]:.2f}x, CPU "
+                  f"{r['cpu_speedup_vs'][against]:.2f}x), goal >= {goal}x: "
+                  f"{'met' if got >= goal else 'NOT met'}; {r['gflops'][precision.FAST]:.0f} "
+                  f"GFLOP/s of {r['gflop']:.1f} GFLOP")  # fmt: skip
     return res
 
 

@@ -247,3 +247,44 @@ def test_lite_medsam_mask_agrees_on_the_mni152_slice():
     b = infer.segment(fast, image, boxes=box).masks[0]
     dice = 2 * (a & b).sum() / (a.sum() + b.sum())
     assert dice >= 0.99
+
+
+@torch.inference_mode()
+def test_weights_loaded_later_reach_the_fast_copy(tiny_lite, inputs):
+    """load_state_dict after apply makes the fast copy again: it computes with the new weights."""
+    x, _ = inputs
+    other = copy.deepcopy(tiny_lite)
+    for p in other.parameters():
+        p.mul_(1.1)
+    fast = precision.apply(copy.deepcopy(tiny_lite), precision.FAST)
+    fast.load_state_dict(other.state_dict())
+    assert rel(fast.encode(x), other.encode(x)) < EMB_RTOL
+    assert rel(fast.encode(x), tiny_lite.encode(x)) > 5 * EMB_RTOL
+
+
+def test_dice_diff_script(tmp_path):
+    """examples/dice_diff.py on two hand-written per_mask.csv files: hand-computed figures."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dice_diff", ROOT / "examples" / "dice_diff.py")
+    dd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dd)
+    rows = {
+        "a": [("m1", "box", 0.5), ("m2", "box", 0.7), ("m1", "1pt", 0.2), ("m2", "1pt", 0.0)],
+        "b": [("m2", "box", 0.6), ("m1", "box", 0.5), ("m1", "1pt", 0.3), ("m2", "1pt", 0.0)],
+    }
+    for run, rs in rows.items():
+        (tmp_path / run).mkdir()
+        lines = ["mask,image,mode,dice"] + [f"{m},img.png,{mode},{d}" for m, mode, d in rs]
+        (tmp_path / run / "per_mask.csv").write_text("\n".join(lines) + "\n")
+    res = dd.compare(dd.read_dice(tmp_path / "a"), dd.read_dice(tmp_path / "b"))
+    assert list(res) == ["box", "1pt"]
+    box = res["box"]  # differences: m1 0, m2 -0.1
+    assert box["n"] == 2 and box["mean_a"] == pytest.approx(0.6)
+    assert box["diff_of_means"] == pytest.approx(-0.05) == box["mean_diff"]
+    assert box["mean_abs_diff"] == pytest.approx(0.05) and box["max_abs_diff"] == pytest.approx(0.1)
+    assert box["p99_abs_diff"] == pytest.approx(0.099)  # 0 + 0.99 * (0.1 - 0)
+    assert res["1pt"]["mean_diff"] == pytest.approx(0.05)
+    (tmp_path / "a" / "per_mask.csv").write_text("mask,image,mode,dice\nm9,i,box,0.1\n")
+    with pytest.raises(ValueError, match="different masks"):
+        dd.compare(dd.read_dice(tmp_path / "a"), dd.read_dice(tmp_path / "b"))
