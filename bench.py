@@ -24,6 +24,7 @@ import statistics
 import threading
 import time
 from functools import partial
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -339,14 +340,27 @@ def encoder_gflop(sam: model.Sam, x: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def _example_image(cfg) -> torch.Tensor:
+    """The README's MNI152 axial slice, preprocessed for cfg: (1, 3, S, S). LiteMedSAM is timed
+    on a real image, not torch.randn: its [0, 1] inputs never reach the GELU tails whose
+    underflow to subnormal floats (slow on x86 without flush-to-zero) slowed the bf16 path by
+    half on a N(0, 1) image (docs/precision.md)."""
+    from PIL import Image
+
+    import data
+
+    path = Path(__file__).resolve().parent / "examples" / "mni152_axial.png"
+    return data.preprocess(np.array(Image.open(path).convert("RGB")), cfg)[0]
+
+
 @torch.inference_mode()
 def precision_latency(presets=("lite_medsam", "vit_b"), runs=5, threads=2, onnx=True) -> dict:
     """Encoder seconds of one 256x256 image (batch 1) per preset: fp32 (today's path), the fast
     path (precision.FAST), and for the ViTs the official computation (kernels="reference") and
-    onnxruntime on that official graph; LiteMedSAM with its released weights when installed,
-    the ViTs with random ones. The variants take turns, one call each per round. Ends with
-    issue 14's goals (PRECISION_GOALS) against the medians, and each path's GFLOP/s beside the
-    matmul rates measured in the same run."""
+    onnxruntime on that official graph; LiteMedSAM with its released weights on the README's
+    MNI152 slice, the ViTs with random weights on a random image. The variants take turns, one
+    call each per round. Ends with issue 14's goals (PRECISION_GOALS) against the medians, and
+    each path's GFLOP/s beside the matmul rates measured in the same run."""
     import precision
     from checkpoints import default_checkpoint
 
@@ -360,10 +374,11 @@ def precision_latency(presets=("lite_medsam", "vit_b"), runs=5, threads=2, onnx=
         for name in presets:
             if name == "lite_medsam":
                 sam = model.load_checkpoint(default_checkpoint(), verbose=False).eval()
+                x = _example_image(sam.cfg)  # (1, 3, 256, 256)
             else:
                 torch.manual_seed(0)
                 sam = model.Sam(model.SamConfig.from_name(name, image_size=256)).eval()
-            x = torch.randn(1, 3, sam.cfg.image_size, sam.cfg.image_size)  # (1, 3, S, S)
+                x = torch.randn(1, 3, sam.cfg.image_size, sam.cfg.image_size)  # (1, 3, S, S)
             fast = precision.apply(copy.deepcopy(sam), precision.FAST)  # after the weights
             calls = {"float32": partial(sam.encode, x), precision.FAST: partial(fast.encode, x)}
             ref = sam.encode(x)
