@@ -6,6 +6,7 @@ step (ours against the official step), each timed with the one helper `time_runs
     python bench.py train [--preset vit_b] [--runs 3] [--only official|ours]
     python bench.py prompts [--counts 1 10 100 1000] [--size 6000] [--preset tiny]
     python bench.py precision [--presets lite_medsam vit_b] [--runs 5] [--threads 2] [--no-onnx]
+                              [--ablate]
 
 `python model.py bench`, `python infer.py --bench` and `python train.py --bench` call the same
 functions. The official side is official.py (line-by-line ports run on our modules), so both sides
@@ -354,13 +355,16 @@ def _example_image(cfg) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def precision_latency(presets=("lite_medsam", "vit_b"), runs=5, threads=2, onnx=True) -> dict:
+def precision_latency(
+    presets=("lite_medsam", "vit_b"), runs=5, threads=2, onnx=True, ablate=False
+) -> dict:
     """Encoder seconds of one 256x256 image (batch 1) per preset: fp32 (today's path), the fast
     path (precision.FAST), and for the ViTs the official computation (kernels="reference") and
     onnxruntime on that official graph; LiteMedSAM with its released weights on the README's
     MNI152 slice, the ViTs with random weights on a random image. The variants take turns, one
     call each per round. Ends with issue 14's goals (PRECISION_GOALS) against the medians, and
-    each path's GFLOP/s beside the matmul rates measured in the same run."""
+    each path's GFLOP/s beside the matmul rates measured in the same run. ablate: also the fast
+    path without each of precision.STEPS in turn, and with none of them (autocast alone)."""
     import precision
     from checkpoints import default_checkpoint
 
@@ -381,8 +385,15 @@ def precision_latency(presets=("lite_medsam", "vit_b"), runs=5, threads=2, onnx=
                 x = torch.randn(1, 3, sam.cfg.image_size, sam.cfg.image_size)  # (1, 3, S, S)
             fast = precision.apply(copy.deepcopy(sam), precision.FAST)  # after the weights
             calls = {"float32": partial(sam.encode, x), precision.FAST: partial(fast.encode, x)}
+            if ablate:  # the ViT has one step of its own (the others are TinyViT's)
+                steps = precision.STEPS if sam.cfg.encoder == "tinyvit" else ("bf16_weights",)
+                for step in steps:
+                    keep = [t for t in precision.STEPS if t != step]
+                    calls[f"without {step}"] = partial(precision.fast_variant(sam, keep), x)
+                if len(steps) > 1:
+                    calls["autocast only"] = partial(precision.fast_variant(sam, ()), x)
             ref = sam.encode(x)
-            err = (fast.encode(x) - ref).norm() / ref.norm()
+            errs = {k: float((fn() - ref).norm() / ref.norm()) for k, fn in calls.items()}
             if sam.cfg.encoder == "vit":
                 cfg = model.SamConfig.from_name(name, image_size=256, kernels="reference")
                 official = model.Sam(cfg).eval()
@@ -410,7 +421,7 @@ def precision_latency(presets=("lite_medsam", "vit_b"), runs=5, threads=2, onnx=
                 "cpu_speedup_vs": {k: cpu_med[k] / cpu_med[precision.FAST] for k in med},
                 "gflop": gflop,
                 "gflops": {k: gflop / med[k] for k in med},
-                "embedding_rel_err": float(err),
+                "embedding_rel_err": errs,
             }
             print(name, json.dumps(res[name]), flush=True)
     finally:
@@ -473,6 +484,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--runs", type=int, default=5)
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True)
+    r.add_argument("--ablate", action="store_true", help="also the fast path less each step")
     return p.parse_args(argv)
 
 
@@ -490,7 +502,9 @@ def main(args) -> int:
     elif args.command == "prompts":
         print(json.dumps(prompt_memory(tuple(args.counts), args.size, args.preset), indent=1))
     elif args.command == "precision":
-        res = precision_latency(tuple(args.presets), args.runs, args.threads, args.onnx)
+        res = precision_latency(
+            tuple(args.presets), args.runs, args.threads, args.onnx, args.ablate
+        )
         print(json.dumps(res, indent=1))
     else:
         train_step_cli(args.preset, args.runs, args.only)

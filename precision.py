@@ -46,6 +46,9 @@ CAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # the whole model
 PRECISIONS = ("float32", FAST, *CAST)
 KEEP_FP32 = ("patch_embed",)  # encoder parts that stay fp32 on the fast path (see above)
 WEIGHTED = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)  # the layers whose weights go to bf16
+# What fast_encoder does beside autocast (docs/precision.md measures each): weights cast to bf16
+# once, TinyViT's maps channels-last, and tinyvit.fuse_for_inference's steps
+STEPS = ("bf16_weights", "channels_last", *tinyvit.FUSIONS)
 
 
 def cpu_has_bf16() -> bool:
@@ -83,14 +86,22 @@ def apply(sam, precision: str):
     return sam
 
 
+def fast_variant(sam, steps):
+    """The fast path's encoder forward with only `steps` of STEPS (the model is not changed):
+    for bench.py precision --ablate."""
+    enc = sam.image_encoder
+    device_type = next(enc.parameters()).device.type
+    return _run_fast(fast_encoder(enc, steps), device_type, "channels_last" in steps)
+
+
 def _set_fast(sam) -> None:
     enc = sam.image_encoder
-    enc.__dict__.pop("forward", None)  # the class's forward again, so that the copy has it
     enc.forward = _run_fast(fast_encoder(enc), next(enc.parameters()).device.type)
 
 
-def fast_encoder(enc: nn.Module) -> nn.Module:
-    """The fast path's inference copy of an image encoder: TinyViT fused
+def fast_encoder(enc: nn.Module, steps=STEPS) -> nn.Module:
+    """The fast path's inference copy of an image encoder (`steps`: all of STEPS by default;
+    fewer to measure what each one earns, bench.py precision --ablate): TinyViT fused
     (tinyvit.fuse_for_inference: BatchNorms folded, GELUs in place, attention through SDPA),
     conv/Linear weights cast to bf16 once (autocast would cast every weight again on every call),
     and TinyViT's 4-D weights channels-last (oneDNN's bf16 convs reorder NCHW maps to a blocked
@@ -98,24 +109,29 @@ def fast_encoder(enc: nn.Module) -> nn.Module:
     channels-last already, and its adapter flattens its conv weights, which channels-last would
     turn into a copy per call). The KEEP_FP32 parts keep fp32 weights and run with autocast off."""
     fast = copy.deepcopy(enc).eval().requires_grad_(False)
-    if isinstance(fast, tinyvit.TinyViT):
-        tinyvit.fuse_for_inference(fast)
+    fast.__dict__.pop("forward", None)  # the class's forward, not a fast path set on enc
+    is_tinyvit = isinstance(fast, tinyvit.TinyViT)
+    if is_tinyvit:
+        tinyvit.fuse_for_inference(fast, [s for s in steps if s in tinyvit.FUSIONS])
     for name, m in fast.named_modules():
-        if isinstance(m, WEIGHTED) and not name.startswith(KEEP_FP32):
+        if isinstance(m, WEIGHTED) and not name.startswith(KEEP_FP32) and "bf16_weights" in steps:
             m.to(torch.bfloat16)
     for name in KEEP_FP32:
         part = fast.get_submodule(name)
         part.forward = _fp32(part.forward)
-    return fast.to(memory_format=torch.channels_last) if isinstance(fast, tinyvit.TinyViT) else fast
+    if is_tinyvit and "channels_last" in steps:
+        fast.to(memory_format=torch.channels_last)
+    return fast
 
 
-def _run_fast(fast: nn.Module, device_type: str):
+def _run_fast(fast: nn.Module, device_type: str, channels_last: bool = True):
     """The encoder's forward on the fast path: `fast` under bf16 autocast (which keeps the ops it
     lists as fp32 there, and lets bf16 and fp32 tensors meet), the embedding handed on in fp32."""
 
     def run(x):  # x: (B, 3, S, S) fp32
         with torch.autocast(device_type, dtype=torch.bfloat16):
-            return fast(x.contiguous(memory_format=torch.channels_last)).float()
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            return fast(x.contiguous(memory_format=fmt)).float()
 
     run.fast_encoder = fast  # for tests and benchmarks: what runs
     return run

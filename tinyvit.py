@@ -241,18 +241,22 @@ class TinyViT(nn.Module):
         return self.neck(x)  # (B, D, S/4, S/4)
 
 
-def fuse_for_inference(enc: TinyViT) -> TinyViT:
+FUSIONS = ("fold_batchnorm", "in_place", "sdpa")  # fuse_for_inference's steps
+
+
+def fuse_for_inference(enc: TinyViT, steps=FUSIONS) -> TinyViT:
     """Turn `enc` (a copy: its weights change) into an inference-only encoder computing the same
     function: BatchNorms folded into their convs, GELUs and residual adds in place, attention
-    through scaled_dot_product_attention. Equal to the original up to fp32 rounding (~1e-6
-    relative, tests/test_precision.py); precision.py runs it in bf16."""
+    through scaled_dot_product_attention (`steps`: all by default; fewer to measure each one).
+    Equal to the original up to fp32 rounding (~1e-6 relative, tests/test_precision.py);
+    precision.py runs it in bf16."""
     for m in enc.modules():
-        if isinstance(m, ConvBN):
+        if isinstance(m, ConvBN) and "fold_batchnorm" in steps:
             m.fold()
         elif isinstance(m, (MBConv, PatchMerging)):
-            m.inplace = True
+            m.inplace = "in_place" in steps
         elif isinstance(m, TinyViTAttention):
-            m.fused = True
+            m.fused = "sdpa" in steps
     return enc.requires_grad_(False)
 
 
