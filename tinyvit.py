@@ -85,7 +85,7 @@ class MBConv(nn.Module):
         self.conv3 = ConvBN(hidden, dim)
 
     def forward(self, x):
-        if self.inplace:  # the same values, without three fresh full-grid maps per block
+        if self.inplace:  # the same ops, without three fresh full-grid maps per block
             y = gelu_(self.conv2(gelu_(self.conv1(x))))  # (B, ratio*C, H, W)
             return gelu_(self.conv3(y).add_(x))
         y = F.gelu(self.conv2(F.gelu(self.conv1(x))))  # (B, ratio*C, H, W)
