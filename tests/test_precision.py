@@ -288,3 +288,18 @@ def test_dice_diff_script(tmp_path):
     (tmp_path / "a" / "per_mask.csv").write_text("mask,image,mode,dice\nm9,i,box,0.1\n")
     with pytest.raises(ValueError, match="different masks"):
         dd.compare(dd.read_dice(tmp_path / "a"), dd.read_dice(tmp_path / "b"))
+
+
+@torch.inference_mode()
+def test_tinyvit_attention_takes_the_fused_sdpa_kernel(tiny_lite, inputs):
+    """The fast path's window attention reaches SDPA's fused CPU kernel, not its unfused "math"
+    fallback (10x slower on LiteMedSAM's stage 1; a 3-D or fp32 mask sends it there)."""
+    from torch.profiler import profile
+
+    x, _ = inputs
+    fast = precision.apply(copy.deepcopy(tiny_lite), precision.FAST)
+    with profile() as prof:
+        fast.encode(x)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
