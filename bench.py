@@ -6,6 +6,7 @@ step (ours against the official step), each timed with the one helper `time_runs
     python bench.py train [--preset vit_b] [--runs 3] [--only official|ours]
     python bench.py prompts [--counts 1 10 100 1000] [--size 6000] [--preset tiny]
     python bench.py precision [--presets lite_medsam vit_b] [--runs 5] [--threads 2] [--no-onnx]
+                              [--ablate]
 
 `python model.py bench`, `python infer.py --bench` and `python train.py --bench` call the same
 functions. The official side is official.py (line-by-line ports run on our modules), so both sides
@@ -14,6 +15,7 @@ date, are in docs/measurements.md. Nothing imports this module except those CLI 
 """
 
 import argparse
+import copy
 import ctypes
 import gc
 import json
@@ -23,6 +25,7 @@ import statistics
 import threading
 import time
 from functools import partial
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -325,12 +328,44 @@ def _onnx_encoder(sam: model.Sam, x: torch.Tensor):
     return lambda: session.run(None, feed)
 
 
+# Issue 14's goals: (preset, fast path against, at least this many times faster)
+PRECISION_GOALS = (("lite_medsam", "float32", 3.0), ("vit_b", "float32", 2.0),
+                   ("vit_b", "official", 4.0), ("vit_b", "onnxruntime", 1.8))  # fmt: skip
+
+
+def encoder_gflop(sam: model.Sam, x: torch.Tensor) -> float:
+    """GFLOP of one encoder pass (torch's FLOP counter: matmuls and convs, 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        sam.encode(x)
+    return counter.get_total_flops() / 1e9
+
+
+def _example_image(cfg) -> torch.Tensor:
+    """The README's MNI152 axial slice, preprocessed for cfg: (1, 3, S, S). LiteMedSAM is timed
+    on a real image, not torch.randn: its [0, 1] inputs never reach the GELU tails whose
+    underflow to subnormal floats (slow on x86 without flush-to-zero) slowed the bf16 path by
+    half on a N(0, 1) image (docs/precision.md)."""
+    from PIL import Image
+
+    import data
+
+    path = Path(__file__).resolve().parent / "examples" / "mni152_axial.png"
+    return data.preprocess(np.array(Image.open(path).convert("RGB")), cfg)[0]
+
+
 @torch.inference_mode()
-def precision_latency(presets=("lite_medsam", "vit_b"), runs=5, threads=2, onnx=True) -> dict:
+def precision_latency(
+    presets=("lite_medsam", "vit_b"), runs=5, threads=2, onnx=True, ablate=False
+) -> dict:
     """Encoder seconds of one 256x256 image (batch 1) per preset: fp32 (today's path), the fast
     path (precision.FAST), and for the ViTs the official computation (kernels="reference") and
-    onnxruntime on that official graph; LiteMedSAM with its released weights when installed,
-    the ViTs with random ones. The variants take turns, one call each per round."""
+    onnxruntime on that official graph; LiteMedSAM with its released weights on the README's
+    MNI152 slice, the ViTs with random weights on a random image. The variants take turns, one
+    call each per round. Ends with issue 14's goals (PRECISION_GOALS) against the medians, and
+    each path's GFLOP/s beside the matmul rates measured in the same run. ablate: also the fast
+    path without each of precision.STEPS in turn, and with none of them (autocast alone)."""
     import precision
     from checkpoints import default_checkpoint
 
@@ -344,15 +379,22 @@ def precision_latency(presets=("lite_medsam", "vit_b"), runs=5, threads=2, onnx=
         for name in presets:
             if name == "lite_medsam":
                 sam = model.load_checkpoint(default_checkpoint(), verbose=False).eval()
+                x = _example_image(sam.cfg)  # (1, 3, 256, 256)
             else:
                 torch.manual_seed(0)
                 sam = model.Sam(model.SamConfig.from_name(name, image_size=256)).eval()
-            x = torch.randn(1, 3, sam.cfg.image_size, sam.cfg.image_size)  # (1, 3, S, S)
-            fast = precision.apply(model.Sam(sam.cfg).eval(), precision.FAST)
-            fast.load_state_dict(sam.state_dict())
+                x = torch.randn(1, 3, sam.cfg.image_size, sam.cfg.image_size)  # (1, 3, S, S)
+            fast = precision.apply(copy.deepcopy(sam), precision.FAST)  # after the weights
             calls = {"float32": partial(sam.encode, x), precision.FAST: partial(fast.encode, x)}
+            if ablate:  # the ViT has one step of its own (the others are TinyViT's)
+                steps = precision.STEPS if sam.cfg.encoder == "tinyvit" else ("bf16_weights",)
+                for step in steps:
+                    keep = [t for t in precision.STEPS if t != step]
+                    calls[f"without {step}"] = partial(precision.fast_variant(sam, keep), x)
+                if len(steps) > 1:
+                    calls["autocast only"] = partial(precision.fast_variant(sam, ()), x)
             ref = sam.encode(x)
-            err = (fast.encode(x) - ref).norm() / ref.norm()
+            errs = {k: float((fn() - ref).norm() / ref.norm()) for k, fn in calls.items()}
             if sam.cfg.encoder == "vit":
                 cfg = model.SamConfig.from_name(name, image_size=256, kernels="reference")
                 official = model.Sam(cfg).eval()
@@ -371,18 +413,35 @@ def precision_latency(presets=("lite_medsam", "vit_b"), runs=5, threads=2, onnx=
                     cpu[k].append(time.process_time() - c0)
             med = {k: statistics.median(v) for k, v in times.items()}
             cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
+            gflop = encoder_gflop(sam, x)
             res[name] = {
                 "median_s": med,
                 "min_s": {k: min(v) for k, v in times.items()},
                 "cpu_median_s": cpu_med,
                 "speedup_vs": {k: med[k] / med[precision.FAST] for k in med},
                 "cpu_speedup_vs": {k: cpu_med[k] / cpu_med[precision.FAST] for k in med},
-                "embedding_rel_err": float(err),
+                "gflop": gflop,
+                "gflops": {k: gflop / med[k] for k in med},
+                "embedding_rel_err": errs,
             }
             print(name, json.dumps(res[name]), flush=True)
     finally:
         torch.set_num_threads(before)
     res["load_after"] = _load()
+    rates = res["matmul_gflops"]
+    print(
+        f"matmul (2048x768 @ 768x3072, {threads} threads): fp32 {rates['float32']:.0f} GFLOP/s, "
+        f"bf16 {rates['bfloat16']:.0f} GFLOP/s; load {res['load_before']} -> {res['load_after']}"
+    )
+    for name, against, goal in PRECISION_GOALS:
+        if name in res and against in res[name]["speedup_vs"]:
+            r = res[name]
+            got = r["speedup_vs"][against]
+            print(f"goal {name} {precision.FAST} vs {against}: {got:.2f}x median (min "
+                  f"{r['min_s'][against] / r['min_s'][precision.FAST]:.2f}x, CPU "
+                  f"{r['cpu_speedup_vs'][against]:.2f}x), goal >= {goal}x: "
+                  f"{'met' if got >= goal else 'NOT met'}; {r['gflops'][precision.FAST]:.0f} "
+                  f"GFLOP/s of {r['gflop']:.1f} GFLOP")  # fmt: skip
     return res
 
 
@@ -426,6 +485,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--runs", type=int, default=5)
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True)
+    r.add_argument("--ablate", action="store_true", help="also the fast path less each step")
     return p.parse_args(argv)
 
 
@@ -443,7 +503,9 @@ def main(args) -> int:
     elif args.command == "prompts":
         print(json.dumps(prompt_memory(tuple(args.counts), args.size, args.preset), indent=1))
     elif args.command == "precision":
-        res = precision_latency(tuple(args.presets), args.runs, args.threads, args.onnx)
+        res = precision_latency(
+            tuple(args.presets), args.runs, args.threads, args.onnx, args.ablate
+        )
         print(json.dumps(res, indent=1))
     else:
         train_step_cli(args.preset, args.runs, args.only)

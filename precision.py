@@ -2,20 +2,27 @@
 
 Encoding the image is nearly all of inference's arithmetic (LiteMedSAM: TinyViT's first stage runs
 on the full 256x256 grid; vit_b: twelve 768-wide blocks), and a CPU with AVX-512 BF16 or AMX runs
-a bf16 matmul several times faster than an fp32 one. The fast path, "bfloat16-mixed", runs the
-image encoder under torch.autocast(bfloat16): Linear, conv and matmul take bf16 inputs and
-accumulate in fp32; everything autocast keeps in fp32 stays there, and bf16 activations that meet
-LayerNorm, softmax or GELU are computed with fp32 accumulators by those kernels. Two parts stay
-fully fp32, chosen by measuring each part's effect on the embedding and on the final masks with
-LiteMedSAM's weights on MNI152 slices (docs/precision.md has the figures):
+a bf16 matmul several times faster than an fp32 one. The fast path, "bfloat16-mixed", runs an
+inference copy of the image encoder (fast_encoder) under torch.autocast(bfloat16): Linear, conv
+and matmul take bf16 inputs and accumulate in fp32; LayerNorm, softmax and GELU on bf16 tensors
+compute their statistics in fp32 inside the kernel. Two parts stay fully fp32, chosen by
+measuring each part's effect on the embedding and on the final masks with LiteMedSAM's weights
+on MNI152 slices (docs/precision.md has the figures):
 
 - the patch embedding, which sees the normalised image itself: in bf16 (8 significant bits) it
   alone caused two thirds of the whole encoder's embedding error, for ~1% of its arithmetic;
 - everything after the encoder: the embedding is handed on in fp32, and the prompt encoder, the
   mask decoder (its upsampling and the final logits) never see bf16.
 
-The weights stay fp32 in memory (autocast casts them per call; the checkpoint is untouched), so
-the fp32 path is the same model object computing exactly as before. Precisions:
+What makes bf16 pay on a CPU is less the arithmetic than the memory traffic around it; each of
+these was measured (docs/precision.md): the copy's weights are cast to bf16 once (autocast casts
+fp32 weights again on every call), TinyViT's maps are channels-last (oneDNN reorders NCHW bf16
+maps to its blocked layout on every conv), its BatchNorms are folded into the convs and its
+GELUs and residual adds run in place (a fresh 256x256x256 map costs more in page faults than the
+GELU itself), and its window attention runs in SDPA's fused CPU kernel.
+
+The model's own weights stay fp32 (the copy is separate, outside the state_dict), so the fp32
+path is the same model object computing exactly as before. Precisions:
 
     float32          everything fp32 (exact; what the tests compare with the official code)
     bfloat16-mixed   the fast path above (CPU)
@@ -26,14 +33,22 @@ Whether the CPU has native bf16 is asked of torch (torch.cpu's capability checks
 never guessed from a model or CPU name.
 """
 
+import copy
 import functools
 
 import torch
+from torch import nn
+
+import tinyvit
 
 FAST = "bfloat16-mixed"
 CAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # the whole model cast
 PRECISIONS = ("float32", FAST, *CAST)
 KEEP_FP32 = ("patch_embed",)  # encoder parts that stay fp32 on the fast path (see above)
+WEIGHTED = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)  # the layers whose weights go to bf16
+# What fast_encoder does beside autocast (docs/precision.md measures each): weights cast to bf16
+# once, TinyViT's maps channels-last, and tinyvit.fuse_for_inference's steps
+STEPS = ("bf16_weights", "channels_last", *tinyvit.FUSIONS)
 
 
 def cpu_has_bf16() -> bool:
@@ -56,29 +71,80 @@ def resolve(requested: str, device) -> str:
 
 
 def apply(sam, precision: str):
-    """Set `sam` (a model.Sam, in place) up to run at `precision` (a resolved one); returns it."""
+    """Set `sam` (a model.Sam, in place) up to run at `precision` (a resolved one); returns it.
+    The fast path's encoder is a copy made here (fast_encoder) and again by every later
+    load_state_dict; make it after moving the model to its device (the copy does not follow)."""
     if precision in CAST:
         return sam.to(dtype=CAST[precision])
     if precision == FAST and not getattr(sam, "precision", None) == FAST:
-        enc = sam.image_encoder
-        device_type = next(sam.parameters()).device.type
-        enc.forward = _autocast(enc.forward, device_type, enabled=True)
-        for name in KEEP_FP32:
-            part = enc.get_submodule(name)
-            part.forward = _autocast(part.forward, device_type, enabled=False)
+        _set_fast(sam)
+        # Weights loaded later (load_state_dict) reach the fast copy too: it is made again.
+        sam.register_load_state_dict_post_hook(lambda sam, _: _set_fast(sam))
     elif precision not in (FAST, "float32"):
         raise ValueError(f"precision is one of {', '.join(PRECISIONS)}, not {precision!r}")
     sam.precision = precision
     return sam
 
 
-def _autocast(forward, device_type: str, enabled: bool):
-    """`forward` run with bf16 autocast on (enabled) or off; the output is always fp32. Set as
-    the module's own `forward`, so its parameters and state_dict keys are unchanged."""
+def fast_variant(sam, steps):
+    """The fast path's encoder forward with only `steps` of STEPS (the model is not changed):
+    for bench.py precision --ablate."""
+    enc = sam.image_encoder
+    device_type = next(enc.parameters()).device.type
+    return _run_fast(fast_encoder(enc, steps), device_type, "channels_last" in steps)
+
+
+def _set_fast(sam) -> None:
+    enc = sam.image_encoder
+    enc.forward = _run_fast(fast_encoder(enc), next(enc.parameters()).device.type)
+
+
+def fast_encoder(enc: nn.Module, steps=STEPS) -> nn.Module:
+    """The fast path's inference copy of an image encoder (`steps`: all of STEPS by default;
+    fewer to measure what each one earns, bench.py precision --ablate): TinyViT fused
+    (tinyvit.fuse_for_inference: BatchNorms folded, GELUs in place, attention through SDPA),
+    conv/Linear weights cast to bf16 once (autocast would cast every weight again on every call),
+    and TinyViT's 4-D weights channels-last (oneDNN's bf16 convs reorder NCHW maps to a blocked
+    layout on every call, channels-last ones they take as they are; the ViT's tokens are
+    channels-last already, and its adapter flattens its conv weights, which channels-last would
+    turn into a copy per call). The KEEP_FP32 parts keep fp32 weights and run with autocast off."""
+    fast = copy.deepcopy(enc).eval().requires_grad_(False)
+    fast.__dict__.pop("forward", None)  # the class's forward, not a fast path set on enc
+    is_tinyvit = isinstance(fast, tinyvit.TinyViT)
+    if is_tinyvit:
+        tinyvit.fuse_for_inference(fast, [s for s in steps if s in tinyvit.FUSIONS])
+    for name, m in fast.named_modules():
+        if isinstance(m, WEIGHTED) and not name.startswith(KEEP_FP32) and "bf16_weights" in steps:
+            m.to(torch.bfloat16)
+    for name in KEEP_FP32:
+        part = fast.get_submodule(name)
+        part.forward = _fp32(part.forward)
+    if is_tinyvit and "channels_last" in steps:
+        fast.to(memory_format=torch.channels_last)
+    return fast
+
+
+def _run_fast(fast: nn.Module, device_type: str, channels_last: bool = True):
+    """The encoder's forward on the fast path: `fast` under bf16 autocast (which keeps the ops it
+    lists as fp32 there, and lets bf16 and fp32 tensors meet), the embedding handed on in fp32."""
+
+    def run(x):  # x: (B, 3, S, S) fp32
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            return fast(x.contiguous(memory_format=fmt)).float()
+
+    run.fast_encoder = fast  # for tests and benchmarks: what runs
+    return run
+
+
+def _fp32(forward):
+    """`forward` with autocast off: fp32 in and throughout, its result handed on in bf16 (the
+    next layer's bf16 matmul would round it to bf16 anyway; TinyViT's stage 0 then adds its
+    residuals in bf16 instead of mixing dtypes, a slow path)."""
 
     @functools.wraps(forward)
     def run(x):
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled):
-            return forward(x if enabled else x.float()).float()
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(x.float()).to(torch.bfloat16)
 
     return run

@@ -14,6 +14,8 @@ last stage, which keeps it. LiteMedSAM's patch embedding is two 1x1 convs (strid
 stage 0 runs on the full 256x256 grid and the output is 64x64 (S/4, cfg.patch_size = 4), where
 SAM-Med2D's ViT gives 16x16. Every conv is followed by BatchNorm, kept at the checkpoint's running
 statistics (see FrozenBatchNorm2d). Parameter names are LiteMedSAM's, so its file loads strictly.
+fuse_for_inference turns a copy into the same function in fewer, cheaper steps (BatchNorms folded,
+activations in place, fused attention): what precision.py's bf16 fast path runs.
 
 This module is built from model.py's parts (SamConfig, the Adapter, LayerNorm2d, window
 partitioning) and model.Sam builds it when cfg.encoder == "tinyvit". Shapes as in model.py's legend.
@@ -42,6 +44,12 @@ class FrozenBatchNorm2d(nn.BatchNorm2d):
         )
 
 
+def gelu_(x):
+    """GELU (exact, erf) in place: an inference copy's activations overwrite the conv output they
+    come from instead of allocating a new map (autograd could not go back through it)."""
+    return torch.ops.aten.gelu_(x)
+
+
 class ConvBN(nn.Module):
     """Conv2d without bias + BatchNorm (TinyViT's Conv2d_BN; the names `c` and `bn` are kept)."""
 
@@ -53,9 +61,21 @@ class ConvBN(nn.Module):
     def forward(self, x):
         return self.bn(self.c(x))
 
+    @torch.no_grad()
+    def fold(self):
+        """Fold the frozen BatchNorm into the conv (an inference copy's one op instead of two):
+        bn(c(x)) = s (W x - mean) + beta = (s W) x + (beta - s mean), s = gamma / sqrt(var+eps)."""
+        bn = self.bn
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C',)
+        self.c.weight.mul_(s[:, None, None, None])
+        self.c.bias = nn.Parameter(bn.bias - bn.running_mean * s)
+        self.bn = nn.Identity()
+
 
 class MBConv(nn.Module):
     """Stage 0's inverted-residual conv block on (B, C, H, W)."""
+
+    inplace = False  # True in an inference copy (fuse_for_inference): GELU and add in place
 
     def __init__(self, dim: int, ratio: float):
         super().__init__()
@@ -65,12 +85,17 @@ class MBConv(nn.Module):
         self.conv3 = ConvBN(hidden, dim)
 
     def forward(self, x):
+        if self.inplace:  # the same ops, without three fresh full-grid maps per block
+            y = gelu_(self.conv2(gelu_(self.conv1(x))))  # (B, ratio*C, H, W)
+            return gelu_(self.conv3(y).add_(x))
         y = F.gelu(self.conv2(F.gelu(self.conv1(x))))  # (B, ratio*C, H, W)
         return F.gelu(x + self.conv3(y))
 
 
 class PatchMerging(nn.Module):
     """(B, C, H, W) -> (B, C', H/stride, W/stride): 1x1 conv, 3x3 depthwise (strided), 1x1 conv."""
+
+    inplace = False  # as MBConv's
 
     def __init__(self, dim: int, out: int, stride: int):
         super().__init__()
@@ -79,7 +104,8 @@ class PatchMerging(nn.Module):
         self.conv3 = ConvBN(out, out)
 
     def forward(self, x):
-        return self.conv3(F.gelu(self.conv2(F.gelu(self.conv1(x)))))
+        act = gelu_ if self.inplace else F.gelu
+        return self.conv3(act(self.conv2(act(self.conv1(x)))))
 
 
 def window_offset_index(window: int, device=None):
@@ -95,7 +121,13 @@ def window_offset_index(window: int, device=None):
 
 
 class TinyViTAttention(nn.Module):
-    """Attention within one window, (B, w, w, C) -> (B, w, w, C); LayerNorm applied first."""
+    """Attention within one window, (B, w, w, C) -> (B, w, w, C); LayerNorm applied first.
+
+    `fused` (set in an inference copy by fuse_for_inference): the same attention through
+    F.scaled_dot_product_attention with the bias as its mask, which never materialises the
+    (B, nh, L, L) probabilities in memory; equal to the reference up to rounding."""
+
+    fused = False
 
     def __init__(self, dim: int, heads: int, window: int):
         super().__init__()
@@ -112,6 +144,10 @@ class TinyViTAttention(nn.Module):
         qkv = rearrange(qkv, "b y x (nh k hs) -> k b nh (y x) hs", nh=self.heads, k=3)
         q, k, v = qkv.unbind(0)  # each (B, nh, L, hs)
         bias = self.attention_biases[:, window_offset_index(self.window, x.device)]  # (nh, L, L)
+        if self.fused:
+            mask = bias.to(q.dtype)[None]  # (1, nh, L, L): 4-D, q's dtype: the fused CPU kernel
+            out = F.scaled_dot_product_attention(q, k, v, mask, scale=self.scale)
+            return self.proj(rearrange(out, "b nh (y x) hs -> b y x (nh hs)", y=h))
         attn = (q @ k.transpose(-2, -1)) * self.scale + bias  # (B, nh, L, L)
         out = attn.softmax(dim=-1) @ v  # (B, nh, L, hs)
         return self.proj(rearrange(out, "b nh (y x) hs -> b y x (nh hs)", y=h))
@@ -203,6 +239,25 @@ class TinyViT(nn.Module):
         for layer in self.layers:
             x = layer(x)  # ends (B, C3, S/4, S/4)
         return self.neck(x)  # (B, D, S/4, S/4)
+
+
+FUSIONS = ("fold_batchnorm", "in_place", "sdpa")  # fuse_for_inference's steps
+
+
+def fuse_for_inference(enc: TinyViT, steps=FUSIONS) -> TinyViT:
+    """Turn `enc` (a copy: its weights change) into an inference-only encoder computing the same
+    function: BatchNorms folded into their convs, GELUs and residual adds in place, attention
+    through scaled_dot_product_attention (`steps`: all by default; fewer to measure each one).
+    Equal to the original up to fp32 rounding (~1e-6 relative, tests/test_precision.py);
+    precision.py runs it in bf16."""
+    for m in enc.modules():
+        if isinstance(m, ConvBN) and "fold_batchnorm" in steps:
+            m.fold()
+        elif isinstance(m, (MBConv, PatchMerging)):
+            m.inplace = "in_place" in steps
+        elif isinstance(m, TinyViTAttention):
+            m.fused = "sdpa" in steps
+    return enc.requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""precision.py: the bf16 fast path against the fp32 computation (documented tolerances), the fp32
-path bit for bit as it was, where bf16 actually runs, and `--dtype auto` following torch's CPU
-check (patched both ways) into the JSON record. Figures on real weights: docs/precision.md."""
+"""precision.py: the bf16 fast path against the fp32 computation (documented tolerances), on SAM's
+ViT and on TinyViT; TinyViT's inference form (tinyvit.fuse_for_inference) against the module it
+came from in fp32; the fp32 path bit for bit as it was; where bf16 actually runs; and `--dtype
+auto` following torch's CPU check (patched both ways) into the JSON record. Figures on real
+weights: docs/precision.md."""
 
 import copy
 import json
@@ -15,6 +17,7 @@ import infer
 import infer_cli
 import model
 import precision
+import tinyvit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +36,26 @@ def rel(a, b) -> float:
 def tiny():
     torch.manual_seed(0)
     return model.Sam(model.SamConfig.from_name("tiny", image_size=64)).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_lite():
+    """A small TinyViT (LiteMedSAM's structure and heads; 16x16 grids in windows of 7 and 14, so
+    windows are padded) with random BatchNorm statistics, so that folding them is not trivial."""
+    torch.manual_seed(0)
+    cfg = model.SamConfig.from_name(
+        "lite_medsam", image_size=64, stage_dims=(16, 32, 40, 80), stage_depths=(1, 1, 2, 1),
+        prompt_dim=32, decoder_heads=2, decoder_mlp_dim=64,
+    )  # fmt: skip
+    sam = model.Sam(cfg).eval()
+    for m in sam.modules():
+        if isinstance(m, tinyvit.FrozenBatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-1, 1)
+    for m in sam.modules():
+        if isinstance(m, tinyvit.TinyViTAttention):
+            m.attention_biases.data.normal_()
+    return sam
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +81,53 @@ def test_fast_path_within_tolerance_of_fp32(tiny, inputs):
 
 
 @torch.inference_mode()
+def test_fast_path_within_tolerance_of_fp32_on_tinyvit(tiny_lite, inputs):
+    x, boxes = inputs
+    fast = precision.apply(copy.deepcopy(tiny_lite), precision.FAST)
+    emb, emb_fast = tiny_lite.encode(x), fast.encode(x)
+    assert emb_fast.dtype == torch.float32
+    assert 0 < rel(emb_fast, emb) < EMB_RTOL
+    low, _ = tiny_lite.decode(emb, boxes=boxes)
+    low_fast, _ = fast.decode(emb_fast, boxes=boxes)
+    assert rel(low_fast, low) < LOGIT_RTOL
+
+
+@torch.inference_mode()
+def test_tinyvit_inference_form_computes_the_same_function(tiny_lite, inputs):
+    """Folded BatchNorms, in-place GELUs and adds, SDPA attention: in fp32 equal to the module it
+    came from up to rounding (1e-5), and really changed (the BatchNorms are gone)."""
+    x, _ = inputs
+    enc = tiny_lite.image_encoder
+    fused = tinyvit.fuse_for_inference(copy.deepcopy(enc))
+    assert not any(isinstance(m, tinyvit.FrozenBatchNorm2d) for m in fused.modules())
+    want = enc(x)
+    assert rel(fused(x), want) < 1e-5
+    assert rel(fused(x.contiguous(memory_format=torch.channels_last)), want) < 1e-5
+    attn = enc.layers[1].blocks[0].attn
+    y = torch.randn(3, 7, 7, attn.qkv.in_features)  # (B, w, w, C): one window each
+    fused_attn = copy.deepcopy(attn)
+    fused_attn.fused = True
+    assert rel(fused_attn(y), attn(y)) < 1e-5
+
+
+@torch.inference_mode()
+def test_fast_encoder_is_bf16_and_channels_last(tiny_lite):
+    """What fast_encoder hands to the fast path: bf16 conv/Linear weights except the patch
+    embedding's, TinyViT's 4-D weights channels-last; the model's own weights untouched."""
+    fast = precision.apply(copy.deepcopy(tiny_lite), precision.FAST)
+    enc = fast.image_encoder.forward.fast_encoder
+    layouts = []  # 4-D weights whose layouts differ (not 1x1, not depthwise): the 3x3 neck conv
+    for name, m in enc.named_modules():
+        if isinstance(m, precision.WEIGHTED):
+            want = torch.float32 if name.startswith("patch_embed") else torch.bfloat16
+            assert m.weight.dtype == want, name
+            if m.weight.ndim == 4 and m.weight.shape[1] > 1 and m.weight.shape[2:] != (1, 1):
+                layouts.append(m.weight.is_contiguous(memory_format=torch.channels_last))
+    assert layouts and all(layouts)
+    assert all(p.dtype == torch.float32 for p in fast.parameters())
+
+
+@torch.inference_mode()
 def test_where_bf16_runs(tiny, inputs):
     """Encoder Linears see bf16; the patch embedding and the whole decoder see fp32."""
     x, boxes = inputs
@@ -70,7 +140,7 @@ def test_where_bf16_runs(tiny, inputs):
 
         return hook
 
-    enc = fast.image_encoder
+    enc = fast.image_encoder.forward.fast_encoder  # the copy the fast path runs
     hooks = [
         enc.blocks[0].mlp.lin1.register_forward_hook(record("encoder mlp in")),
         enc.blocks[-1].mlp.lin2.register_forward_hook(record("encoder mlp")),
@@ -85,7 +155,7 @@ def test_where_bf16_runs(tiny, inputs):
             h.remove()
     assert seen["encoder mlp in"] == (torch.float32, torch.bfloat16)  # after fp32 LayerNorm
     assert seen["encoder mlp"] == (torch.bfloat16, torch.bfloat16)
-    assert seen["patch embed"] == (torch.float32, torch.float32)
+    assert seen["patch embed"] == (torch.float32, torch.float32)  # handed on in bf16
     assert seen["decoder iou head"] == (torch.float32, torch.float32)
     assert seen["decoder upscaling"] == (torch.float32, torch.float32)
 
@@ -147,7 +217,7 @@ def test_auto_follows_the_cpu_check_into_the_json(monkeypatch, ckpt_and_image, t
     want = precision.FAST if has_bf16 else "float32"
     assert json.loads(out.with_suffix(".json").read_text())["precision"] == want
     assert loaded[0].precision == want
-    assert hasattr(loaded[0].image_encoder.forward, "__wrapped__") == has_bf16  # the wrapper
+    assert hasattr(loaded[0].image_encoder.forward, "fast_encoder") == has_bf16  # the wrapper
 
 
 def test_explicit_float32_overrides_auto(monkeypatch, ckpt_and_image, tmp_path):
@@ -178,3 +248,59 @@ def test_lite_medsam_mask_agrees_on_the_mni152_slice():
     b = infer.segment(fast, image, boxes=box).masks[0]
     dice = 2 * (a & b).sum() / (a.sum() + b.sum())
     assert dice >= 0.99
+
+
+@torch.inference_mode()
+def test_weights_loaded_later_reach_the_fast_copy(tiny_lite, inputs):
+    """load_state_dict after apply makes the fast copy again: it computes with the new weights."""
+    x, _ = inputs
+    other = copy.deepcopy(tiny_lite)
+    for p in other.parameters():
+        p.mul_(1.1)
+    fast = precision.apply(copy.deepcopy(tiny_lite), precision.FAST)
+    fast.load_state_dict(other.state_dict())
+    assert rel(fast.encode(x), other.encode(x)) < EMB_RTOL
+    assert rel(fast.encode(x), tiny_lite.encode(x)) > 5 * EMB_RTOL
+
+
+def test_dice_diff_script(tmp_path):
+    """examples/dice_diff.py on two hand-written per_mask.csv files: hand-computed figures."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dice_diff", ROOT / "examples" / "dice_diff.py")
+    dd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dd)
+    rows = {
+        "a": [("m1", "box", 0.5), ("m2", "box", 0.7), ("m1", "1pt", 0.2), ("m2", "1pt", 0.0)],
+        "b": [("m2", "box", 0.6), ("m1", "box", 0.5), ("m1", "1pt", 0.3), ("m2", "1pt", 0.0)],
+    }
+    for run, rs in rows.items():
+        (tmp_path / run).mkdir()
+        lines = ["mask,image,mode,dice"] + [f"{m},img.png,{mode},{d}" for m, mode, d in rs]
+        (tmp_path / run / "per_mask.csv").write_text("\n".join(lines) + "\n")
+    res = dd.compare(dd.read_dice(tmp_path / "a"), dd.read_dice(tmp_path / "b"))
+    assert list(res) == ["box", "1pt"]
+    box = res["box"]  # differences: m1 0, m2 -0.1
+    assert box["n"] == 2 and box["mean_a"] == pytest.approx(0.6)
+    assert box["diff_of_means"] == pytest.approx(-0.05) == box["mean_diff"]
+    assert box["mean_abs_diff"] == pytest.approx(0.05) and box["max_abs_diff"] == pytest.approx(0.1)
+    assert box["p99_abs_diff"] == pytest.approx(0.099)  # 0 + 0.99 * (0.1 - 0)
+    assert res["1pt"]["mean_diff"] == pytest.approx(0.05)
+    (tmp_path / "a" / "per_mask.csv").write_text("mask,image,mode,dice\nm9,i,box,0.1\n")
+    with pytest.raises(ValueError, match="different masks"):
+        dd.compare(dd.read_dice(tmp_path / "a"), dd.read_dice(tmp_path / "b"))
+
+
+@torch.inference_mode()
+def test_tinyvit_attention_takes_the_fused_sdpa_kernel(tiny_lite, inputs):
+    """The fast path's window attention reaches SDPA's fused CPU kernel, not its unfused "math"
+    fallback (10x slower on LiteMedSAM's stage 1; a 3-D or fp32 mask sends it there)."""
+    from torch.profiler import profile
+
+    x, _ = inputs
+    fast = precision.apply(copy.deepcopy(tiny_lite), precision.FAST)
+    with profile() as prof:
+        fast.encode(x)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
