@@ -48,7 +48,7 @@ KEEP_FP32 = ("patch_embed",)  # encoder parts that stay fp32 on the fast path (s
 WEIGHTED = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)  # the layers whose weights go to bf16
 # What fast_encoder does beside autocast (docs/precision.md measures each): weights cast to bf16
 # once, TinyViT's maps channels-last, and tinyvit.fuse_for_inference's steps
-STEPS = ("bf16_weights", "channels_last", *tinyvit.FUSIONS)
+STEPS = ("bf16_weights", "channels_last", "deconv_taps", *tinyvit.FUSIONS)
 
 
 def cpu_has_bf16() -> bool:
@@ -107,7 +107,9 @@ def fast_encoder(enc: nn.Module, steps=STEPS) -> nn.Module:
     and TinyViT's 4-D weights channels-last (oneDNN's bf16 convs reorder NCHW maps to a blocked
     layout on every call, channels-last ones they take as they are; the ViT's tokens are
     channels-last already, and its adapter flattens its conv weights, which channels-last would
-    turn into a copy per call). The KEEP_FP32 parts keep fp32 weights and run with autocast off."""
+    turn into a copy per call), and the adapters' deconv weights tap-major (channels-last), which
+    sends kernels/adapter's deconvolution through strided adds instead of col2im. The KEEP_FP32
+    parts keep fp32 weights and run with autocast off."""
     fast = copy.deepcopy(enc).eval().requires_grad_(False)
     fast.__dict__.pop("forward", None)  # the class's forward, not a fast path set on enc
     is_tinyvit = isinstance(fast, tinyvit.TinyViT)
@@ -121,6 +123,10 @@ def fast_encoder(enc: nn.Module, steps=STEPS) -> nn.Module:
         part.forward = _fp32(part.forward)
     if is_tinyvit and "channels_last" in steps:
         fast.to(memory_format=torch.channels_last)
+    if "deconv_taps" in steps:  # the adapters' deconvs tap-major: kernels/adapter.deconv4x4_s2
+        for m in fast.modules():
+            if isinstance(m, nn.ConvTranspose2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
     return fast
 
 

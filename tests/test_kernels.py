@@ -244,6 +244,20 @@ def test_matmul_convolutions_equal_oneDNN():
     assert max_err(ad.deconv4x4_s2(rows, w_deconv, 2, (16, 16)), deconv) < 1e-8
 
 
+def test_tap_major_deconvolution_equals_the_transposed_conv():
+    """deconv4x4_s2 with a channels-last (tap-major) weight: 16 strided adds instead of col2im,
+    the same function as conv_transpose2d and as the col2im route (small shapes, float64)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 4, 8, generator=g, dtype=F64)  # (B, h, w, C): output 12x8
+    w = torch.randn(8, 5, 4, 4, generator=g, dtype=F64)  # (C, C', 4, 4)
+    ref = torch.nn.functional.conv_transpose2d(x.permute(0, 3, 1, 2), w, stride=2, padding=1)
+    rows = x.reshape(-1, 8)
+    taps = ad.deconv4x4_s2(rows, w.contiguous(memory_format=torch.channels_last), 2, (12, 8))
+    assert taps.shape == ref.shape == (2, 5, 12, 8)
+    assert max_err(taps, ref) < 1e-12
+    assert max_err(taps, ad.deconv4x4_s2(rows, w, 2, (12, 8))) < 1e-12
+
+
 # ---------------------------------------------------------------------------------------------
 # The model's blocks: the fast path against the reference at vit_b@256 shapes, with gradients
 # ---------------------------------------------------------------------------------------------

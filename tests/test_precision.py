@@ -128,6 +128,29 @@ def test_fast_encoder_is_bf16_and_channels_last(tiny_lite):
 
 
 @torch.inference_mode()
+def test_vit_adapters_take_the_tap_major_deconvolution(tiny, inputs, monkeypatch):
+    """On the ViT's fast copy the adapters' deconv weights are channels-last, so kernels/adapter's
+    deconvolution sums its taps by strided adds: F.fold (col2im) never runs, and the embedding
+    stays within the fast path's tolerance of fp32 (the tap sums equal fold's to rounding)."""
+    fast = precision.apply(copy.deepcopy(tiny), precision.FAST)
+    deconvs = [m for m in fast.image_encoder.forward.fast_encoder.modules()
+               if isinstance(m, torch.nn.ConvTranspose2d)]  # fmt: skip
+    assert len(deconvs) == tiny.cfg.encoder_depth
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in deconvs)
+    import kernels.adapter as ad  # noqa: PLC0415
+
+    def no_fold(*a, **k):
+        raise AssertionError("col2im ran on the fast path")
+
+    x, _ = inputs
+    ref = tiny.encode(x)
+    monkeypatch.setattr(ad.F, "fold", no_fold)
+    assert rel(fast.encode(x), ref) < EMB_RTOL
+    with pytest.raises(AssertionError, match="col2im"):  # the fp32 path still folds
+        tiny.encode(x)
+
+
+@torch.inference_mode()
 def test_where_bf16_runs(tiny, inputs):
     """Encoder Linears see bf16; the patch embedding and the whole decoder see fp32."""
     x, boxes = inputs
