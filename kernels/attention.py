@@ -34,6 +34,7 @@ materialises the bias, is model.py's Attention with kernels="reference"):
 """
 
 from collections import Counter
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -127,10 +128,19 @@ def attention_sdpa(q, k, v, rel_h, rel_w, scale: float, k_e=None, v_e=None, extr
         k = torch.cat([k, k_e[None, :, None].expand(Z, nh, 1, hs)], 2)  # (Z, nh, N+1, hs)
         v = torch.cat([v, v_e[None, :, None].expand(Z, nh, 1, hs)], 2)  # (Z, nh, N+1, hs)
     chunk = max(1, _MASK_ELEMENTS // (Z * nh * k.shape[2]))
+    kh, kw = rel_h.shape[-1], rel_w.shape[-1]
+    # On a CPU, bias[(y, x)] = rel_h[y] + rel_w[x] is one matmul with a 0/1 selector: exactly the
+    # broadcast sum (two nonzero terms, one rounding), which for bf16 runs ~5x slower (on a GPU a
+    # TF32 matmul would round the terms, so the sum stays a broadcast add there)
+    eye = partial(torch.eye, dtype=rel_h.dtype, device=rel_h.device)
+    select = torch.cat([eye(kh).repeat_interleave(kw, 1), eye(kw).repeat(1, kh)])  # (kh+kw, N)
     outs = []
     for i in range(0, N, chunk):
         rh, rw = rel_h[:, :, i : i + chunk], rel_w[:, :, i : i + chunk]
-        mask = (rh[..., :, None] + rw[..., None, :]).flatten(-2)  # (Z, nh, n, N)
+        if rh.device.type == "cpu":
+            mask = torch.cat([rh, rw], -1) @ select  # (Z, nh, n, N)
+        else:
+            mask = (rh[..., :, None] + rw[..., None, :]).flatten(-2)  # (Z, nh, n, N)
         if k_e is not None:
             mask = torch.cat([mask, extra_logit[:, :, i : i + chunk, None].to(mask.dtype)], -1)
         outs.append(

@@ -244,6 +244,19 @@ def test_matmul_convolutions_equal_oneDNN():
     assert max_err(ad.deconv4x4_s2(rows, w_deconv, 2, (16, 16)), deconv) < 1e-8
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_bias_from_the_selector_matmul_is_the_broadcast_sum(dtype):
+    """On a CPU attention_sdpa builds the bias rel_h[y] + rel_w[x] as a matmul with a 0/1 selector:
+    the same values, bit for bit, as the broadcast sum (SDPA called with that mask)."""
+    g = torch.Generator().manual_seed(6)
+    Z, nh, kh, kw, hs = 2, 3, 5, 7, 16
+    q, k, v = (torch.randn(Z, nh, kh * kw, hs, generator=g).to(dtype) for _ in range(3))
+    rel_h, rel_w = (torch.randn(Z, nh, kh * kw, n, generator=g).to(dtype) for n in (kh, kw))
+    mask = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25)
+    assert torch.equal(at.attention_sdpa(q, k, v, rel_h, rel_w, 0.25), ref)
+
+
 def test_tap_major_deconvolution_equals_the_transposed_conv():
     """deconv4x4_s2 with a channels-last (tap-major) weight: 16 strided adds instead of col2im,
     the same function as conv_transpose2d and as the col2im route (small shapes, float64)."""
