@@ -3,8 +3,9 @@ where it continues, each next slice prompted from the result on the slice before
 
     key slice K, box B     --encode K, decode B-->              mask M_K (the reference area)
     slice K+1              --box of M_K grown by `margin`-->    mask M_K+1   (and so on upward,
-                             (+ sigmoid of M_K's low-res          until the stop rule fires)
-                              logits if `mask_prompt`)
+                             + a click at M_K's deepest           until the stop rule fires)
+                             pixel (`click`); + sigmoid of
+                             M_K's low-res logits if `mask_prompt`
     then the same from K downward. An extra box on another slice (an anchor) replaces the
     propagated prompt there and restarts a stopped direction from it.
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -46,6 +48,7 @@ class PropagateConfig:
     min_pixels: int = 1  # a mask with fewer pixels has vanished: stop
     stop_growth: float | None = 1.5  # stop where the area exceeds this x the previous slice's
     box_cap: float | None = 0.05  # prompt boxes stay inside the seed's box grown by this fraction
+    click: bool = True  # also a positive click at the previous mask's most interior pixel
 
 
 @dataclass
@@ -150,11 +153,29 @@ def _grown(box, fraction: float, at_least: float) -> list:
     return [x0 - mx, y0 - my, x1 + mx, y1 + my]
 
 
-def decode_slice(sam, emb, geom, box, mask_prob=None, multimask=True) -> tuple:
-    """One box (and optionally the previous slice's probabilities (1, 1, S/4, S/4)) on one slice
-    -> logits (H, W) at the slice's size, low-res logits (1, 1, S/4, S/4), predicted IoU."""
+def interior_point(mask: np.ndarray) -> list:
+    """[x, y] of the pixel deepest inside an (H, W) mask: erode (3 x 3) until one more erosion
+    would leave nothing, then the remaining pixel nearest their centroid. Unlike the centroid,
+    it lies inside a ring, a C or two blobs; deepest, so it is still inside the structure on the
+    next slice when the edges have moved."""
+    m = torch.from_numpy(mask)[None, None].float()  # (1, 1, H, W)
+    while (eroded := -F.max_pool2d(-m, 3, stride=1, padding=1)).any():  # 8-neighbourhood min
+        m = eroded
+    ys, xs = np.nonzero(m[0, 0].numpy())
+    i = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+    return [float(xs[i]), float(ys[i])]
+
+
+def decode_slice(sam, emb, geom, box, mask_prob=None, multimask=True, point=None) -> tuple:
+    """One box (optionally with the previous slice's probabilities (1, 1, S/4, S/4) and one
+    positive click [x, y]) on one slice -> logits (H, W) at the slice's size, low-res logits
+    (1, 1, S/4, S/4), predicted IoU."""
     boxes = geom.boxes_to_model(torch.tensor([box], dtype=torch.float32))  # (1, 4)
-    low, iou = infer._decode_best(sam, emb, None, boxes, mask_prob, multimask)  # (1, 1, h, w)
+    points = None
+    if point is not None:
+        xy = geom.points_to_model(torch.tensor([[point]], dtype=torch.float32))  # (1, 1, 2)
+        points = (xy, torch.ones(1, 1, dtype=torch.long))  # label 1: foreground
+    low, iou = infer._decode_best(sam, emb, points, boxes, mask_prob, multimask)  # (1, 1, h, w)
     low = low.float().cpu()
     return geom.logits_to_original(low)[0, 0].numpy(), low, float(iou[0])  # (H, W)
 
@@ -246,7 +267,8 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
             return
         box = t.seeds[k] if k in t.seeds else grow_box(t.mask, cfg, t.seed_box)
         prob = torch.sigmoid(t.low) if cfg.mask_prompt and k not in t.seeds else None
-        logits, low, iou = decode_slice(sam, emb, geom, box, prob, multimask)
+        click = interior_point(t.mask) if cfg.click and k not in t.seeds else None
+        logits, low, iou = decode_slice(sam, emb, geom, box, prob, multimask, click)
         m = logits > sam.cfg.mask_threshold  # (H, W)
         area = int(m.sum())
         if k in t.seeds:

@@ -193,6 +193,72 @@ def test_mask_prompt_feeds_the_previous_probabilities():
     assert all(m is None for m in sam.mask_inputs)
 
 
+class UnderSegments(BrightInBox):
+    """BrightInBox that under-segments as LiteMedSAM does on MNI152 (docs/volume.md): a box alone
+    gives the bright pixels inside it less a rim of RIM pixels (model pixels, the slice's here:
+    the tiny model places these slices unscaled); a box with a positive click on a bright pixel
+    inside it gives all of them."""
+
+    RIM = 4
+
+    def decode(self, emb, points=None, boxes=None, mask_input=None, multimask=True):
+        self.mask_inputs.append(mask_input)
+        S, r = self.cfg.image_size, self.RIM
+        ys, xs = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
+        out, iou = [], []
+        for p, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+            inside = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)  # (S, S)
+            fg = inside & (emb[0, 0] > 0.5)
+            clicked = points is not None and any(
+                lab == 1 and fg[min(int(y), S - 1), min(int(x), S - 1)]
+                for (x, y), lab in zip(points[0][p].tolist(), points[1][p].tolist(), strict=True)
+            )
+            if not clicked:
+                fg &= (xs >= x0 + r) & (xs <= x1 - r) & (ys >= y0 + r) & (ys <= y1 - r)
+            out.append(torch.where(fg, 8.0, -8.0))
+            iou.append(fg.sum() / inside.sum().clamp(min=1))
+        low = F.avg_pool2d(torch.stack(out)[:, None], 4)  # (P, 1, S/4, S/4)
+        K = 3 if multimask else 1
+        return low.repeat(1, K, 1, 1), torch.stack(iou)[:, None].repeat(1, K)
+
+
+def test_click_keeps_an_under_segmenting_model_on_the_structure():
+    """Without the click each next box (the mask's, grown by 5%) is smaller than the last, since
+    the mask lost its rim inside it: the masks shrink slice after slice and vanish long before
+    the structure ends. The click on the previous mask's deepest pixel gets the whole structure
+    inside the box, whose box then grows back by the margin: every slice, its right extent."""
+    s = np.zeros((N, H, W), np.uint8)
+    rect(s, range(2, 22), 6, 34, 6, 42)  # 28 x 36 px on slices 2..21
+    vol, box = to_volume(s), [6, 6, 42, 34]
+    runs = {}
+    for click in (False, True):
+        sam = UnderSegments()
+        cfg = PropagateConfig(click=click, box_cap=None, stop_growth=None)
+        runs[click] = volume.segment_volume(sam, vol, [Structure(box, key=11)], "z", cfg)
+    r = runs[True].records[0]
+    assert (r["first"], r["last"]) == (2, 21)
+    assert r["ends"]["up"]["reason"] == r["ends"]["down"]["reason"] == "vanished"
+    assert dice(runs[True].masks[0], vol > 0) > 0.9
+    r = runs[False].records[0]
+    assert r["first"] > 2 + 3 and r["last"] < 21 - 3  # vanished early both ways
+    assert dice(runs[False].masks[0], vol > 0) < dice(runs[True].masks[0], vol > 0) - 0.3
+
+
+def test_interior_point_is_the_deepest_pixel():
+    m = np.zeros((H, W), bool)
+    m[10:31, 4:15] = True  # a 21 x 11 bar: its middle column, the row nearest its centre
+    m[10:13, 4:44] = True  # and a thin arm along the top: the centroid moves, the point not
+    x, y = volume.interior_point(m)
+    assert (x, y) == (9, 20) and m[int(y), int(x)]
+    c = np.zeros((H, W), bool)
+    c[5:35, 5:40] = True
+    c[12:28, 15:40] = False  # a C open to the right: its centroid lies in the gap
+    cy, cx = np.argwhere(c).mean(0)
+    assert not c[round(cy), round(cx)]
+    x, y = volume.interior_point(c)
+    assert c[int(y), int(x)] and x < 15
+
+
 # ------------------------------------------------------------------------------------------------
 # Several structures: one encoder pass per slice
 # ------------------------------------------------------------------------------------------------
