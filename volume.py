@@ -46,7 +46,7 @@ class PropagateConfig:
     stop_area: float = 0.0  # stop below this fraction of the mask area on the last anchor slice
     stop_iou: float = 0.0  # stop where the predicted IoU falls below this
     min_pixels: int = 1  # a mask with fewer pixels has vanished: stop
-    stop_growth: float | None = 1.5  # stop where the area exceeds this x the previous slice's
+    stop_growth: float | None = 2.0  # stop where the area exceeds this x the previous slice's
     box_cap: float | None = 0.05  # prompt boxes stay inside the seed's box grown by this fraction
     click: bool = True  # also a positive click at the previous mask's most interior pixel
 

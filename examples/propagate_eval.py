@@ -72,7 +72,7 @@ def per_slice(sam, enc, u8, boxes: dict, multimask: bool) -> np.ndarray:
 RULES = [("vanished", "area", 0.0)] + [(f"area<{f:g}", "area", f) for f in (0.02, 0.05, 0.1, 0.2)]
 RULES += [(f"iou<{t:g}", "iou", t) for t in (0.5, 0.7)]
 RULES += [(f"overlap<{t:g}", "overlap", t) for t in (0.5, 0.7, 0.8)]
-RULES += [(f"grow>{t:g}", "grow", t) for t in (1.2, 1.5)]
+RULES += [(f"grow>{t:g}", "grow", t) for t in (1.2, 1.5, 2)]
 RULES += [("change>2x", "change", 2.0)]  # grew over 2x or shrank below 1/2 x the previous
 
 

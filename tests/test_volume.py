@@ -137,17 +137,30 @@ def test_area_and_iou_stop_rules():
 
 def test_growth_stop_rule():
     """The structure ends on slice 14 inside a larger bright region (slices 15..19): the mask
-    jumps from 320 to 1440 px; stop_growth 1.5 ends the propagation there."""
+    jumps from 320 to 1440 px (4.5x); the default stop_growth (2) ends the propagation there.
+    A structure that widens from 20 to 34 px on slice 15 (the box, grown 30% a side, takes
+    1.6x the area) is followed by the default and cut by 1.5, last round's default, which
+    stopped LiteMedSAM's clicked masks 3-26 slices early (docs/volume.md)."""
+    default = PropagateConfig().stop_growth
+    assert 1.6 < default
     s = np.zeros((N, H, W), np.uint8)
     rect(s, range(8, 15), 10, 26, 12, 32)  # 16 x 20 = 320 px
     rect(s, range(15, 20), 2, 38, 4, 44)  # 36 x 40 = 1440 px: fills any box grown from the above
     vol = to_volume(s)
     _, seg = run(vol, [Structure([12, 10, 32, 26], key=10)], margin=0.3)
     assert seg.records[0]["last"] == 19
-    _, seg = run(vol, [Structure([12, 10, 32, 26], key=10)], margin=0.3, stop_growth=1.5)
+    _, seg = run(vol, [Structure([12, 10, 32, 26], key=10)], margin=0.3, stop_growth=default)
     r = seg.records[0]
     assert r["last"] == 14 and r["ends"]["up"]["slice"] == 15
-    assert r["ends"]["up"]["reason"].startswith("area grew over 1.5")
+    assert r["ends"]["up"]["reason"].startswith(f"area grew over {default:g}")
+    s = np.zeros((N, H, W), np.uint8)
+    rect(s, range(8, 15), 10, 26, 12, 32)  # 16 x 20 = 320 px
+    rect(s, range(15, 20), 10, 26, 5, 39)  # 16 x 34 = 544 px
+    vol = to_volume(s)
+    _, seg = run(vol, [Structure([12, 10, 32, 26], key=10)], margin=0.3, stop_growth=default)
+    assert seg.records[0]["last"] == 19 and dice(seg.masks[0], vol > 0) > 0.9
+    _, seg = run(vol, [Structure([12, 10, 32, 26], key=10)], margin=0.3, stop_growth=1.5)
+    assert seg.records[0]["last"] == 14
 
 
 def test_box_margin_follows_a_drifting_structure():
