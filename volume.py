@@ -11,8 +11,9 @@ where it continues, each next slice prompted from the result on the slice before
 
 The stop rule ends a direction at the first slice whose mask has vanished (< `min_pixels`), or
 whose area fell below `stop_area` x the area on the last seed slice, or whose predicted IoU fell
-below `stop_iou`, or whose area grew over `stop_growth` x the previous slice's; that slice's mask
-is dropped. docs/volume.md has the measurements behind the defaults.
+below `stop_iou`, or whose area grew over `stop_growth` or fell below `stop_shrink` x the
+previous slice's; that slice's mask is dropped. docs/volume.md has the measurements behind the
+defaults.
 
 The encoder runs at most once per slice: the structures of one call advance together, slice by
 slice, upward then downward, and decode against the same embedding (SliceEncoder counts the
@@ -47,6 +48,7 @@ class PropagateConfig:
     stop_iou: float = 0.0  # stop where the predicted IoU falls below this
     min_pixels: int = 1  # a mask with fewer pixels has vanished: stop
     stop_growth: float | None = 2.0  # stop where the area exceeds this x the previous slice's
+    stop_shrink: float | None = 0.5  # stop where the area falls below this x the previous slice's
     box_cap: float | None = 0.05  # prompt boxes stay inside the seed's box grown by this fraction
     click: bool = True  # also a positive click at the previous mask's most interior pixel
 
@@ -182,8 +184,8 @@ def decode_slice(sam, emb, geom, box, mask_prob=None, multimask=True, point=None
 
 def _stop_reason(area: int, iou: float, ref_area: int, prev_area: int, cfg: PropagateConfig):
     """Why propagation ends on this slice, or None. A structure that ends shows either as a mask
-    that vanishes or shrinks, or, when the model latches onto the tissue around it, as a mask
-    that suddenly grows (`stop_growth`)."""
+    that vanishes or suddenly shrinks (`stop_shrink`), or, when the model latches onto the tissue
+    around it, as a mask that suddenly grows (`stop_growth`)."""
     if area < cfg.min_pixels:
         return "vanished"
     if area < cfg.stop_area * ref_area:
@@ -192,6 +194,8 @@ def _stop_reason(area: int, iou: float, ref_area: int, prev_area: int, cfg: Prop
         return f"predicted IoU below {cfg.stop_iou:g}"
     if cfg.stop_growth is not None and area > cfg.stop_growth * prev_area:
         return f"area grew over {cfg.stop_growth:g} x the previous slice's"
+    if cfg.stop_shrink is not None and area < cfg.stop_shrink * prev_area:
+        return f"area fell below {cfg.stop_shrink:g} x the previous slice's"
     return None
 
 

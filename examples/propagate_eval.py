@@ -73,7 +73,7 @@ RULES = [("vanished", "area", 0.0)] + [(f"area<{f:g}", "area", f) for f in (0.02
 RULES += [(f"iou<{t:g}", "iou", t) for t in (0.5, 0.7)]
 RULES += [(f"overlap<{t:g}", "overlap", t) for t in (0.5, 0.7, 0.8)]
 RULES += [(f"grow>{t:g}", "grow", t) for t in (1.2, 1.5, 2)]
-RULES += [("change>2x", "change", 2.0)]  # grew over 2x or shrank below 1/2 x the previous
+RULES += [("change>2x", "change", 2.0)]  # grew over 2x or shrank below 1/2 x: the default
 
 
 def fires(kind: str, t: float, mask, prev, iou: float, key_area: int) -> bool:
@@ -167,7 +167,13 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
         mm = res.get("oracle_multi", 1) >= res.get("oracle_single", 0)  # the better output
         for margin, min_margin, mask_prompt, cap, click in settings:
             cfg = volume.PropagateConfig(
-                margin, min_margin, mask_prompt, box_cap=cap, click=click, stop_growth=None
+                margin,
+                min_margin,
+                mask_prompt,
+                box_cap=cap,
+                click=click,
+                stop_growth=None,
+                stop_shrink=None,
             )  # every rule applied afterwards
             st = volume.Structure(box, key)
             seg = volume.segment_volume(sam, u8, [st], AXIS, cfg, mm, encoder=enc)

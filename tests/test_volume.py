@@ -67,10 +67,10 @@ def rect(slices, ks, y0, y1, x0, x1, value=220):
 
 
 def run(vol, structures, **cfg):
-    """segment_volume with the bright-in-box segmenter; the cap and the growth rule are off
-    unless a test sets them (each test exercises the rules it names)."""
+    """segment_volume with the bright-in-box segmenter; the cap and the growth and shrink rules
+    are off unless a test sets them (each test exercises the rules it names)."""
     sam = BrightInBox()
-    cfg = PropagateConfig(**{"box_cap": None, "stop_growth": None, **cfg})
+    cfg = PropagateConfig(**{"box_cap": None, "stop_growth": None, "stop_shrink": None, **cfg})
     return sam, volume.segment_volume(sam, vol, structures, "z", cfg)
 
 
@@ -116,9 +116,10 @@ def test_structure_reaching_the_volume_edge_and_limits():
     assert not seg.masks[0][:, :, :3].any() and not seg.masks[0][:, :, 8:].any()
 
 
-def test_area_and_iou_stop_rules():
+def test_area_iou_and_shrink_stop_rules():
     """A structure that narrows on slice 15: kept by 'vanished', cut there by the area rule
-    (64 px < 0.3 x 320 px) and by the predicted-IoU rule (64 px fill little of the grown box)."""
+    (64 px < 0.3 x 320 px), by the predicted-IoU rule (64 px fill little of the grown box) and
+    by the default shrink rule (64 px < 0.5 x the previous slice's 320)."""
     s = np.zeros((N, H, W), np.uint8)
     rect(s, range(8, 15), 10, 26, 12, 32)  # 16 x 20 = 320 px
     rect(s, range(15, 20), 14, 22, 18, 26)  # 8 x 8 = 64 px
@@ -133,6 +134,12 @@ def test_area_and_iou_stop_rules():
     _, seg = run(vol, [Structure(box, key=10)], stop_iou=0.5)
     r = seg.records[0]
     assert r["last"] == 14 and r["ends"]["up"]["reason"].startswith("predicted IoU below 0.5")
+    shrink = PropagateConfig().stop_shrink
+    assert 64 < shrink * 320
+    _, seg = run(vol, [Structure(box, key=10)], stop_shrink=shrink)
+    r = seg.records[0]
+    assert r["last"] == 14 and r["ends"]["up"]["slice"] == 15
+    assert r["ends"]["up"]["reason"] == f"area fell below {shrink:g} x the previous slice's"
 
 
 def test_growth_stop_rule():
@@ -246,7 +253,7 @@ def test_click_keeps_an_under_segmenting_model_on_the_structure():
     runs = {}
     for click in (False, True):
         sam = UnderSegments()
-        cfg = PropagateConfig(click=click, box_cap=None, stop_growth=None)
+        cfg = PropagateConfig(click=click, box_cap=None, stop_growth=None, stop_shrink=None)
         runs[click] = volume.segment_volume(sam, vol, [Structure(box, key=11)], "z", cfg)
     r = runs[True].records[0]
     assert (r["first"], r["last"]) == (2, 21)
