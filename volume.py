@@ -51,6 +51,7 @@ class PropagateConfig:
     stop_shrink: float | None = 0.5  # stop where the area falls below this x the previous slice's
     box_cap: float | None = 0.05  # prompt boxes stay inside the seed's box grown by this fraction
     click: bool = True  # also a positive click at the previous mask's most interior pixel
+    track: bool = False  # the box never grows: the previous box, cut to the mask's grown box
 
 
 @dataclass
@@ -132,21 +133,36 @@ def check_structures(structures: list, shape: tuple, axis: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def grow_box(mask: np.ndarray, cfg: PropagateConfig, seed_box=None) -> list:
+def grow_box(mask: np.ndarray, cfg: PropagateConfig, seed_box=None, prev_box=None) -> list:
     """The tight box of an (H, W) mask (x1, y1 one past the last pixel, as data.boxes_from_masks),
     each side moved out by max(min_margin, margin x the box's size), clipped to the image and,
     with cfg.box_cap, to `seed_box` grown by box_cap x its size (a mask that fills its box would
-    otherwise grow by the margin on every slice)."""
+    otherwise grow by the margin on every slice). With cfg.track, also clipped to `prev_box`,
+    the box that prompted the mask, with the margin taken from that box's size: an edge moves in
+    only where the mask has left it by more than the margin, and never out."""
     H, W = mask.shape
     ys, xs = np.nonzero(mask)
-    box = _grown([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], cfg.margin, cfg.min_margin)
+    tight = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    if cfg.track and prev_box is not None:
+        fx, fy = (max(cfg.min_margin, cfg.margin * s) for s in _size(prev_box))
+        box = [tight[0] - fx, tight[1] - fy, tight[2] + fx, tight[3] + fy]
+    else:
+        box = _grown(tight, cfg.margin, cfg.min_margin)
     limit = [0.0, 0.0, float(W), float(H)]
-    if cfg.box_cap is not None and seed_box is not None:
-        cap = _grown(seed_box, cfg.box_cap, 0.0)
-        limit = [max(limit[0], cap[0]), max(limit[1], cap[1]), min(W, cap[2]), min(H, cap[3])]
+    for other in (
+        _grown(seed_box, cfg.box_cap, 0.0) if cfg.box_cap is not None and seed_box else None,
+        prev_box if cfg.track else None,
+    ):
+        if other is not None:
+            limit = [max(limit[0], other[0]), max(limit[1], other[1]),
+                     min(limit[2], other[2]), min(limit[3], other[3])]  # fmt: skip
     x0, y0 = max(box[0], limit[0]), max(box[1], limit[1])
     x1, y1 = min(box[2], limit[2]), min(box[3], limit[3])
     return [x0, y0, x1, y1] if x0 < x1 and y0 < y1 else limit
+
+
+def _size(box) -> tuple:
+    return float(box[2]) - float(box[0]), float(box[3]) - float(box[1])
 
 
 def _grown(box, fraction: float, at_least: float) -> list:
@@ -206,7 +222,7 @@ class _Track:
     def __init__(self, s: Structure, n: int, step: int):
         lo, hi = s.limits if s.limits is not None else (0, n - 1)
         self.seeds, self.step, self.end = {s.key: s.box, **s.anchors}, step, hi if step > 0 else lo
-        self.mask = self.low = self.seed_box = None  # None until the sweep passes a seed
+        self.mask = self.low = self.seed_box = self.box = None  # None until it passes a seed
         self.ref_area, self.stopped = 0, False
 
     def wants(self, k: int) -> bool:
@@ -264,12 +280,13 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
         """Track t (structure i) onto slice k; the stop rule decides whether its mask is kept."""
         if k in t.seeds and (i, k) in seeded:  # the downward sweep: the seed's upward result
             (t.mask, t.low), t.seed_box = seeded[i, k], t.seeds[k]
+            t.box = t.seed_box
             t.ref_area, t.stopped = int(t.mask.sum()), False
             return
         if k not in t.seeds and k in records[i]["predicted_iou"]:
             t.stopped = True  # met the upward sweep, which covered the slices from here on
             return
-        box = t.seeds[k] if k in t.seeds else grow_box(t.mask, cfg, t.seed_box)
+        box = t.seeds[k] if k in t.seeds else grow_box(t.mask, cfg, t.seed_box, t.box)
         prob = torch.sigmoid(t.low) if cfg.mask_prompt and k not in t.seeds else None
         click = interior_point(t.mask) if cfg.click and k not in t.seeds else None
         logits, low, iou = decode_slice(sam, emb, geom, box, prob, multimask, click)
@@ -290,7 +307,7 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
             records[i]["stops"].append({"direction": direction, "slice": k, "reason": reason})
             t.stopped = True
             return
-        t.mask, t.low = m, low
+        t.mask, t.low, t.box = m, low, box
         put(i, k, logits, iou)
 
     lo_seed = min(min([s.key, *s.anchors]) for s in structures)

@@ -113,15 +113,16 @@ def cut(seg_mask: np.ndarray, rec: dict, kind: str, threshold: float) -> tuple:
     return out, first, last
 
 
-SETTINGS = [(0.05, 1.0, False, 0.05, True)]  # volume.PropagateConfig's defaults
+SETTINGS = [(0.05, 1.0, False, 0.05, True, False)]  # volume.PropagateConfig's defaults
 
 
 def _setting(v) -> tuple:
-    """ "0.1,2,n[,0.1[,y]]" -> (margin 0.1, min_margin 2 px, no mask prompt, box_cap 0.1 or None,
-    a click at the previous mask's deepest pixel or not (default: not))."""
+    """ "0.1,2,n[,0.1[,y[,y]]]" -> (margin 0.1, min_margin 2 px, no mask prompt, box_cap 0.1 or
+    None, a click at the previous mask's deepest pixel or not, box tracking or not (default n))."""
     margin, min_margin, mask, *rest = v.split(",")
     cap = float(rest[0]) if rest and rest[0] != "none" else None
-    return float(margin), float(min_margin), mask == "y", cap, rest[1:] == ["y"]
+    click, track = (rest[1:] + ["n", "n"])[:2]
+    return float(margin), float(min_margin), mask == "y", cap, click == "y", track == "y"
 
 
 def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines=True) -> dict:
@@ -165,13 +166,14 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
                 2 * len(slices)
             )
         mm = res.get("oracle_multi", 1) >= res.get("oracle_single", 0)  # the better output
-        for margin, min_margin, mask_prompt, cap, click in settings:
+        for margin, min_margin, mask_prompt, cap, click, track in settings:
             cfg = volume.PropagateConfig(
                 margin,
                 min_margin,
                 mask_prompt,
                 box_cap=cap,
                 click=click,
+                track=track,
                 stop_growth=None,
                 stop_shrink=None,
             )  # every rule applied afterwards
@@ -202,7 +204,7 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
                 }
             tag = (
                 f"prop m={margin:g}/{min_margin:g}px mask={'y' if mask_prompt else 'n'} cap={cap} "
-                + f"click={'y' if click else 'n'} "
+                + f"click={'y' if click else 'n'} track={'y' if track else 'n'} "
                 + ("multi" if mm else "single")
             )
             res[tag] = row
@@ -239,7 +241,7 @@ if __name__ == "__main__":
         nargs="+",
         type=_setting,
         default=SETTINGS,
-        help="MARGIN,MIN_MARGIN,y|n (mask prompt)[,BOX_CAP|none[,y|n (click)]] per run",
+        help="MARGIN,MIN_MARGIN,y|n (mask prompt)[,BOX_CAP|none[,y|n (click)[,y|n (track)]]]",
     )
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--structures", nargs="+", choices=["white matter", "grey matter", "brain"])

@@ -264,6 +264,38 @@ def test_click_keeps_an_under_segmenting_model_on_the_structure():
     assert dice(runs[False].masks[0], vol > 0) < dice(runs[True].masks[0], vol > 0) - 0.3
 
 
+def test_track_keeps_the_box_of_an_under_segmenting_model_and_never_grows_it():
+    """Without the click, UnderSegments' mask lies RIM px inside its box. A box grown from that
+    mask by 15% of the mask's size is smaller than the last, slice after slice, until the mask
+    vanishes; with `track` the margin (15% of the previous box's size, > RIM) covers the retreat,
+    every edge stays, and the mask is the same on every slice to both ends. A structure that
+    widens is not followed outside the key box: tracked boxes never grow."""
+    s = np.zeros((N, H, W), np.uint8)
+    rect(s, range(2, 22), 6, 34, 6, 42)  # 28 x 36 px on slices 2..21
+    vol, box = to_volume(s), [6, 6, 42, 34]
+    runs = {}
+    for track in (False, True):
+        cfg = PropagateConfig(margin=0.15, track=track, click=False, box_cap=None,
+                              stop_growth=None, stop_shrink=None)  # fmt: skip
+        runs[track] = volume.segment_volume(
+            UnderSegments(), vol, [Structure(box, key=11)], "z", cfg
+        )
+    r = runs[False].records[0]
+    assert r["first"] > 2 + 3 and r["last"] < 21 - 3
+    r, m = runs[True].records[0], runs[True].masks[0]
+    assert (r["first"], r["last"]) == (2, 21)
+    assert {int(m[:, :, k].sum()) for k in range(2, 22)} == {int(m[:, :, 11].sum())}
+    s = np.zeros((N, H, W), np.uint8)
+    for k in range(4, 14):
+        rect(s, [k], 12, 24, 20 - 2 * (k - 4), 28 + 2 * (k - 4))
+    _, seg = run(to_volume(s), [Structure([20, 12, 28, 24], key=4)], margin=0.25, track=True)
+    inside = np.zeros((N, H, W), bool)
+    inside[:, :, 20:28] = True
+    m = seg.masks[0]
+    assert m.any() and not (m & ~to_volume(inside)).any()
+    assert seg.records[0]["last"] == 13
+
+
 def test_interior_point_is_the_deepest_pixel():
     m = np.zeros((H, W), bool)
     m[10:31, 4:15] = True  # a 21 x 11 bar: its middle column, the row nearest its centre
