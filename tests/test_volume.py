@@ -519,7 +519,8 @@ def test_cli_propagate_bad_input_writes_nothing(nifti, tmp_path, monkeypatch, ex
 def test_real_mni152_brain_with_litemedsam():
     """The default model on real MRI: the brain propagated from its box on axial slice 95
     through slices 92..98 (limits), against the template's brain mask (examples/mni152.py's
-    label). Measured 3D Dice there: 0.742 (docs/volume.md has the whole-volume figures)."""
+    label). Measured 3D Dice there: 0.837 with the defaults, 0.740 without the click, which the
+    threshold tells apart (docs/volume.md has the whole-volume figures)."""
     import importlib.util
     from pathlib import Path
 
@@ -541,4 +542,4 @@ def test_real_mni152_brain_with_litemedsam():
     assert seg.records[0]["first"] == 92 and seg.records[0]["last"] == 98
     assert sorted(enc.calls) == list(range(92, 99)) and set(enc.calls.values()) == {1}
     d = dice(seg.masks[0][:, :, 92:99], brain[:, :, 92:99])
-    assert d > 0.6, d
+    assert d > 0.79, d
