@@ -3,15 +3,17 @@ where it continues, each next slice prompted from the result on the slice before
 
     key slice K, box B     --encode K, decode B-->              mask M_K (the reference area)
     slice K+1              --box of M_K grown by `margin`-->    mask M_K+1   (and so on upward,
-                             (+ sigmoid of M_K's low-res          until the stop rule fires)
-                              logits if `mask_prompt`)
+                             + a click at M_K's deepest           until the stop rule fires)
+                             pixel (`click`); + sigmoid of
+                             M_K's low-res logits if `mask_prompt`
     then the same from K downward. An extra box on another slice (an anchor) replaces the
     propagated prompt there and restarts a stopped direction from it.
 
 The stop rule ends a direction at the first slice whose mask has vanished (< `min_pixels`), or
 whose area fell below `stop_area` x the area on the last seed slice, or whose predicted IoU fell
-below `stop_iou`, or whose area grew over `stop_growth` x the previous slice's; that slice's mask
-is dropped. docs/volume.md has the measurements behind the defaults.
+below `stop_iou`, or whose area grew over `stop_growth` or fell below `stop_shrink` x the
+previous slice's; that slice's mask is dropped. docs/volume.md has the measurements behind the
+defaults.
 
 The encoder runs at most once per slice: the structures of one call advance together, slice by
 slice, upward then downward, and decode against the same embedding (SliceEncoder counts the
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -44,8 +47,11 @@ class PropagateConfig:
     stop_area: float = 0.0  # stop below this fraction of the mask area on the last anchor slice
     stop_iou: float = 0.0  # stop where the predicted IoU falls below this
     min_pixels: int = 1  # a mask with fewer pixels has vanished: stop
-    stop_growth: float | None = 1.5  # stop where the area exceeds this x the previous slice's
+    stop_growth: float | None = 2.0  # stop where the area exceeds this x the previous slice's
+    stop_shrink: float | None = 0.5  # stop where the area falls below this x the previous slice's
     box_cap: float | None = 0.05  # prompt boxes stay inside the seed's box grown by this fraction
+    click: bool = True  # also a positive click at the previous mask's most interior pixel
+    track: bool = False  # the box never grows: the previous box, cut to the mask's grown box
 
 
 @dataclass
@@ -127,21 +133,36 @@ def check_structures(structures: list, shape: tuple, axis: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def grow_box(mask: np.ndarray, cfg: PropagateConfig, seed_box=None) -> list:
+def grow_box(mask: np.ndarray, cfg: PropagateConfig, seed_box=None, prev_box=None) -> list:
     """The tight box of an (H, W) mask (x1, y1 one past the last pixel, as data.boxes_from_masks),
     each side moved out by max(min_margin, margin x the box's size), clipped to the image and,
     with cfg.box_cap, to `seed_box` grown by box_cap x its size (a mask that fills its box would
-    otherwise grow by the margin on every slice)."""
+    otherwise grow by the margin on every slice). With cfg.track, also clipped to `prev_box`,
+    the box that prompted the mask, with the margin taken from that box's size: an edge moves in
+    only where the mask has left it by more than the margin, and never out."""
     H, W = mask.shape
     ys, xs = np.nonzero(mask)
-    box = _grown([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], cfg.margin, cfg.min_margin)
+    tight = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    if cfg.track and prev_box is not None:
+        fx, fy = (max(cfg.min_margin, cfg.margin * s) for s in _size(prev_box))
+        box = [tight[0] - fx, tight[1] - fy, tight[2] + fx, tight[3] + fy]
+    else:
+        box = _grown(tight, cfg.margin, cfg.min_margin)
     limit = [0.0, 0.0, float(W), float(H)]
-    if cfg.box_cap is not None and seed_box is not None:
-        cap = _grown(seed_box, cfg.box_cap, 0.0)
-        limit = [max(limit[0], cap[0]), max(limit[1], cap[1]), min(W, cap[2]), min(H, cap[3])]
+    for other in (
+        _grown(seed_box, cfg.box_cap, 0.0) if cfg.box_cap is not None and seed_box else None,
+        prev_box if cfg.track else None,
+    ):
+        if other is not None:
+            limit = [max(limit[0], other[0]), max(limit[1], other[1]),
+                     min(limit[2], other[2]), min(limit[3], other[3])]  # fmt: skip
     x0, y0 = max(box[0], limit[0]), max(box[1], limit[1])
     x1, y1 = min(box[2], limit[2]), min(box[3], limit[3])
     return [x0, y0, x1, y1] if x0 < x1 and y0 < y1 else limit
+
+
+def _size(box) -> tuple:
+    return float(box[2]) - float(box[0]), float(box[3]) - float(box[1])
 
 
 def _grown(box, fraction: float, at_least: float) -> list:
@@ -150,19 +171,37 @@ def _grown(box, fraction: float, at_least: float) -> list:
     return [x0 - mx, y0 - my, x1 + mx, y1 + my]
 
 
-def decode_slice(sam, emb, geom, box, mask_prob=None, multimask=True) -> tuple:
-    """One box (and optionally the previous slice's probabilities (1, 1, S/4, S/4)) on one slice
-    -> logits (H, W) at the slice's size, low-res logits (1, 1, S/4, S/4), predicted IoU."""
+def interior_point(mask: np.ndarray) -> list:
+    """[x, y] of the pixel deepest inside an (H, W) mask: erode (3 x 3) until one more erosion
+    would leave nothing, then the remaining pixel nearest their centroid. Unlike the centroid,
+    it lies inside a ring, a C or two blobs; deepest, so it is still inside the structure on the
+    next slice when the edges have moved."""
+    m = torch.from_numpy(mask)[None, None].float()  # (1, 1, H, W)
+    while (eroded := -F.max_pool2d(-m, 3, stride=1, padding=1)).any():  # 8-neighbourhood min
+        m = eroded
+    ys, xs = np.nonzero(m[0, 0].numpy())
+    i = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+    return [float(xs[i]), float(ys[i])]
+
+
+def decode_slice(sam, emb, geom, box, mask_prob=None, multimask=True, point=None) -> tuple:
+    """One box (optionally with the previous slice's probabilities (1, 1, S/4, S/4) and one
+    positive click [x, y]) on one slice -> logits (H, W) at the slice's size, low-res logits
+    (1, 1, S/4, S/4), predicted IoU."""
     boxes = geom.boxes_to_model(torch.tensor([box], dtype=torch.float32))  # (1, 4)
-    low, iou = infer._decode_best(sam, emb, None, boxes, mask_prob, multimask)  # (1, 1, h, w)
+    points = None
+    if point is not None:
+        xy = geom.points_to_model(torch.tensor([[point]], dtype=torch.float32))  # (1, 1, 2)
+        points = (xy, torch.ones(1, 1, dtype=torch.long))  # label 1: foreground
+    low, iou = infer._decode_best(sam, emb, points, boxes, mask_prob, multimask)  # (1, 1, h, w)
     low = low.float().cpu()
     return geom.logits_to_original(low)[0, 0].numpy(), low, float(iou[0])  # (H, W)
 
 
 def _stop_reason(area: int, iou: float, ref_area: int, prev_area: int, cfg: PropagateConfig):
     """Why propagation ends on this slice, or None. A structure that ends shows either as a mask
-    that vanishes or shrinks, or, when the model latches onto the tissue around it, as a mask
-    that suddenly grows (`stop_growth`)."""
+    that vanishes or suddenly shrinks (`stop_shrink`), or, when the model latches onto the tissue
+    around it, as a mask that suddenly grows (`stop_growth`)."""
     if area < cfg.min_pixels:
         return "vanished"
     if area < cfg.stop_area * ref_area:
@@ -171,6 +210,8 @@ def _stop_reason(area: int, iou: float, ref_area: int, prev_area: int, cfg: Prop
         return f"predicted IoU below {cfg.stop_iou:g}"
     if cfg.stop_growth is not None and area > cfg.stop_growth * prev_area:
         return f"area grew over {cfg.stop_growth:g} x the previous slice's"
+    if cfg.stop_shrink is not None and area < cfg.stop_shrink * prev_area:
+        return f"area fell below {cfg.stop_shrink:g} x the previous slice's"
     return None
 
 
@@ -181,7 +222,7 @@ class _Track:
     def __init__(self, s: Structure, n: int, step: int):
         lo, hi = s.limits if s.limits is not None else (0, n - 1)
         self.seeds, self.step, self.end = {s.key: s.box, **s.anchors}, step, hi if step > 0 else lo
-        self.mask = self.low = self.seed_box = None  # None until the sweep passes a seed
+        self.mask = self.low = self.seed_box = self.box = None  # None until it passes a seed
         self.ref_area, self.stopped = 0, False
 
     def wants(self, k: int) -> bool:
@@ -239,14 +280,16 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
         """Track t (structure i) onto slice k; the stop rule decides whether its mask is kept."""
         if k in t.seeds and (i, k) in seeded:  # the downward sweep: the seed's upward result
             (t.mask, t.low), t.seed_box = seeded[i, k], t.seeds[k]
+            t.box = t.seed_box
             t.ref_area, t.stopped = int(t.mask.sum()), False
             return
         if k not in t.seeds and k in records[i]["predicted_iou"]:
             t.stopped = True  # met the upward sweep, which covered the slices from here on
             return
-        box = t.seeds[k] if k in t.seeds else grow_box(t.mask, cfg, t.seed_box)
+        box = t.seeds[k] if k in t.seeds else grow_box(t.mask, cfg, t.seed_box, t.box)
         prob = torch.sigmoid(t.low) if cfg.mask_prompt and k not in t.seeds else None
-        logits, low, iou = decode_slice(sam, emb, geom, box, prob, multimask)
+        click = interior_point(t.mask) if cfg.click and k not in t.seeds else None
+        logits, low, iou = decode_slice(sam, emb, geom, box, prob, multimask, click)
         m = logits > sam.cfg.mask_threshold  # (H, W)
         area = int(m.sum())
         if k in t.seeds:
@@ -264,7 +307,7 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
             records[i]["stops"].append({"direction": direction, "slice": k, "reason": reason})
             t.stopped = True
             return
-        t.mask, t.low = m, low
+        t.mask, t.low, t.box = m, low, box
         put(i, k, logits, iou)
 
     lo_seed = min(min([s.key, *s.anchors]) for s in structures)

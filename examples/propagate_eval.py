@@ -72,7 +72,8 @@ def per_slice(sam, enc, u8, boxes: dict, multimask: bool) -> np.ndarray:
 RULES = [("vanished", "area", 0.0)] + [(f"area<{f:g}", "area", f) for f in (0.02, 0.05, 0.1, 0.2)]
 RULES += [(f"iou<{t:g}", "iou", t) for t in (0.5, 0.7)]
 RULES += [(f"overlap<{t:g}", "overlap", t) for t in (0.5, 0.7, 0.8)]
-RULES += [(f"grow>{t:g}", "grow", t) for t in (1.2, 1.5)]
+RULES += [(f"grow>{t:g}", "grow", t) for t in (1.2, 1.5, 2)]
+RULES += [("change>2x", "change", 2.0)]  # grew over 2x or shrank below 1/2 x: the default
 
 
 def fires(kind: str, t: float, mask, prev, iou: float, key_area: int) -> bool:
@@ -85,6 +86,8 @@ def fires(kind: str, t: float, mask, prev, iou: float, key_area: int) -> bool:
         return iou < t
     if kind == "overlap":
         return dice(mask, prev) < t
+    if kind == "change":
+        return area > t * int(prev.sum()) or area * t < int(prev.sum())
     return area > t * int(prev.sum())
 
 
@@ -110,13 +113,16 @@ def cut(seg_mask: np.ndarray, rec: dict, kind: str, threshold: float) -> tuple:
     return out, first, last
 
 
-SETTINGS = [(0.05, 1.0, False, 0.05)]  # volume.PropagateConfig's defaults
+SETTINGS = [(0.05, 1.0, False, 0.05, True, False)]  # volume.PropagateConfig's defaults
 
 
 def _setting(v) -> tuple:
-    """ "0.1,2,n[,0.1]" -> (margin 0.1, min_margin 2 px, no mask prompt, box_cap 0.1 or None)."""
-    margin, min_margin, mask, *cap = v.split(",")
-    return float(margin), float(min_margin), mask == "y", float(cap[0]) if cap else None
+    """ "0.1,2,n[,0.1[,y[,y]]]" -> (margin 0.1, min_margin 2 px, no mask prompt, box_cap 0.1 or
+    None, a click at the previous mask's deepest pixel or not, box tracking or not (default n))."""
+    margin, min_margin, mask, *rest = v.split(",")
+    cap = float(rest[0]) if rest and rest[0] != "none" else None
+    click, track = (rest[1:] + ["n", "n"])[:2]
+    return float(margin), float(min_margin), mask == "y", cap, click == "y", track == "y"
 
 
 def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines=True) -> dict:
@@ -160,9 +166,16 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
                 2 * len(slices)
             )
         mm = res.get("oracle_multi", 1) >= res.get("oracle_single", 0)  # the better output
-        for margin, min_margin, mask_prompt, cap in settings:
+        for margin, min_margin, mask_prompt, cap, click, track in settings:
             cfg = volume.PropagateConfig(
-                margin, min_margin, mask_prompt, box_cap=cap, stop_growth=None
+                margin,
+                min_margin,
+                mask_prompt,
+                box_cap=cap,
+                click=click,
+                track=track,
+                stop_growth=None,
+                stop_shrink=None,
             )  # every rule applied afterwards
             st = volume.Structure(box, key)
             seg = volume.segment_volume(sam, u8, [st], AXIS, cfg, mm, encoder=enc)
@@ -191,6 +204,7 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
                 }
             tag = (
                 f"prop m={margin:g}/{min_margin:g}px mask={'y' if mask_prompt else 'n'} cap={cap} "
+                + f"click={'y' if click else 'n'} track={'y' if track else 'n'} "
                 + ("multi" if mm else "single")
             )
             res[tag] = row
@@ -227,7 +241,7 @@ if __name__ == "__main__":
         nargs="+",
         type=_setting,
         default=SETTINGS,
-        help="MARGIN,MIN_MARGIN,y|n (mask prompt) per propagation run",
+        help="MARGIN,MIN_MARGIN,y|n (mask prompt)[,BOX_CAP|none[,y|n (click)[,y|n (track)]]]",
     )
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--structures", nargs="+", choices=["white matter", "grey matter", "brain"])
