@@ -691,6 +691,24 @@ def test_validation_and_a_summary_reach_the_console_and_config_records_what_ran(
     assert ran["loss"] == "official" and ran["grad_clip"] == 0.0
 
 
+def test_best_can_be_the_untouched_start(dataset, tmp_path, monkeypatch):
+    """When every later validation scores below step 0's, best.safetensors is the starting model,
+    bit for bit, and the summary says step 0 (scores injected: a run that makes the model worse,
+    as fine-tuning LiteMedSAM on a few slices with the official recipe does, docs/train.md)."""
+    scores = iter([0.6, 0.3, 0.2])
+    monkeypatch.setattr(train, "validate", lambda sam, cfg: dict(
+        dice={"box": (s := next(scores))}, score=s, n_masks=1))  # fmt: skip
+    run = tmp_path / "run"
+    res = train.main(small(dataset, run, steps=2, val_every=1, lr=1e-2))
+    assert res["best_step"] == 0 and res["best"] == 0.6
+    start = train.build_model(train.TrainConfig(**small(dataset, run)), torch.device("cpu"))
+    best, last = weights(run / "best.safetensors"), weights(run / "last.safetensors")
+    assert best.keys() == start.state_dict().keys()
+    for k, v in start.state_dict().items():
+        torch.testing.assert_close(best[k], v, rtol=0, atol=0)
+    assert any(not torch.equal(last[k], v) for k, v in start.state_dict().items())
+
+
 @pytest.mark.slow
 def test_training_starts_from_litemedsam_by_default(dataset, tmp_path):
     run = tmp_path / "run"
