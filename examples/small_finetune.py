@@ -3,7 +3,8 @@
     python examples/small_finetune.py volumes runs/thick/src      # 3 thick-slice NIfTI cases
     python data.py volumes --images runs/thick/src/images --labels runs/thick/src/labels \\
         --out runs/thick/data --modality mr --split 0.34 0.33 0.33
-    python examples/small_finetune.py run runs/thick/data runs/thick/exp   # the table
+    python examples/small_finetune.py run runs/thick/data runs/thick/exp --masks 2 --iter-points 2
+    python examples/small_finetune.py table runs/thick/exp      # docs/train.md's table
 
 The cases: the MNI152 T1 template of nilearn's wheel (1 mm, 197 x 233 x 189) keeping every 5th
 axial slice (1 x 1 x 5 mm, the affine's z column scaled by 5, as tests/test_prepare.py), cut into
@@ -18,8 +19,9 @@ bit-identical to an uninterrupted run) so that the same trajectory is scored at 
 At each stop it scores last.safetensors with infer.evaluate on the val and train splits (box and
 1/3/5 clicks, the official protocol, the output the recipe trains: best-of-3 by predicted IoU or
 the single-mask token). Step 0 is the starting model as train.py validates it (adapters included).
-Results go to OUT/results.jsonl (one line per recipe and step count) and a markdown table.
-Run it with OMP_NUM_THREADS=1 on a shared machine.
+Results go to OUT/results.jsonl (one line per recipe and step count); `table` prints them as
+markdown. A recipe whose run directory holds a state continues from there. Run it with
+OMP_NUM_THREADS=1 on a shared machine; docs/train.md has the exact commands and the figures.
 """
 
 import argparse
