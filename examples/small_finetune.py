@@ -49,7 +49,6 @@ RECIPES = {
     "single-mask, lr 1e-4": {"multimask": False},
     "official, lr 1e-5": {"lr": 1e-5},
     "single-mask, no adapters, lr 1e-4": {"multimask": False, "adapter": False},
-    "single-mask, lr 1e-5": {"multimask": False, "lr": 1e-5},
     "official, no adapters, lr 1e-4": {"adapter": False},
     "official, no adapters, no focal, lr 1e-4": {"adapter": False, "focal_weight": 0.0},
     "official, no adapters, lr 1e-5": {"adapter": False, "lr": 1e-5},
