@@ -75,6 +75,7 @@ class TrainConfig:
     no_error_click: str = "pad"  # perfect mask: points labelled -1 (official) | confirm: one click
     loss: str = "official"  # official: pooled, soft IoU target | per-mask: per mask, hard IoU
     freeze_point_embeddings: bool = False  # freeze what the official bug froze (point, padding)
+    multimask: bool = True  # best of 3 by predicted IoU (official) | no: token 0 (MedSAM's)
     grad_accum: int = 1  # split each process's share of the batch into this many micro-batches
     epochs: int = 15  # used when steps is not given (official: 15)
     steps: int | None = None  # total steps (each 1 + iter_points optimizer steps)
@@ -301,9 +302,9 @@ class Forward(nn.Module):
     rows. Returns emb (B, D, h, w), logits of the best mask (P, 1, S/4, S/4) and its predicted
     IoU (P,), rows in image-major order."""
 
-    def __init__(self, sam: model.Sam):
+    def __init__(self, sam: model.Sam, multimask: bool = True):
         super().__init__()
-        self.sam = sam
+        self.sam, self.multimask = sam, multimask
         self.encoder_trains = any(p.requires_grad for p in sam.image_encoder.parameters())
 
     def forward(self, groups: list, images=None, emb=None, prompt_grad: bool = True):
@@ -318,8 +319,11 @@ class Forward(nn.Module):
             # The official iterations run the prompt encoder without gradient: decoder-only steps.
             with torch.set_grad_enabled(prompt_grad and torch.is_grad_enabled()):
                 sparse, dense = self.sam.prompt_encoder(points, boxes, mask_input)
-            low, iou = self.sam.mask_decoder(per_mask[rows], pe, sparse, dense, multimask=True)
-            low, iou = model.select_best(low, iou)  # (k, 1, S/4, S/4), (k,)
+            low, iou = self.sam.mask_decoder(per_mask[rows], pe, sparse, dense, self.multimask)
+            if self.multimask:
+                low, iou = model.select_best(low, iou)  # (k, 1, S/4, S/4), (k,)
+            else:  # the single-mask output (token 0), what MedSAM/LiteMedSAM were trained with
+                iou = iou[:, 0]  # (k,)
             lows.append(low)
             ious.append(iou)
         order = torch.cat([rows for rows, *_ in groups]).argsort()  # back to image-major order
@@ -493,7 +497,8 @@ def validate(sam: model.Sam, cfg: TrainConfig) -> dict:
     """Dice for box, 1, 3 and 5 points on the val split; "score", their mean, decides
     best.safetensors."""
     res = infer.evaluate(sam, cfg.val_data or cfg.data, prompt_modes=("box", 1, 3, 5),
-                         seed=cfg.seed, limit=cfg.val_limit, split="val")  # fmt: skip
+                         seed=cfg.seed, limit=cfg.val_limit, split="val",
+                         multimask=cfg.multimask)  # fmt: skip
     dice = {k: float(v) for k, v in res["dice"].items()}
     return dict(dice=dice, score=float(np.mean(list(dice.values()))), n_masks=res["n_masks"])
 
@@ -527,7 +532,7 @@ def make_trainer(sam: model.Sam, cfg: TrainConfig, device, rank=0, world=1, verb
     """The trainable set (decided once, before the optimizer), the forward (DDP-wrapped across
     processes), Adam, the fp16 GradScaler and the step-level generator."""
     params = select_trainable(sam, verbose and rank == 0, cfg.freeze_point_embeddings)
-    fwd = Forward(sam)
+    fwd = Forward(sam, cfg.multimask)
     if cfg.compile:  # the encoder only: the decoder's prompt shapes change every iteration
         sam.image_encoder.compile()
     if world > 1:

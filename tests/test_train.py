@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import checkpoints
 import data
+import infer
 import model
 import model_cli
 import official
@@ -449,6 +450,44 @@ def test_step_one_trains_adapters_then_iterations_train_the_decoder_alone():
     assert all(g == {"mask_decoder"} for g in with_grad[1:])
 
 
+def test_single_mask_option_trains_and_validates_token_0(dataset):
+    """--no-multimask (MedSAM/LiteMedSAM's training): the loss sees the single-mask output, so
+    only token 0's hypernetwork gets a non-zero gradient; the official default never trains it.
+    Validation scores the same output as infer.py --single-mask."""
+    heads = {}
+    for multimask in (True, False):
+        tr = tiny_trainer(multimask=multimask)
+        names = {id(p): n for n, p in tr.sam.named_parameters()}
+        seen, step = set(), tr.optimizer_step
+
+        def record(step=step, seen=seen, names=names, tr=tr):
+            seen.update(int(names[id(p)].split(".")[2]) for p in tr.params
+                        if "output_hypernetworks_mlps" in names[id(p)] and p.grad is not None
+                        and p.grad.abs().sum() > 0)  # fmt: skip
+            step()
+
+        tr.optimizer_step = record
+        train.train_step(tr, [official.synthetic_batch(2, 3, 64, seed=0)], 0)
+        heads[multimask] = seen
+    assert heads[False] == {0}
+    assert 0 not in heads[True] and heads[True] <= {1, 2, 3} and heads[True]
+    # Forward returns token 0's logits and predicted IoU, unselected
+    tr = tiny_trainer(multimask=False)
+    mb = train.make_micro(official.synthetic_batch(2, 3, 64, seed=0), 0, 0, tr.device, box=True)
+    with torch.no_grad():
+        emb, low, iou = tr.forward(train.first_groups(mb), images=mb.images)
+        want_low, want_iou = tr.sam.decode(emb.repeat_interleave(3, 0), boxes=mb.boxes,
+                                           multimask=False)  # fmt: skip
+    torch.testing.assert_close(low, want_low)
+    torch.testing.assert_close(iou, want_iou[:, 0])
+    cfg = train.TrainConfig(data=str(dataset), checkpoint="none", model="tiny", image_size=64,
+                            multimask=False)  # fmt: skip
+    got = train.validate(tr.sam, cfg)["dice"]
+    want = infer.evaluate(tr.sam, dataset, prompt_modes=("box", 1, 3, 5), split="val",
+                          multimask=False)["dice"]  # fmt: skip
+    assert got == pytest.approx({k: float(v) for k, v in want.items()})
+
+
 @pytest.mark.slow
 def test_grad_accumulation_matches_the_full_batch(dataset, tmp_path):
     # the per-mask loss: the official one pools over each micro-batch, so it differs
@@ -651,6 +690,24 @@ def test_validation_and_a_summary_reach_the_console_and_config_records_what_ran(
     assert ran["model"] == "tiny" and ran["image_size"] == 64 and ran["steps"] == 2
     assert ran["epochs"] is None and ran["checkpoint_file"] == "none (random init)"
     assert ran["loss"] == "official" and ran["grad_clip"] == 0.0
+
+
+def test_best_can_be_the_untouched_start(dataset, tmp_path, monkeypatch):
+    """When every later validation scores below step 0's, best.safetensors is the starting model,
+    bit for bit, and the summary says step 0 (scores injected: a run that makes the model worse,
+    as fine-tuning LiteMedSAM on a few slices with the official recipe does, docs/train.md)."""
+    scores = iter([0.6, 0.3, 0.2])
+    monkeypatch.setattr(train, "validate", lambda sam, cfg: dict(
+        dice={"box": (s := next(scores))}, score=s, n_masks=1))  # fmt: skip
+    run = tmp_path / "run"
+    res = train.main(small(dataset, run, steps=2, val_every=1, lr=1e-2))
+    assert res["best_step"] == 0 and res["best"] == 0.6
+    start = train.build_model(train.TrainConfig(**small(dataset, run)), torch.device("cpu"))
+    best, last = weights(run / "best.safetensors"), weights(run / "last.safetensors")
+    assert best.keys() == start.state_dict().keys()
+    for k, v in start.state_dict().items():
+        torch.testing.assert_close(best[k], v, rtol=0, atol=0)
+    assert any(not torch.equal(last[k], v) for k, v in start.state_dict().items())
 
 
 @pytest.mark.slow
