@@ -7,6 +7,7 @@ here, at collection time, before any test module imports model or kernels.
 
 import importlib
 import os
+import signal
 import sys
 import types
 from pathlib import Path
@@ -19,6 +20,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# A shell without job control starts background commands with SIGINT ignored (POSIX), and an
+# ignored SIGINT is inherited across exec: the CLIs that the Ctrl-C tests interrupt would never see
+# it. With a handler here, the children start with the default disposition, whoever started pytest.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _install_torchvision_stand_in():
