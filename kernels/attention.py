@@ -132,12 +132,14 @@ def attention_sdpa(q, k, v, rel_h, rel_w, scale: float, k_e=None, v_e=None, extr
     # On a CPU, bias[(y, x)] = rel_h[y] + rel_w[x] is one matmul with a 0/1 selector: exactly the
     # broadcast sum (two nonzero terms, one rounding), which for bf16 runs ~5x slower (on a GPU a
     # TF32 matmul would round the terms, so the sum stays a broadcast add there)
-    eye = partial(torch.eye, dtype=rel_h.dtype, device=rel_h.device)
-    select = torch.cat([eye(kh).repeat_interleave(kw, 1), eye(kw).repeat(1, kh)])  # (kh+kw, N)
+    select = None
+    if rel_h.device.type == "cpu":
+        eye = partial(torch.eye, dtype=rel_h.dtype, device=rel_h.device)
+        select = torch.cat([eye(kh).repeat_interleave(kw, 1), eye(kw).repeat(1, kh)])  # (kh+kw, N)
     outs = []
     for i in range(0, N, chunk):
         rh, rw = rel_h[:, :, i : i + chunk], rel_w[:, :, i : i + chunk]
-        if rh.device.type == "cpu":
+        if select is not None:
             mask = torch.cat([rh, rw], -1) @ select  # (Z, nh, n, N)
         else:
             mask = (rh[..., :, None] + rw[..., None, :]).flatten(-2)  # (Z, nh, n, N)
