@@ -19,7 +19,10 @@ these was measured (docs/precision.md): the copy's weights are cast to bf16 once
 fp32 weights again on every call), TinyViT's maps are channels-last (oneDNN reorders NCHW bf16
 maps to its blocked layout on every conv), its BatchNorms are folded into the convs and its
 GELUs and residual adds run in place (a fresh 256x256x256 map costs more in page faults than the
-GELU itself), and its window attention runs in SDPA's fused CPU kernel.
+GELU itself), and its window attention runs in SDPA's fused CPU kernel; the matmul weights are
+packed once into oneDNN's blocked layout (kernels/onednn.py: a bf16 F.linear reorders its weight
+on every call), the MLPs' GELUs fused into their first matmul, and the ViT adapters' convolutions
+take tap-major layouts that need no im2col or col2im.
 
 The model's own weights stay fp32 (the copy is separate, outside the state_dict), so the fp32
 path is the same model object computing exactly as before. Precisions:
@@ -39,7 +42,9 @@ import functools
 import torch
 from torch import nn
 
+import model
 import tinyvit
+from kernels import onednn
 
 FAST = "bfloat16-mixed"
 CAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # the whole model cast
@@ -48,7 +53,8 @@ KEEP_FP32 = ("patch_embed",)  # encoder parts that stay fp32 on the fast path (s
 WEIGHTED = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)  # the layers whose weights go to bf16
 # What fast_encoder does beside autocast (docs/precision.md measures each): weights cast to bf16
 # once, TinyViT's maps channels-last, and tinyvit.fuse_for_inference's steps
-STEPS = ("bf16_weights", "channels_last", "deconv_taps", *tinyvit.FUSIONS)
+STEPS = ("bf16_weights", "channels_last", "deconv_taps", "conv_taps", "onednn_packed",
+         *tinyvit.FUSIONS)  # fmt: skip
 
 
 def cpu_has_bf16() -> bool:
@@ -106,10 +112,10 @@ def fast_encoder(enc: nn.Module, steps=STEPS) -> nn.Module:
     conv/Linear weights cast to bf16 once (autocast would cast every weight again on every call),
     and TinyViT's 4-D weights channels-last (oneDNN's bf16 convs reorder NCHW maps to a blocked
     layout on every call, channels-last ones they take as they are; the ViT's tokens are
-    channels-last already, and its adapter flattens its conv weights, which channels-last would
-    turn into a copy per call), and the adapters' deconv weights tap-major (channels-last), which
-    sends kernels/adapter's deconvolution through strided adds instead of col2im. The KEEP_FP32
-    parts keep fp32 weights and run with autocast off."""
+    channels-last already), the ViT adapters' conv and deconv weights tap-major (channels-last),
+    which sends kernels/adapter's convolutions through a tap gather and strided adds instead of
+    im2col and col2im, and every bf16 matmul weight packed once for oneDNN (_pack). The
+    KEEP_FP32 parts keep fp32 weights and run with autocast off."""
     fast = copy.deepcopy(enc).eval().requires_grad_(False)
     fast.__dict__.pop("forward", None)  # the class's forward, not a fast path set on enc
     is_tinyvit = isinstance(fast, tinyvit.TinyViT)
@@ -121,13 +127,51 @@ def fast_encoder(enc: nn.Module, steps=STEPS) -> nn.Module:
     for name in KEEP_FP32:
         part = fast.get_submodule(name)
         part.forward = _fp32(part.forward)
+    channels_last = torch.channels_last
     if is_tinyvit and "channels_last" in steps:
-        fast.to(memory_format=torch.channels_last)
-    if "deconv_taps" in steps:  # the adapters' deconvs tap-major: kernels/adapter.deconv4x4_s2
-        for m in fast.modules():
-            if isinstance(m, nn.ConvTranspose2d):
-                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        fast.to(memory_format=channels_last)
+    for m in fast.modules():  # the ViT's adapters' convs tap-major: kernels/adapter's layouts
+        if isinstance(m, model.Adapter) and not is_tinyvit:
+            for conv, step in ((m.spatial[0], "conv_taps"), (m.spatial[2], "deconv_taps")):
+                if step in steps:
+                    conv.weight.data = conv.weight.data.contiguous(memory_format=channels_last)
+    if "onednn_packed" in steps and "bf16_weights" in steps and onednn.available():
+        _pack(fast)
     return fast
+
+
+def _pack(fast: nn.Module) -> None:
+    """Every bf16 matmul weight of `fast` packed once for oneDNN (kernels/onednn.py): its Linear
+    layers run through onednn.linear, the MLPs' GELU fused into their first matmul (an exact-erf
+    GELU on the fp32 accumulator), and the ViT adapters' tap-major conv and deconv matrices (the
+    layouts kernels/adapter reads) packed for its fast path."""
+    for m in fast.modules():
+        if isinstance(m, nn.Linear) and m.weight.dtype == torch.bfloat16:
+            onednn.pack(m.weight)
+            m.forward = onednn.packed_forward(m)
+        elif isinstance(m, model.MLPBlock) and isinstance(m.act, nn.GELU):
+            if m.act.approximate == "none" and m.lin1.weight.dtype == torch.bfloat16:
+                m.forward = _gelu_fused(m)
+        elif isinstance(m, tinyvit.TinyMLP) and m.fc1.weight.dtype == torch.bfloat16:
+            m.forward = _gelu_fused_tiny(m)
+        elif isinstance(m, model.Adapter) and not isinstance(fast, tinyvit.TinyViT):
+            conv, deconv = m.spatial[0].weight, m.spatial[2].weight  # (C', C, 3, 3), (C, C', 4, 4)
+            cl = torch.channels_last
+            if conv.dtype == torch.bfloat16 and conv.is_contiguous(memory_format=cl):
+                onednn.pack(conv, conv.permute(0, 2, 3, 1).reshape(conv.shape[0], -1), rows=64)
+            if deconv.dtype == torch.bfloat16 and deconv.is_contiguous(memory_format=cl):
+                C = deconv.shape[0]
+                onednn.pack(deconv, deconv.permute(0, 2, 3, 1).reshape(C, -1).T, rows=64)
+
+
+def _gelu_fused(mlp):
+    """model.MLPBlock's forward with its GELU fused into lin1's packed matmul."""
+    return lambda x: mlp.lin2(onednn.linear(x, mlp.lin1.weight, mlp.lin1.bias, act="gelu"))
+
+
+def _gelu_fused_tiny(mlp):
+    """tinyvit.TinyMLP's forward (LayerNorm first) with its GELU fused into fc1's packed matmul."""
+    return lambda x: mlp.fc2(onednn.linear(mlp.norm(x), mlp.fc1.weight, mlp.fc1.bias, act="gelu"))
 
 
 def _run_fast(fast: nn.Module, device_type: str, channels_last: bool = True):

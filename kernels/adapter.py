@@ -19,7 +19,10 @@ and is fused here into two kernels, each with its backward:
 
 On the CPU the fast path is plain PyTorch with two exact rewrites measured faster than oneDNN
 here: the 3x3 stride-2 conv as F.unfold + one matmul, the 4x4 stride-2 deconvolution as one matmul
-+ F.fold.
++ F.fold. Weights stored channels-last (tap-major, as precision.py's bf16 copy keeps them) take
+layouts that skip the transposes: the conv gathers its 9 taps from the channels-last map, the
+deconv sums its 16 taps with strided adds; weights carrying oneDNN's packed form (kernels/onednn)
+run their matmuls prepacked.
 """
 
 from collections import Counter
@@ -28,6 +31,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from . import onednn
 
 # --------------------------------------------------------------------------------------------------
 # The reference: the official module's computation, op by op
@@ -46,12 +51,23 @@ def adapter_reference(x, w_down, w_up, w_conv, w_deconv, ln_w, ln_b, eps: float 
 # The fast PyTorch path (CPU): the same math, convolutions rewritten as matmuls
 
 
-def conv3x3_s2(x, w):
-    """conv2d(x, w, stride=2, padding=1) for channels-last x (B, H, W, C) -> rows (B*h*w, C').
+def conv3x3_s2(x, w, act: str = "none"):
+    """act(conv2d(x, w, stride=2, padding=1)) for channels-last x (B, H, W, C) -> rows (B*h*w, C').
 
-    im2col (F.unfold) and one matmul for the whole batch; the result is channels-last already."""
-    cols = F.unfold(x.permute(0, 3, 1, 2), 3, padding=1, stride=2)  # (B, C*9, h*w)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1]) @ w.flatten(1).T  # (B*h*w, C')
+    im2col and one matmul for the whole batch; the result is channels-last already. With w
+    channels-last (memory (C', 3, 3, C)) the columns are tap-major, the 9 strided views of the
+    padded map side by side, which needs no transposed copy (F.unfold on a channels-last map is
+    a slow path); the same sums in another order."""
+    B, H, W, C = x.shape
+    if not w.is_contiguous(memory_format=torch.channels_last):
+        cols = F.unfold(x.permute(0, 3, 1, 2), 3, padding=1, stride=2)  # (B, C*9, h*w)
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B*h*w, C*9)
+        return onednn.linear(rows, w.flatten(1), act=act)  # (B*h*w, C')
+    xp = F.pad(x, (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C)
+    taps = [xp[:, ky : ky + H : 2, kx : kx + W : 2] for ky in range(3) for kx in range(3)]
+    rows = torch.cat(taps, dim=-1).view(-1, 9 * C)  # (B*h*w, 9*C), tap-major
+    matrix = w.permute(0, 2, 3, 1).reshape(w.shape[0], 9 * C)  # (C', 9*C), a view
+    return onednn.linear(rows, matrix if getattr(w, "onednn", None) is None else w, act=act)
 
 
 def deconv4x4_s2(rows, w, batch: int, out_hw):
@@ -69,7 +85,9 @@ def deconv4x4_s2(rows, w, batch: int, out_hw):
     if not w.is_contiguous(memory_format=torch.channels_last):
         cols = (rows @ w.flatten(1)).view(batch, h, -1)  # (B, h*w, C'*16)
         return F.fold(cols.transpose(1, 2), out_hw, 4, padding=1, stride=2)  # (B, C', H, W)
-    taps = (rows @ w.permute(0, 2, 3, 1).reshape(C, 16 * C2)).view(batch, H // 2, W // 2, 4, 4, C2)
+    matrix = w.permute(0, 2, 3, 1).reshape(C, 16 * C2).T  # (16*C', C): F.linear's layout
+    taps = onednn.linear(rows, matrix if getattr(w, "onednn", None) is None else w)
+    taps = taps.view(batch, H // 2, W // 2, 4, 4, C2)  # (B, h, w, ky, kx, C')
     out = taps.new_zeros(batch, H + 2, W + 2, C2)  # channels-last, with the padding ring
     for ky in range(4):
         for kx in range(4):
@@ -81,7 +99,7 @@ def adapter_torch(x, w_down, w_up, w_conv, w_deconv, ln_w, ln_b, eps: float = 1e
     """adapter(x) with the matmul convolutions; x (B, H, W, C). Same signature as the reference."""
     B, H, W, C = x.shape
     g = torch.sigmoid(F.linear(F.relu(F.linear(x.mean((1, 2)), w_down)), w_up))  # (B, C)
-    s = F.relu(conv3x3_s2(x * g[:, None, None, :], w_conv))  # (B*h*w, C)
+    s = conv3x3_s2(x * g[:, None, None, :], w_conv, act="relu")  # (B*h*w, C)
     d = deconv4x4_s2(s, w_deconv, B, (H, W)).permute(0, 2, 3, 1)  # (B, H, W, C)
     return F.layer_norm(x + F.relu(d), (C,), ln_w, ln_b, eps)  # (B, H, W, C)
 

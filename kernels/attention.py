@@ -42,6 +42,8 @@ import triton
 import triton.language as tl
 from einops import rearrange
 
+from . import onednn
+
 # --------------------------------------------------------------------------------------------------
 # Relative-position terms (shared by every path)
 
@@ -478,7 +480,7 @@ def attention_fast(x, qkv_w, qkv_b, proj_w, proj_b, rel_pos_h, rel_pos_w, num_he
     B, H, W, C = x.shape
     hs = C // num_heads
     scale = hs**-0.5
-    qkv = F.linear(x, qkv_w, qkv_b)  # (B, H, W, 3C)
+    qkv = onednn.linear(x, qkv_w, qkv_b)  # (B, H, W, 3C); packed on the bf16 fast path
     bias = qkv_b if qkv_b is not None else qkv.new_zeros(3 * C)
     k_e, v_e = bias[C:].view(2, num_heads, hs).unbind(0)  # (nh, hs): a padded token's k and v
     win_h, win_w = (ws, ws) if ws > 0 else (H, W)
@@ -502,4 +504,4 @@ def attention_fast(x, qkv_w, qkv_b, proj_w, proj_b, rel_pos_h, rel_pos_w, num_he
         out[:, y0:y1, x0:x1] = rearrange(
             o, "(b ny nx) nh (h w) hs -> b (ny h) (nx w) (nh hs)", b=B, ny=(y1 - y0) // rh, h=rh
         )
-    return F.linear(out, proj_w, proj_b)  # (B, H, W, C)
+    return onednn.linear(out, proj_w, proj_b)  # (B, H, W, C)

@@ -23,6 +23,7 @@ import kernels
 import model
 from kernels import adapter as ad
 from kernels import attention as at
+from kernels import onednn
 
 ON_GPU = torch.cuda.is_available() and not kernels.INTERPRET
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -269,6 +270,50 @@ def test_tap_major_deconvolution_equals_the_transposed_conv():
     assert taps.shape == ref.shape == (2, 5, 12, 8)
     assert max_err(taps, ref) < 1e-12
     assert max_err(taps, ad.deconv4x4_s2(rows, w, 2, (12, 8))) < 1e-12
+
+
+def test_tap_major_convolution_equals_conv2d():
+    """conv3x3_s2 with a channels-last (tap-major) weight gathers its 9 taps from the
+    channels-last map: the same function as conv2d and as the F.unfold route, ReLU fused or not
+    (odd sides, float64)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 7, 10, 6, generator=g, dtype=F64)  # (B, H, W, C): output 4x5
+    w = torch.randn(5, 6, 3, 3, generator=g, dtype=F64)  # (C', C, 3, 3)
+    ref = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2), w, stride=2, padding=1)
+    ref = ref.permute(0, 2, 3, 1).reshape(-1, 5)  # rows (B*h*w, C')
+    w_cl = w.contiguous(memory_format=torch.channels_last)
+    assert max_err(ad.conv3x3_s2(x, w_cl), ref) < 1e-12
+    assert max_err(ad.conv3x3_s2(x, w), ref) < 1e-12
+    assert torch.equal(ad.conv3x3_s2(x, w_cl, act="relu"), ad.conv3x3_s2(x, w_cl).relu())
+
+
+@pytest.mark.skipif(not onednn.available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("act", ["none", "gelu", "relu"])
+def test_packed_linear_matches_f_linear(act):
+    """onednn.linear on a packed bf16 weight against the unfused fp32 computation of the same bf16
+    values: act(x @ w.T + b). The packed matmul accumulates in fp32 and rounds once to bf16, so
+    it agrees to bf16's rounding (2**-8 relative per value); unpacked F.linear in bf16 (which
+    also rounds before the activation) is held to the same bound. Shapes: vit_b's MLP, a batch
+    of rows other than the packing hint, a 3-D input."""
+    g = torch.Generator().manual_seed(8)
+    bf = torch.bfloat16
+    x = torch.randn(3, 37, 64, generator=g).to(bf)
+    w, b = torch.randn(96, 64, generator=g).to(bf), torch.randn(96, generator=g).to(bf)
+    f = {"none": lambda t: t, "gelu": torch.nn.functional.gelu, "relu": torch.relu}[act]
+    exact = f(torch.addmm(b.float(), x.reshape(-1, 64).float(), w.float().T)).view(3, 37, 96)
+    plain = onednn.linear(x, w, b, act=act)  # no packed form: F.linear
+    packed_w = w.clone()
+    onednn.pack(packed_w, rows=256)
+    before = onednn.calls[act]
+    out = onednn.linear(x, packed_w, b, act=act)
+    assert onednn.calls[act] == before + 1  # the packed op ran
+    assert out.dtype == bf and out.shape == (3, 37, 96)
+    bound = 2**-8 * exact.abs().max().item()
+    assert max_err(out, exact) <= bound
+    assert max_err(plain, exact) <= bound
+    assert max_err(onednn.linear(x[0].float(), packed_w, b, act=act), out[0]) == 0  # cast in
+    with pytest.raises(ValueError, match="2-D bf16"):
+        onednn.pack(w.float())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import infer_cli
 import model
 import precision
 import tinyvit
+from kernels import onednn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,26 +129,51 @@ def test_fast_encoder_is_bf16_and_channels_last(tiny_lite):
 
 
 @torch.inference_mode()
-def test_vit_adapters_take_the_tap_major_deconvolution(tiny, inputs, monkeypatch):
-    """On the ViT's fast copy the adapters' deconv weights are channels-last, so kernels/adapter's
-    deconvolution sums its taps by strided adds: F.fold (col2im) never runs, and the embedding
-    stays within the fast path's tolerance of fp32 (the tap sums equal fold's to rounding)."""
+def test_vit_adapters_take_the_tap_major_convolutions(tiny, inputs, monkeypatch):
+    """On the ViT's fast copy the adapters' conv and deconv weights are channels-last, so
+    kernels/adapter gathers the conv's taps and sums the deconv's by strided adds: F.unfold and
+    F.fold (im2col, col2im) never run, and the embedding stays within the fast path's tolerance
+    of fp32 (the same sums in another order)."""
     fast = precision.apply(copy.deepcopy(tiny), precision.FAST)
-    deconvs = [m for m in fast.image_encoder.forward.fast_encoder.modules()
-               if isinstance(m, torch.nn.ConvTranspose2d)]  # fmt: skip
-    assert len(deconvs) == tiny.cfg.encoder_depth
-    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in deconvs)
+    enc = fast.image_encoder.forward.fast_encoder
+    convs = [m.spatial[i] for m in enc.modules() if isinstance(m, model.Adapter) for i in (0, 2)]
+    assert len(convs) == 2 * tiny.cfg.encoder_depth
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
     import kernels.adapter as ad  # noqa: PLC0415
 
-    def no_fold(*a, **k):
-        raise AssertionError("col2im ran on the fast path")
+    def no_cols(*a, **k):
+        raise AssertionError("im2col/col2im ran on the fast path")
 
     x, _ = inputs
     ref = tiny.encode(x)
-    monkeypatch.setattr(ad.F, "fold", no_fold)
+    monkeypatch.setattr(ad.F, "fold", no_cols)
+    monkeypatch.setattr(ad.F, "unfold", no_cols)
     assert rel(fast.encode(x), ref) < EMB_RTOL
-    with pytest.raises(AssertionError, match="col2im"):  # the fp32 path still folds
+    with pytest.raises(AssertionError, match="im2col"):  # the fp32 path still unfolds and folds
         tiny.encode(x)
+
+
+@pytest.mark.skipif(not onednn.available(), reason="torch built without oneDNN")
+@torch.inference_mode()
+def test_fast_path_runs_the_packed_matmuls(tiny, tiny_lite, inputs):
+    """Every bf16 matmul of the fast copies goes through oneDNN's packed weights
+    (kernels/onednn.py): per ViT block qkv, proj, lin2 and the adapter's deconv plain, lin1 with
+    its GELU and the adapter conv with its ReLU fused; TinyViT's Linears, fc1 with its GELU.
+    The fp32 model never does."""
+    x, _ = inputs
+    depth = tiny.cfg.encoder_depth
+    for sam, want in ((tiny, {"none": 4 * depth, "gelu": depth, "relu": depth}),
+                      (tiny_lite, {"gelu": sum(tiny_lite.cfg.stage_depths[1:])})):  # fmt: skip
+        fast = precision.apply(copy.deepcopy(sam), precision.FAST)
+        onednn.calls.clear()
+        sam.encode(x)
+        assert not onednn.calls
+        fast.encode(x)
+        assert all(onednn.calls[act] == n for act, n in want.items()), onednn.calls
+    fp32_copy = precision.fast_variant(tiny, [s for s in precision.STEPS if s != "bf16_weights"])
+    onednn.calls.clear()
+    fp32_copy(x)
+    assert not onednn.calls  # packing needs bf16 weights
 
 
 @torch.inference_mode()
@@ -165,7 +191,7 @@ def test_where_bf16_runs(tiny, inputs):
 
     enc = fast.image_encoder.forward.fast_encoder  # the copy the fast path runs
     hooks = [
-        enc.blocks[0].mlp.lin1.register_forward_hook(record("encoder mlp in")),
+        enc.blocks[0].mlp.register_forward_hook(record("encoder mlp in")),  # lin1 fused with GELU
         enc.blocks[-1].mlp.lin2.register_forward_hook(record("encoder mlp")),
         enc.patch_embed.proj.register_forward_hook(record("patch embed")),
         fast.mask_decoder.iou_prediction_head.register_forward_hook(record("decoder iou head")),
