@@ -386,9 +386,10 @@ def precision_latency(
                 x = torch.randn(1, 3, sam.cfg.image_size, sam.cfg.image_size)  # (1, 3, S, S)
             fast = precision.apply(copy.deepcopy(sam), precision.FAST)  # after the weights
             calls = {"float32": partial(sam.encode, x), precision.FAST: partial(fast.encode, x)}
-            if ablate:  # the ViT has two steps of its own (the others are TinyViT's)
-                vit_steps = ("bf16_weights", "deconv_taps")
-                steps = precision.STEPS if sam.cfg.encoder == "tinyvit" else vit_steps
+            if ablate:  # the adapter layouts are the ViT's own; channels-last and fusions TinyViT's
+                vit_steps = ("bf16_weights", "deconv_taps", "conv_taps", "onednn_packed")
+                tiny_steps = [t for t in precision.STEPS if not t.endswith("_taps")]
+                steps = tiny_steps if sam.cfg.encoder == "tinyvit" else vit_steps
                 for step in steps:
                     keep = [t for t in precision.STEPS if t != step]
                     calls[f"without {step}"] = partial(precision.fast_variant(sam, keep), x)
