@@ -67,7 +67,7 @@ def conv3x3_s2(x, w, act: str = "none"):
     taps = [xp[:, ky : ky + H : 2, kx : kx + W : 2] for ky in range(3) for kx in range(3)]
     rows = torch.cat(taps, dim=-1).view(-1, 9 * C)  # (B*h*w, 9*C), tap-major
     matrix = w.permute(0, 2, 3, 1).reshape(w.shape[0], 9 * C)  # (C', 9*C), a view
-    return onednn.linear(rows, matrix if getattr(w, "onednn", None) is None else w, act=act)
+    return onednn.linear(rows, matrix, act=act, packed=getattr(w, "onednn", None))
 
 
 def deconv4x4_s2(rows, w, batch: int, out_hw):
@@ -86,7 +86,7 @@ def deconv4x4_s2(rows, w, batch: int, out_hw):
         cols = (rows @ w.flatten(1)).view(batch, h, -1)  # (B, h*w, C'*16)
         return F.fold(cols.transpose(1, 2), out_hw, 4, padding=1, stride=2)  # (B, C', H, W)
     matrix = w.permute(0, 2, 3, 1).reshape(C, 16 * C2).T  # (16*C', C): F.linear's layout
-    taps = onednn.linear(rows, matrix if getattr(w, "onednn", None) is None else w)
+    taps = onednn.linear(rows, matrix, packed=getattr(w, "onednn", None))
     taps = taps.view(batch, H // 2, W // 2, 4, 4, C2)  # (B, h, w, ky, kx, C')
     out = taps.new_zeros(batch, H + 2, W + 2, C2)  # channels-last, with the padding ring
     for ky in range(4):

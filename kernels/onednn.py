@@ -35,24 +35,25 @@ def available() -> bool:
 
 def pack(weight: torch.Tensor, matrix: torch.Tensor | None = None, rows: int = 256) -> None:
     """Hang the packed form of `matrix` ((N, K) bf16, F.linear's layout; `weight` itself if None)
-    on `weight` as `weight.onednn`. rows: the number of input rows expected (oneDNN's blocking
-    hint; any row count computes correctly)."""
+    on `weight` as `weight.onednn` (a conv's weight carries its matrix's: kernels/adapter.py).
+    rows: the number of input rows expected (oneDNN's blocking hint; any row count computes
+    correctly)."""
     matrix = weight if matrix is None else matrix
     if matrix.dim() != 2 or matrix.dtype != torch.bfloat16:
         shape = tuple(matrix.shape)
         raise ValueError(f"onednn.pack: a 2-D bf16 matrix, not {shape} {matrix.dtype}")
     weight.onednn = torch.ops.mkldnn._reorder_linear_weight(matrix.detach().contiguous(), rows)
-    weight.onednn_shape = tuple(matrix.shape)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, act: str = "none") -> torch.Tensor:
-    """act(F.linear(x, weight, bias)): x (..., K) -> (..., N), through the packed form when `weight`
-    carries one (then in bf16: x is cast as autocast would), else F.linear."""
-    packed = getattr(weight, "onednn", None)
-    if packed is None:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, act: str = "none", packed=None):
+    """act(F.linear(x, weight, bias)): x (..., K), weight (N, K) -> (..., N), through `packed` (by
+    default the packed form `weight` carries, if any; then in bf16: x is cast as autocast would),
+    else F.linear (also where a gradient is wanted: oneDNN's op has no backward)."""
+    packed = getattr(weight, "onednn", None) if packed is None else packed
+    if packed is None or (x.requires_grad and torch.is_grad_enabled()):
         y = F.linear(x, weight, bias)
         return y if ACTS[act] is None else ACTS[act](y)
-    N, K = weight.onednn_shape
+    N, K = weight.shape
     algorithm = "none" if act == "gelu" else ""  # GELU's exact (erf) form, as nn.GELU()
     rows = x.to(torch.bfloat16).reshape(-1, K)
     calls[act] += 1

@@ -314,6 +314,9 @@ def test_packed_linear_matches_f_linear(act):
     assert max_err(onednn.linear(x[0].float(), packed_w, b, act=act), out[0]) == 0  # cast in
     with pytest.raises(ValueError, match="2-D bf16"):
         onednn.pack(w.float())
+    xg = x.clone().requires_grad_()  # a gradient wanted: F.linear, which has a backward
+    onednn.linear(xg, packed_w, b, act=act).float().sum().backward()
+    assert onednn.calls[act] == before + 2 and xg.grad is not None
 
 
 # ---------------------------------------------------------------------------------------------
