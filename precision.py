@@ -135,7 +135,8 @@ def fast_encoder(enc: nn.Module, steps=STEPS) -> nn.Module:
             for conv, step in ((m.spatial[0], "conv_taps"), (m.spatial[2], "deconv_taps")):
                 if step in steps:
                     conv.weight.data = conv.weight.data.contiguous(memory_format=channels_last)
-    if "onednn_packed" in steps and "bf16_weights" in steps and onednn.available():
+    on_cpu = next(fast.parameters()).device.type == "cpu"
+    if "onednn_packed" in steps and "bf16_weights" in steps and on_cpu and onednn.available():
         _pack(fast)
     return fast
 

@@ -16,6 +16,7 @@ tests/test_precision.py). `calls` counts the packed calls, so a test can assert 
 path ran them.
 """
 
+import functools
 from collections import Counter
 
 import torch
@@ -25,12 +26,21 @@ ACTS = {"none": None, "gelu": F.gelu, "relu": F.relu}  # activation -> the unfus
 calls: Counter = Counter()  # (act,) -> packed calls made
 
 
+@functools.cache
 def available() -> bool:
-    """True where torch has oneDNN's prepacked linear (builds with oneDNN, i.e. x86 and ARM)."""
+    """True where torch has oneDNN's prepacked bf16 linear and it runs here (x86 builds; on other
+    CPUs the op may exist without a bf16 kernel): one tiny call, checked against F.linear."""
     ops = torch.ops.mkldnn
-    return torch.backends.mkldnn.is_available() and all(
+    if not torch.backends.mkldnn.is_available() or not all(
         hasattr(ops, op) for op in ("_reorder_linear_weight", "_linear_pointwise")
-    )
+    ):
+        return False
+    w = torch.arange(64.0).view(8, 8).div(64).to(torch.bfloat16)  # exact in bf16
+    try:
+        y = ops._linear_pointwise(w[:2], ops._reorder_linear_weight(w, 2), None, "none", [], "")
+    except RuntimeError:
+        return False
+    return torch.allclose(y.float(), F.linear(w[:2], w).float(), rtol=1e-2)
 
 
 def pack(weight: torch.Tensor, matrix: torch.Tensor | None = None, rows: int = 256) -> None:
