@@ -155,6 +155,9 @@ def _pack(fast: nn.Module) -> None:
                 m.forward = _gelu_fused(m)
         elif isinstance(m, tinyvit.TinyMLP) and m.fc1.weight.dtype == torch.bfloat16:
             m.forward = _gelu_fused_tiny(m)
+        elif isinstance(m, (tinyvit.MBConv, tinyvit.PatchMerging)) and m.inplace:
+            if isinstance(m.conv1.bn, nn.Identity) and m.conv1.c.weight.dtype == torch.bfloat16:
+                m.forward = _conv_gelu_fused(m)
         elif isinstance(m, model.Adapter) and not isinstance(fast, tinyvit.TinyViT):
             conv, deconv = m.spatial[0].weight, m.spatial[2].weight  # (C', C, 3, 3), (C, C', 4, 4)
             cl = torch.channels_last
@@ -168,6 +171,20 @@ def _pack(fast: nn.Module) -> None:
 def _gelu_fused(mlp):
     """model.MLPBlock's forward with its GELU fused into lin1's packed matmul."""
     return lambda x: mlp.lin2(onednn.linear(x, mlp.lin1.weight, mlp.lin1.bias, act="gelu"))
+
+
+def _conv_gelu_fused(block):
+    """tinyvit.MBConv's or PatchMerging's forward (BatchNorms folded, in place) with the GELUs
+    after its first two convs fused into those convs (kernels/onednn.conv2d)."""
+    c1, c2 = block.conv1.c, block.conv2.c
+
+    def forward(x):
+        y = onednn.conv2d(onednn.conv2d(x, c1, "gelu"), c2, "gelu")
+        if isinstance(block, tinyvit.MBConv):
+            return tinyvit.gelu_(block.conv3(y).add_(x))
+        return block.conv3(y)
+
+    return forward
 
 
 def _gelu_fused_tiny(mlp):

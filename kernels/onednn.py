@@ -71,6 +71,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, act: str = "none", 
     return y.view(*x.shape[:-1], N)
 
 
+def conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, act: str = "none") -> torch.Tensor:
+    """act(conv(x)) in one oneDNN convolution, the activation applied to each output before it is
+    stored (a separate GELU over a 256-channel 256x256 map costs as much as the conv itself).
+    x is cast to the conv's dtype (autocast's job for F.conv2d; oneDNN's op is not autocast's)."""
+    algorithm = "none" if act == "gelu" else ""
+    w = conv.weight
+    calls["conv_" + act] += 1
+    return torch.ops.mkldnn._convolution_pointwise(
+        x.to(w.dtype), w, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
+        act, [], algorithm,
+    )  # fmt: skip
+
+
 def packed_forward(module: torch.nn.Linear, act: str = "none"):
     """A forward for nn.Linear `module` through `linear` (precision.py sets it on its copies)."""
     return lambda x: linear(x, module.weight, module.bias, act)

@@ -319,6 +319,27 @@ def test_packed_linear_matches_f_linear(act):
     assert onednn.calls[act] == before + 2 and xg.grad is not None
 
 
+@pytest.mark.skipif(not onednn.available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("groups", [1, 6])
+def test_conv_with_fused_gelu_matches_conv_then_gelu(groups):
+    """onednn.conv2d with its GELU fused (TinyViT's 1x1 and depthwise 3x3 convs, bf16,
+    channels-last) against GELU of the fp32 conv of the same bf16 values, to bf16 rounding."""
+    g = torch.Generator().manual_seed(9)
+    bf, cl = torch.bfloat16, torch.channels_last
+    x = torch.randn(2, 6, 9, 11, generator=g).to(bf).contiguous(memory_format=cl)
+    conv = torch.nn.Conv2d(6, 12, 3 if groups > 1 else 1, 2, 1 if groups > 1 else 0, groups=groups)
+    conv = conv.to(bf).to(memory_format=cl).requires_grad_(False)
+    exact = torch.nn.functional.gelu(
+        torch.nn.functional.conv2d(x.float(), conv.weight.float(), conv.bias.float(),
+                                   conv.stride, conv.padding, groups=groups)
+    )  # fmt: skip
+    before = onednn.calls["conv_gelu"]
+    out = onednn.conv2d(x.float(), conv, "gelu")  # cast to the conv's bf16 inside
+    assert onednn.calls["conv_gelu"] == before + 1
+    assert out.dtype == bf and out.shape == exact.shape
+    assert max_err(out, exact) <= 2**-8 * exact.abs().max().item()
+
+
 # ---------------------------------------------------------------------------------------------
 # The model's blocks: the fast path against the reference at vit_b@256 shapes, with gradients
 # ---------------------------------------------------------------------------------------------

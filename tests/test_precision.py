@@ -158,12 +158,14 @@ def test_vit_adapters_take_the_tap_major_convolutions(tiny, inputs, monkeypatch)
 def test_fast_path_runs_the_packed_matmuls(tiny, tiny_lite, inputs):
     """Every bf16 matmul of the fast copies goes through oneDNN's packed weights
     (kernels/onednn.py): per ViT block qkv, proj, lin2 and the adapter's deconv plain, lin1 with
-    its GELU and the adapter conv with its ReLU fused; TinyViT's Linears, fc1 with its GELU.
-    The fp32 model never does."""
+    its GELU and the adapter conv with its ReLU fused; TinyViT's Linears, fc1 with its GELU, and
+    the first two convs of its conv blocks with their GELUs. The fp32 model never does."""
     x, _ = inputs
     depth = tiny.cfg.encoder_depth
+    convs = [m for m in tiny_lite.modules() if isinstance(m, tinyvit.MBConv | tinyvit.PatchMerging)]
     for sam, want in ((tiny, {"none": 4 * depth, "gelu": depth, "relu": depth}),
-                      (tiny_lite, {"gelu": sum(tiny_lite.cfg.stage_depths[1:])})):  # fmt: skip
+                      (tiny_lite, {"gelu": sum(tiny_lite.cfg.stage_depths[1:]),
+                                   "conv_gelu": 2 * len(convs)})):  # fmt: skip
         fast = precision.apply(copy.deepcopy(sam), precision.FAST)
         onednn.calls.clear()
         sam.encode(x)
