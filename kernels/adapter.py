@@ -63,7 +63,7 @@ def conv3x3_s2(x, w, act: str = "none"):
         cols = F.unfold(x.permute(0, 3, 1, 2), 3, padding=1, stride=2)  # (B, C*9, h*w)
         rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B*h*w, C*9)
         return onednn.linear(rows, w.flatten(1), act=act)  # (B*h*w, C')
-    xp = F.pad(x, (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C)
+    xp = F.pad(x.to(w.dtype), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C); cast once, not 9 times
     taps = [xp[:, ky : ky + H : 2, kx : kx + W : 2] for ky in range(3) for kx in range(3)]
     rows = torch.cat(taps, dim=-1).view(-1, 9 * C)  # (B*h*w, 9*C), tap-major
     matrix = w.permute(0, 2, 3, 1).reshape(w.shape[0], 9 * C)  # (C', 9*C), a view
