@@ -62,7 +62,7 @@ def per_slice(sam, enc, u8, boxes: dict, multimask: bool) -> np.ndarray:
     out = np.zeros(u8.shape, bool)
     for k, box in boxes.items():
         emb, geom = enc(k)
-        logits, _, _ = volume.decode_slice(sam, emb, geom, box, None, multimask)
+        logits, _, _ = volume.decode_slice(sam, emb, geom, [(box, [])], None, multimask)
         out[:, :, k] = data.slice_to_voxels(logits > sam.cfg.mask_threshold)
     return out
 
@@ -113,16 +113,35 @@ def cut(seg_mask: np.ndarray, rec: dict, kind: str, threshold: float) -> tuple:
     return out, first, last
 
 
-SETTINGS = [(0.05, 1.0, False, 0.05, True, False)]  # volume.PropagateConfig's defaults
+SETTINGS = [{}]  # volume.PropagateConfig's defaults
+POSITIONAL = ("margin", "min_margin", "mask_prompt", "box_cap", "click", "track")
 
 
-def _setting(v) -> tuple:
-    """ "0.1,2,n[,0.1[,y[,y]]]" -> (margin 0.1, min_margin 2 px, no mask prompt, box_cap 0.1 or
-    None, a click at the previous mask's deepest pixel or not, box tracking or not (default n))."""
-    margin, min_margin, mask, *rest = v.split(",")
-    cap = float(rest[0]) if rest and rest[0] != "none" else None
-    click, track = (rest[1:] + ["n", "n"])[:2]
-    return float(margin), float(min_margin), mask == "y", cap, click == "y", track == "y"
+def _setting(v) -> dict:
+    """ "0.1,2,n[,0.1[,y[,y]]][,clicks=3,...]" -> PropagateConfig fields: margin 0.1, min_margin
+    2 px, no mask prompt, box_cap 0.1 (or none), the click (y/n), box tracking (y/n), then any
+    other field as name=value (y/n for booleans). Fields left out keep PropagateConfig's
+    defaults."""
+    types = {f.name: f.type for f in volume.PropagateConfig.__dataclass_fields__.values()}
+    out = {}
+    for i, item in enumerate(v.split(",")):
+        name, value = item.split("=", 1) if "=" in item else (POSITIONAL[i], item)
+        if name not in types:
+            raise argparse.ArgumentTypeError(f"no PropagateConfig field {name!r}")
+        kind = str(types[name])
+        if value == "none":
+            out[name] = None
+        elif "bool" in kind:
+            out[name] = value == "y"
+        else:
+            out[name] = int(value) if types[name] is int else float(value)
+    return out
+
+
+def _tag(setting: dict) -> str:
+    """A setting's name in results.json: the fields that differ from the defaults."""
+    given = ", ".join(f"{k}={v}" for k, v in setting.items())
+    return f"prop {given or 'defaults'}"
 
 
 def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines=True) -> dict:
@@ -166,17 +185,9 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
                 2 * len(slices)
             )
         mm = res.get("oracle_multi", 1) >= res.get("oracle_single", 0)  # the better output
-        for margin, min_margin, mask_prompt, cap, click, track in settings:
-            cfg = volume.PropagateConfig(
-                margin,
-                min_margin,
-                mask_prompt,
-                box_cap=cap,
-                click=click,
-                track=track,
-                stop_growth=None,
-                stop_shrink=None,
-            )  # every rule applied afterwards
+        for setting in settings:
+            # every stop rule is applied afterwards
+            cfg = volume.PropagateConfig(**{**setting, "stop_growth": None, "stop_shrink": None})
             st = volume.Structure(box, key)
             seg = volume.segment_volume(sam, u8, [st], AXIS, cfg, mm, encoder=enc)
             rec = seg.records[0]
@@ -202,15 +213,11 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
                     "last": last,
                     "stop_error": [first - z0, last - z1],
                 }
-            tag = (
-                f"prop m={margin:g}/{min_margin:g}px mask={'y' if mask_prompt else 'n'} cap={cap} "
-                + f"click={'y' if click else 'n'} track={'y' if track else 'n'} "
-                + ("multi" if mm else "single")
-            )
+            tag = _tag(setting) + (" multi" if mm else " single")
             res[tag] = row
             best = max(row["rules"].items(), key=lambda kv: kv[1]["dice"])
             print(
-                f"{name:12s} {tag:32s} vanished {row['rules']['vanished']['dice']:.4f} "
+                f"{name:12s} {tag:40s} vanished {row['rules']['vanished']['dice']:.4f} "
                 f"best {best[0]} {best[1]['dice']:.4f} stop {best[1]['stop_error']}",
                 flush=True,
             )
@@ -241,7 +248,8 @@ if __name__ == "__main__":
         nargs="+",
         type=_setting,
         default=SETTINGS,
-        help="MARGIN,MIN_MARGIN,y|n (mask prompt)[,BOX_CAP|none[,y|n (click)[,y|n (track)]]]",
+        help="MARGIN,MIN_MARGIN,y|n (mask prompt)[,BOX_CAP|none[,y|n (click)[,y|n (track)]]]"
+        "[,FIELD=VALUE...] (other PropagateConfig fields, y|n for booleans); default: defaults",
     )
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--structures", nargs="+", choices=["white matter", "grey matter", "brain"])
