@@ -8,10 +8,11 @@ Per structure, 3D Dice over the whole volume of:
   box3d   today's --box3d: the structure's 3D bounding box, every slice of its z range on its own
   oracle  the tight box of the structure on every slice where it is present
   prop    volume.segment_volume from ONE box (the tight one) on the structure's middle slice, for
-          each prompt setting (box margin, mask prompt); each stop rule is applied afterwards by
+          each prompt setting (PropagateConfig fields); each stop rule is applied afterwards by
           cutting the run at the first slice where it fires (the propagation up to that slice is
           the same), so one run per setting measures every rule
-and the slices where propagation stops against the structure's true extent. Every slice is
+and the slices where propagation stops against the structure's true extent, and each run's Dice
+cut at the true extent (a perfect stop rule: only the prompts differ). Every slice is
 encoded once (a keeping volume.SliceEncoder shared by all runs); times per slice are reported.
 With --step 2 the volume is every 2nd axial slice (2 mm apart): slice indices and stop errors
 are then in those slices (x2 for the template's own). Writes OUT/results.json and prints a table.
@@ -213,12 +214,18 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
                     "last": last,
                     "stop_error": [first - z0, last - z1],
                 }
+            m = m0.copy()  # a perfect stop rule: cut at the true extent (only the prompts differ)
+            m[:, :, :z0], m[:, :, z1 + 1 :] = False, False
+            row["dice_true_extent"] = dice(m, g)
             tag = _tag(setting) + (" multi" if mm else " single")
             res[tag] = row
             best = max(row["rules"].items(), key=lambda kv: kv[1]["dice"])
+            default = row["rules"]["change>2x"]
             print(
                 f"{name:12s} {tag:40s} vanished {row['rules']['vanished']['dice']:.4f} "
-                f"best {best[0]} {best[1]['dice']:.4f} stop {best[1]['stop_error']}",
+                f"best {best[0]} {best[1]['dice']:.4f} stop {best[1]['stop_error']} "
+                f"default rule {default['dice']:.4f} {default['stop_error']} "
+                f"true extent {row['dice_true_extent']:.4f}",
                 flush=True,
             )
         if baselines:
