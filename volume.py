@@ -58,7 +58,9 @@ class PropagateConfig:
     negative: int = 0  # negative clicks: the deepest pixels of the box outside the grown mask
     negative_gap: float = 0.1  # ... grown by this fraction of the box's size
     click_spread: bool = False  # the `clicks` spread over the deep pixels of the whole mask
-    per_component: bool = False  # a box + click per component (as `clicks`), decoded apart, united
+    per_component: bool = False  # a box + click per component of the mask, decoded apart, united
+    parts: int = 3  # ... for at most this many, the largest (>= click_min of the mask's area)
+    split_fill: float | None = 0.9  # ... where their boxes cover < this x their hull (else one box)
 
 
 @dataclass
@@ -252,14 +254,22 @@ def negative_points(mask: np.ndarray, box, cfg: PropagateConfig) -> list:
 def slice_prompts(mask: np.ndarray, cfg: PropagateConfig, seed_box, prev_box) -> list:
     """The prompts for the next slice from the previous slice's mask -> [(box, [[x, y, label],
     ...]), ...]: one box (its grown box) with a click at its deepest pixel (`click`), or at the
-    deepest pixel of each of its `clicks` largest components; with `per_component`, one box and
-    click per component instead; with `negative`, background clicks in each box
-    (negative_points)."""
+    deepest pixel of each of its `clicks` largest components (or `click_spread` over it). With
+    `per_component`, one grown box and click for each of its `parts` largest components instead,
+    where their boxes leave most of their hull empty (`split_fill`): pieces far apart, as at a
+    structure's scattered lower end, where one box around them all is filled by LiteMedSAM.
+    With `negative`, background clicks in each box (negative_points)."""
+    boxes = None
     if cfg.per_component:
-        parts = largest_components(mask, cfg.clicks, cfg.click_min)
+        parts = largest_components(mask, cfg.parts, cfg.click_min)
         boxes = [grow_box(c, cfg, seed_box, prev_box) for c in parts]
         points = [[[*interior_point(c), 1]] if cfg.click else [] for c in parts]
-    else:
+        area = lambda b: _size(b)[0] * _size(b)[1]  # noqa: E731
+        if cfg.split_fill is not None and sum(map(area, boxes)) >= cfg.split_fill * area(
+            _hull(boxes)
+        ):
+            boxes = None  # the parts' boxes fill their hull: one box after all
+    if boxes is None:
         boxes = [grow_box(mask, cfg, seed_box, prev_box)]
         if not cfg.click:
             points = [[]]

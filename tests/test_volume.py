@@ -369,10 +369,18 @@ def test_slice_prompts_clicks_negatives_and_per_component_boxes():
     for x, y, _ in pts[1:]:  # inside the box, away from both squares
         assert 3 <= x < 43 and 3 <= y < 33 and not grown[int(y), int(x)]
     assert volume.negative_points(np.ones((H, W), bool), [0, 0, W, H], neg) == []  # no room
-    split = PropagateConfig(**{**vars(cfg), "per_component": True, "clicks": 3})
+    split = PropagateConfig(**{**vars(cfg), "per_component": True, "split_fill": None})
     parts = volume.slice_prompts(m, split, None, None)
     assert [b for b, _ in parts] == [[3, 3, 15, 15], [35, 25, 43, 33]]
     assert [len(p) for _, p in parts] == [1, 1] and 38 <= parts[1][1][0][0] <= 39
+    hybrid = PropagateConfig(**{**vars(split), "split_fill": 0.9})
+    assert volume.slice_prompts(m, hybrid, None, None) == parts  # boxes fill 17% of their hull
+    near = np.zeros((H, W), bool)
+    near[4:30, 4:20] = True
+    near[4:30, 22:40] = True  # 2 px apart: their grown boxes fill the hull, one box after all
+    assert len(volume.slice_prompts(near, split, None, None)) == 2
+    [(box, pts)] = volume.slice_prompts(near, hybrid, None, None)
+    assert box == [3, 3, 41, 31] and len(pts) == 1 and pts[0][2] == 1
 
 
 def test_decode_slice_unites_its_prompts():
@@ -401,13 +409,14 @@ def test_per_component_boxes_keep_out_what_lies_between_the_parts():
     rect(s, range(4, 20), 8, 32, 4, 12)  # left bar
     rect(s, range(4, 20), 8, 32, 36, 44)  # right bar
     truth = to_volume(s) > 0
-    rect(s, range(12, 20), 16, 24, 20, 28)  # the blob between them
+    rect(s, range(12, 20), 12, 28, 18, 30)  # the blob between them
     vol, box = to_volume(s), [4, 8, 44, 32]
     _, hull = run(vol, [Structure(box, key=6)])
-    _, split = run(vol, [Structure(box, key=6)], per_component=True, clicks=3)
-    assert (split.records[0]["first"], split.records[0]["last"]) == (4, 19)
-    assert dice(split.masks[0], truth) > 0.98 and not split.masks[0][20:28, 16:24].any()
-    assert dice(hull.masks[0], truth) < 0.95 and hull.masks[0][20:28, 16:24].any()
+    for fill in (None, 0.9):  # the bars' boxes fill half their hull: split either way
+        _, split = run(vol, [Structure(box, key=6)], per_component=True, split_fill=fill)
+        assert (split.records[0]["first"], split.records[0]["last"]) == (4, 19)
+        assert dice(split.masks[0], truth) > 0.98 and not split.masks[0][20:28, 16:24].any()
+    assert dice(hull.masks[0], truth) < 0.92 and hull.masks[0][20:28, 16:24, 12:20].all()
 
 
 # ------------------------------------------------------------------------------------------------
