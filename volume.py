@@ -9,6 +9,10 @@ where it continues, each next slice prompted from the result on the slice before
     then the same from K downward. An extra box on another slice (an anchor) replaces the
     propagated prompt there and restarts a stopped direction from it.
 
+Options measured against the defaults (slice_prompts): a box and click per piece of M_K where
+its pieces lie apart (`per_component`), a click per piece (`clicks`), clicks spread over it
+(`click_spread`), background clicks (`negative`).
+
 The stop rule ends a direction at the first slice whose mask has vanished (< `min_pixels`), or
 whose area fell below `stop_area` x the area on the last seed slice, or whose predicted IoU fell
 below `stop_iou`, or whose area grew over `stop_growth` or fell below `stop_shrink` x the

@@ -591,6 +591,21 @@ def test_cli_propagate_writes_the_input_voxel_order(nifti, tmp_path, monkeypatch
     assert rec["propagation"]["margin"] == PropagateConfig().margin
 
 
+def test_cli_propagate_prompt_options(nifti, tmp_path, monkeypatch):
+    """The prompt options reach PropagateConfig from their flags and run end to end."""
+    path, gt, _ = nifti
+    monkeypatch.setattr(infer, "load_model", lambda cfg: BrightInBox())
+    out = tmp_path / "mask.nii.gz"
+    args = [str(path), "--slice", "8", "--box", *_key_box(path), "--propagate", "--out", str(out),
+            "--per-component", "--parts", "2", "--split-fill", "0.5", "--clicks", "2",
+            "--negative", "1", "--track"]  # fmt: skip
+    assert infer_cli.main(infer_cli.parse_args(args)) == 0
+    assert dice(np.asarray(nib.load(str(out)).dataobj) == 1, gt) > 0.95
+    rec = json.loads(out.with_name("mask.json").read_text())["propagation"]
+    assert rec["per_component"] and rec["track"] and not rec["click_spread"]
+    assert (rec["parts"], rec["split_fill"], rec["clicks"], rec["negative"]) == (2, 0.5, 2, 1)
+
+
 def test_cli_propagate_from_box3d(nifti, tmp_path, monkeypatch):
     path, gt, _ = nifti
     monkeypatch.setattr(infer, "load_model", lambda cfg: BrightInBox())
