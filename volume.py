@@ -9,6 +9,10 @@ where it continues, each next slice prompted from the result on the slice before
     then the same from K downward. An extra box on another slice (an anchor) replaces the
     propagated prompt there and restarts a stopped direction from it.
 
+Options measured against the defaults (slice_prompts): a box and click per piece of M_K where
+its pieces lie apart (`per_component`), a click per piece (`clicks`), clicks spread over it
+(`click_spread`), background clicks (`negative`).
+
 The stop rule ends a direction at the first slice whose mask has vanished (< `min_pixels`), or
 whose area fell below `stop_area` x the area on the last seed slice, or whose predicted IoU fell
 below `stop_iou`, or whose area grew over `stop_growth` or fell below `stop_shrink` x the
@@ -37,6 +41,7 @@ from tqdm import tqdm
 
 import data
 import infer
+from components import label_components
 
 
 @dataclass
@@ -52,6 +57,14 @@ class PropagateConfig:
     box_cap: float | None = 0.05  # prompt boxes stay inside the seed's box grown by this fraction
     click: bool = True  # also a positive click at the previous mask's most interior pixel
     track: bool = False  # the box never grows: the previous box, cut to the mask's grown box
+    clicks: int = 1  # with click: one at the deepest pixel of each of this many largest components
+    click_min: float = 0.1  # ... of at least this fraction of the mask's area
+    negative: int = 0  # negative clicks: the deepest pixels of the box outside the grown mask
+    negative_gap: float = 0.1  # ... grown by this fraction of the box's size
+    click_spread: bool = False  # the `clicks` spread over the deep pixels of the whole mask
+    per_component: bool = False  # a box + click per component of the mask, decoded apart, united
+    parts: int = 3  # ... for at most this many, the largest (>= click_min of the mask's area)
+    split_fill: float | None = 0.9  # ... where their boxes cover < this x their hull (else one box)
 
 
 @dataclass
@@ -161,6 +174,12 @@ def grow_box(mask: np.ndarray, cfg: PropagateConfig, seed_box=None, prev_box=Non
     return [x0, y0, x1, y1] if x0 < x1 and y0 < y1 else limit
 
 
+def _hull(boxes: list) -> list:
+    """The smallest box around `boxes`."""
+    return [min(b[0] for b in boxes), min(b[1] for b in boxes),
+            max(b[2] for b in boxes), max(b[3] for b in boxes)]  # fmt: skip
+
+
 def _size(box) -> tuple:
     return float(box[2]) - float(box[0]), float(box[3]) - float(box[1])
 
@@ -184,18 +203,114 @@ def interior_point(mask: np.ndarray) -> list:
     return [float(xs[i]), float(ys[i])]
 
 
-def decode_slice(sam, emb, geom, box, mask_prob=None, multimask=True, point=None) -> tuple:
-    """One box (optionally with the previous slice's probabilities (1, 1, S/4, S/4) and one
-    positive click [x, y]) on one slice -> logits (H, W) at the slice's size, low-res logits
-    (1, 1, S/4, S/4), predicted IoU."""
-    boxes = geom.boxes_to_model(torch.tensor([box], dtype=torch.float32))  # (1, 4)
+def spread_points(mask: np.ndarray, count: int) -> list:
+    """Up to `count` [x, y] clicks spread over an (H, W) mask: the deepest pixel
+    (interior_point), then, one at a time, the pixel of depth >= half the deepest's farthest from
+    the clicks so far, while it lies at least that depth away from them (depth: the number of
+    3 x 3 erosions a pixel survives)."""
+    m = torch.from_numpy(mask)[None, None].float()  # (1, 1, H, W)
+    depth = torch.zeros_like(m)
+    while m.any():
+        depth += m
+        m = -F.max_pool2d(-m, 3, stride=1, padding=1)
+    depth = depth[0, 0].numpy()  # (H, W)
+    ys, xs = np.nonzero(depth >= max(1.0, depth.max() / 2))
+    points = [interior_point(mask)]
+    gap = np.full(len(xs), np.inf)
+    while len(points) < count:
+        x, y = points[-1]
+        gap = np.minimum(gap, np.hypot(xs - x, ys - y))
+        i = int(np.argmax(gap))
+        if gap[i] < depth.max():
+            break
+        points.append([float(xs[i]), float(ys[i])])
+    return points
+
+
+def largest_components(mask: np.ndarray, count: int, min_fraction: float) -> list:
+    """The (H, W) masks of the `count` largest 8-connected components of `mask`, largest first:
+    the largest always, the others only with at least `min_fraction` of the mask's area."""
+    ids = label_components(torch.from_numpy(mask)).numpy()  # (H, W) 0 = background
+    sizes = np.bincount(ids.ravel())[1:]  # (C,)
+    order = np.argsort(-sizes, kind="stable")[:count]
+    keep = [i for j, i in enumerate(order) if j == 0 or sizes[i] >= min_fraction * mask.sum()]
+    return [ids == i + 1 for i in keep]
+
+
+def negative_points(mask: np.ndarray, box, cfg: PropagateConfig) -> list:
+    """Up to cfg.negative [x, y] background clicks for a prompt `box`: the deepest pixel of each
+    of the largest pieces of the box that lie outside `mask` grown by negative_gap x the box's
+    size. They mark where the box is empty on the previous slice, so that LiteMedSAM, which
+    fills the box it is given, does not fill it there as the structure narrows."""
+    H, W = mask.shape
+    rx, ry = (max(1, round(cfg.negative_gap * s)) for s in _size(box))
+    m = torch.from_numpy(mask)[None, None].float()  # (1, 1, H, W)
+    grown = F.max_pool2d(m, (2 * ry + 1, 2 * rx + 1), stride=1, padding=(ry, rx))[0, 0] > 0
+    inside = np.zeros((H, W), bool)
+    x0, y0 = max(0, int(np.ceil(box[0]))), max(0, int(np.ceil(box[1])))
+    inside[y0 : int(box[3]), x0 : int(box[2])] = True  # pixels whose corner lies in the box
+    free = inside & ~grown.numpy()
+    if not free.any():
+        return []
+    return [interior_point(c) for c in largest_components(free, cfg.negative, 0.0)]
+
+
+def slice_prompts(mask: np.ndarray, cfg: PropagateConfig, seed_box, prev_box) -> list:
+    """The prompts for the next slice from the previous slice's mask -> [(box, [[x, y, label],
+    ...]), ...]: one box (its grown box) with a click at its deepest pixel (`click`), or at the
+    deepest pixel of each of its `clicks` largest components (or `click_spread` over it). With
+    `per_component`, one grown box and click for each of its `parts` largest components instead,
+    where their boxes leave most of their hull empty (`split_fill`): pieces far apart, as at a
+    structure's scattered lower end, where one box around them all is filled by LiteMedSAM.
+    With `negative`, background clicks in each box (negative_points)."""
+    boxes = None
+    if cfg.per_component:
+        parts = largest_components(mask, cfg.parts, cfg.click_min)
+        boxes = [grow_box(c, cfg, seed_box, prev_box) for c in parts]
+        points = [[[*interior_point(c), 1]] if cfg.click else [] for c in parts]
+        area = lambda b: _size(b)[0] * _size(b)[1]  # noqa: E731
+        if cfg.split_fill is not None and sum(map(area, boxes)) >= cfg.split_fill * area(
+            _hull(boxes)
+        ):
+            boxes = None  # the parts' boxes fill their hull: one box after all
+    if boxes is None:
+        boxes = [grow_box(mask, cfg, seed_box, prev_box)]
+        if not cfg.click:
+            points = [[]]
+        elif cfg.clicks == 1:
+            points = [[[*interior_point(mask), 1]]]
+        elif cfg.click_spread:
+            points = [[[*q, 1] for q in spread_points(mask, cfg.clicks)]]
+        else:
+            parts = largest_components(mask, cfg.clicks, cfg.click_min)
+            points = [[[*interior_point(c), 1] for c in parts]]
+    if cfg.negative:
+        for p, b in zip(points, boxes, strict=True):
+            p += [[*q, 0] for q in negative_points(mask, b, cfg)]
+    return list(zip(boxes, points, strict=True))
+
+
+def decode_slice(sam, emb, geom, prompts: list, mask_prob=None, multimask=True) -> tuple:
+    """Prompts [(box, [[x, y, label], ...]), ...] on one slice (label 1 foreground, 0
+    background; optionally with the previous slice's probabilities (1, 1, S/4, S/4)), decoded
+    in one batch and united (the highest logit per pixel) -> logits (H, W) at the slice's
+    size, low-res logits (1, 1, S/4, S/4), predicted IoU (the prompts' mean)."""
+    P, N = len(prompts), max(len(pts) for _, pts in prompts)
+    boxes = geom.boxes_to_model(torch.tensor([b for b, _ in prompts], dtype=torch.float32))
     points = None
-    if point is not None:
-        xy = geom.points_to_model(torch.tensor([[point]], dtype=torch.float32))  # (1, 1, 2)
-        points = (xy, torch.ones(1, 1, dtype=torch.long))  # label 1: foreground
-    low, iou = infer._decode_best(sam, emb, points, boxes, mask_prob, multimask)  # (1, 1, h, w)
-    low = low.float().cpu()
-    return geom.logits_to_original(low)[0, 0].numpy(), low, float(iou[0])  # (H, W)
+    if N:  # pad to N points per prompt with SAM's padding label -1
+        xy = torch.zeros(P, N, 2)  # (P, N, 2)
+        labels = torch.full((P, N), -1, dtype=torch.long)  # (P, N)
+        for i, (_, pts) in enumerate(prompts):
+            if pts:
+                xy[i, : len(pts)] = torch.tensor([p[:2] for p in pts], dtype=torch.float32)
+                labels[i, : len(pts)] = torch.tensor([int(p[2]) for p in pts])
+        points = (geom.points_to_model(xy), labels)
+    if mask_prob is not None:
+        mask_prob = mask_prob.expand(P, -1, -1, -1)  # (P, 1, S/4, S/4)
+    low, iou = infer._decode_best(sam, emb, points, boxes, mask_prob, multimask)  # (P, 1, h, w)
+    low = low.float().cpu().amax(0, keepdim=True)  # (1, 1, h, w): the union
+    return geom.logits_to_original(low)[0, 0].numpy(), low, float(iou.float().mean())  # (H, W)
 
 
 def _stop_reason(area: int, iou: float, ref_area: int, prev_area: int, cfg: PropagateConfig):
@@ -286,10 +401,13 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
         if k not in t.seeds and k in records[i]["predicted_iou"]:
             t.stopped = True  # met the upward sweep, which covered the slices from here on
             return
-        box = t.seeds[k] if k in t.seeds else grow_box(t.mask, cfg, t.seed_box, t.box)
-        prob = torch.sigmoid(t.low) if cfg.mask_prompt and k not in t.seeds else None
-        click = interior_point(t.mask) if cfg.click and k not in t.seeds else None
-        logits, low, iou = decode_slice(sam, emb, geom, box, prob, multimask, click)
+        if k in t.seeds:
+            prompts, prob = [(t.seeds[k], [])], None
+        else:
+            prompts = slice_prompts(t.mask, cfg, t.seed_box, t.box)
+            prob = torch.sigmoid(t.low) if cfg.mask_prompt else None
+        box = _hull([b for b, _ in prompts])
+        logits, low, iou = decode_slice(sam, emb, geom, prompts, prob, multimask)
         m = logits > sam.cfg.mask_threshold  # (H, W)
         area = int(m.sum())
         if k in t.seeds:

@@ -8,10 +8,11 @@ Per structure, 3D Dice over the whole volume of:
   box3d   today's --box3d: the structure's 3D bounding box, every slice of its z range on its own
   oracle  the tight box of the structure on every slice where it is present
   prop    volume.segment_volume from ONE box (the tight one) on the structure's middle slice, for
-          each prompt setting (box margin, mask prompt); each stop rule is applied afterwards by
+          each prompt setting (PropagateConfig fields); each stop rule is applied afterwards by
           cutting the run at the first slice where it fires (the propagation up to that slice is
           the same), so one run per setting measures every rule
-and the slices where propagation stops against the structure's true extent. Every slice is
+and the slices where propagation stops against the structure's true extent, and each run's Dice
+cut at the true extent (a perfect stop rule: only the prompts differ). Every slice is
 encoded once (a keeping volume.SliceEncoder shared by all runs); times per slice are reported.
 With --step 2 the volume is every 2nd axial slice (2 mm apart): slice indices and stop errors
 are then in those slices (x2 for the template's own). Writes OUT/results.json and prints a table.
@@ -62,7 +63,7 @@ def per_slice(sam, enc, u8, boxes: dict, multimask: bool) -> np.ndarray:
     out = np.zeros(u8.shape, bool)
     for k, box in boxes.items():
         emb, geom = enc(k)
-        logits, _, _ = volume.decode_slice(sam, emb, geom, box, None, multimask)
+        logits, _, _ = volume.decode_slice(sam, emb, geom, [(box, [])], None, multimask)
         out[:, :, k] = data.slice_to_voxels(logits > sam.cfg.mask_threshold)
     return out
 
@@ -113,16 +114,35 @@ def cut(seg_mask: np.ndarray, rec: dict, kind: str, threshold: float) -> tuple:
     return out, first, last
 
 
-SETTINGS = [(0.05, 1.0, False, 0.05, True, False)]  # volume.PropagateConfig's defaults
+SETTINGS = [{}]  # volume.PropagateConfig's defaults
+POSITIONAL = ("margin", "min_margin", "mask_prompt", "box_cap", "click", "track")
 
 
-def _setting(v) -> tuple:
-    """ "0.1,2,n[,0.1[,y[,y]]]" -> (margin 0.1, min_margin 2 px, no mask prompt, box_cap 0.1 or
-    None, a click at the previous mask's deepest pixel or not, box tracking or not (default n))."""
-    margin, min_margin, mask, *rest = v.split(",")
-    cap = float(rest[0]) if rest and rest[0] != "none" else None
-    click, track = (rest[1:] + ["n", "n"])[:2]
-    return float(margin), float(min_margin), mask == "y", cap, click == "y", track == "y"
+def _setting(v) -> dict:
+    """ "0.1,2,n[,0.1[,y[,y]]][,clicks=3,...]" -> PropagateConfig fields: margin 0.1, min_margin
+    2 px, no mask prompt, box_cap 0.1 (or none), the click (y/n), box tracking (y/n), then any
+    other field as name=value (y/n for booleans). Fields left out keep PropagateConfig's
+    defaults."""
+    types = {f.name: f.type for f in volume.PropagateConfig.__dataclass_fields__.values()}
+    out = {}
+    for i, item in enumerate(v.split(",")):
+        name, value = item.split("=", 1) if "=" in item else (POSITIONAL[i], item)
+        if name not in types:
+            raise argparse.ArgumentTypeError(f"no PropagateConfig field {name!r}")
+        kind = str(types[name])
+        if value == "none":
+            out[name] = None
+        elif "bool" in kind:
+            out[name] = value == "y"
+        else:
+            out[name] = int(value) if types[name] is int else float(value)
+    return out
+
+
+def _tag(setting: dict) -> str:
+    """A setting's name in results.json: the fields that differ from the defaults."""
+    given = ", ".join(f"{k}={v}" for k, v in setting.items())
+    return f"prop {given or 'defaults'}"
 
 
 def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines=True) -> dict:
@@ -166,17 +186,9 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
                 2 * len(slices)
             )
         mm = res.get("oracle_multi", 1) >= res.get("oracle_single", 0)  # the better output
-        for margin, min_margin, mask_prompt, cap, click, track in settings:
-            cfg = volume.PropagateConfig(
-                margin,
-                min_margin,
-                mask_prompt,
-                box_cap=cap,
-                click=click,
-                track=track,
-                stop_growth=None,
-                stop_shrink=None,
-            )  # every rule applied afterwards
+        for setting in settings:
+            # every stop rule is applied afterwards
+            cfg = volume.PropagateConfig(**{**setting, "stop_growth": None, "stop_shrink": None})
             st = volume.Structure(box, key)
             seg = volume.segment_volume(sam, u8, [st], AXIS, cfg, mm, encoder=enc)
             rec = seg.records[0]
@@ -202,16 +214,18 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
                     "last": last,
                     "stop_error": [first - z0, last - z1],
                 }
-            tag = (
-                f"prop m={margin:g}/{min_margin:g}px mask={'y' if mask_prompt else 'n'} cap={cap} "
-                + f"click={'y' if click else 'n'} track={'y' if track else 'n'} "
-                + ("multi" if mm else "single")
-            )
+            m = m0.copy()  # a perfect stop rule: cut at the true extent (only the prompts differ)
+            m[:, :, :z0], m[:, :, z1 + 1 :] = False, False
+            row["dice_true_extent"] = dice(m, g)
+            tag = _tag(setting) + (" multi" if mm else " single")
             res[tag] = row
             best = max(row["rules"].items(), key=lambda kv: kv[1]["dice"])
+            default = row["rules"]["change>2x"]
             print(
-                f"{name:12s} {tag:32s} vanished {row['rules']['vanished']['dice']:.4f} "
-                f"best {best[0]} {best[1]['dice']:.4f} stop {best[1]['stop_error']}",
+                f"{name:12s} {tag:40s} vanished {row['rules']['vanished']['dice']:.4f} "
+                f"best {best[0]} {best[1]['dice']:.4f} stop {best[1]['stop_error']} "
+                f"default rule {default['dice']:.4f} {default['stop_error']} "
+                f"true extent {row['dice_true_extent']:.4f}",
                 flush=True,
             )
         if baselines:
@@ -241,7 +255,8 @@ if __name__ == "__main__":
         nargs="+",
         type=_setting,
         default=SETTINGS,
-        help="MARGIN,MIN_MARGIN,y|n (mask prompt)[,BOX_CAP|none[,y|n (click)[,y|n (track)]]]",
+        help="MARGIN,MIN_MARGIN,y|n (mask prompt)[,BOX_CAP|none[,y|n (click)[,y|n (track)]]]"
+        "[,FIELD=VALUE...] (other PropagateConfig fields, y|n for booleans); default: defaults",
     )
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--structures", nargs="+", choices=["white matter", "grey matter", "brain"])

@@ -312,6 +312,113 @@ def test_interior_point_is_the_deepest_pixel():
     assert c[int(y), int(x)] and x < 15
 
 
+def test_largest_components_in_size_order_above_the_fraction():
+    m = np.zeros((H, W), bool)
+    m[2:12, 2:12] = True  # 100 px
+    m[20:26, 30:40] = True  # 60 px
+    m[30:33, 2:5] = True  # 9 px: under 10% of the 169
+    m[35:37, 40:42] = True  # 4 px
+    parts = volume.largest_components(m, 5, 0.1)
+    assert [int(c.sum()) for c in parts] == [100, 60]
+    assert parts[0][5, 5] and parts[1][22, 35]
+    assert [int(c.sum()) for c in volume.largest_components(m, 3, 0.0)] == [100, 60, 9]
+    assert [int(c.sum()) for c in volume.largest_components(m, 1, 0.9)] == [100]  # always one
+
+
+def test_spread_points_along_a_bar_and_one_in_a_square():
+    """A 6 x 32 bar (3 erosions deep): the deepest pixel in its middle, then the two far ends of
+    its deep core (depth >= 2: columns 5..34), then between them, each >= 3 px from the others;
+    a square is no wider than its depth allows: one click."""
+    m = np.zeros((H, W), bool)
+    m[10:16, 4:36] = True
+    pts = volume.spread_points(m, 3)
+    assert len(pts) == 3 and all(m[int(y), int(x)] for x, y in pts)
+    assert 18 <= pts[0][0] <= 21 and sorted(round(x) for x, _ in pts[1:]) == [5, 34]
+    pts = np.array(volume.spread_points(m, 8))
+    gaps = np.hypot(*(pts[:, None] - pts[None]).transpose(2, 0, 1)) + 99 * np.eye(len(pts))
+    assert 5 <= len(pts) <= 8 and gaps.min() >= 3
+    assert volume.spread_points(m, 1) == [volume.interior_point(m)]
+    sq = np.zeros((H, W), bool)
+    sq[10:20, 10:20] = True
+    assert len(volume.spread_points(sq, 3)) == 1
+
+
+def test_slice_prompts_clicks_negatives_and_per_component_boxes():
+    """Two squares, 10 x 10 and 6 x 6, far apart: `clicks` puts one positive click at the centre
+    of each (the single default click: the larger one's); `negative` puts a background click in
+    the empty part of the box, outside the grown mask; `per_component` gives each square its own
+    grown box and click."""
+    m = np.zeros((H, W), bool)
+    m[4:14, 4:14] = True  # centre (8.5, 8.5): the deepest pixels are 8 and 9
+    m[26:32, 36:42] = True  # centre (38.5, 28.5)
+    cfg = PropagateConfig(box_cap=None, margin=0.0, min_margin=1.0)
+    [(box, pts)] = volume.slice_prompts(m, cfg, None, None)
+    assert box == [3, 3, 43, 33] and len(pts) == 1 and pts[0][2] == 1
+    assert 8 <= pts[0][0] <= 9 and 8 <= pts[0][1] <= 9
+    [(box, pts)] = volume.slice_prompts(
+        m, PropagateConfig(**{**vars(cfg), "clicks": 3}), None, None
+    )
+    assert [p[2] for p in pts] == [1, 1]
+    assert 8 <= pts[0][0] <= 9 and 8 <= pts[0][1] <= 9
+    assert 38 <= pts[1][0] <= 39 and 28 <= pts[1][1] <= 29
+    neg = PropagateConfig(**{**vars(cfg), "negative": 2, "negative_gap": 0.1})
+    [(box, pts)] = volume.slice_prompts(m, neg, None, None)
+    labels = [p[2] for p in pts]
+    assert labels[0] == 1 and labels.count(0) >= 1
+    grown = F.max_pool2d(torch.from_numpy(m)[None, None].float(), (7, 9), 1, (3, 4))[0, 0] > 0
+    for x, y, _ in pts[1:]:  # inside the box, away from both squares
+        assert 3 <= x < 43 and 3 <= y < 33 and not grown[int(y), int(x)]
+    assert volume.negative_points(np.ones((H, W), bool), [0, 0, W, H], neg) == []  # no room
+    split = PropagateConfig(**{**vars(cfg), "per_component": True, "split_fill": None})
+    parts = volume.slice_prompts(m, split, None, None)
+    assert [b for b, _ in parts] == [[3, 3, 15, 15], [35, 25, 43, 33]]
+    assert [len(p) for _, p in parts] == [1, 1] and 38 <= parts[1][1][0][0] <= 39
+    hybrid = PropagateConfig(**{**vars(split), "split_fill": 0.9})
+    assert volume.slice_prompts(m, hybrid, None, None) == parts  # boxes fill 17% of their hull
+    near = np.zeros((H, W), bool)
+    near[4:30, 4:20] = True
+    near[4:30, 22:40] = True  # 2 px apart: their grown boxes fill the hull, one box after all
+    assert len(volume.slice_prompts(near, split, None, None)) == 2
+    [(box, pts)] = volume.slice_prompts(near, hybrid, None, None)
+    assert box == [3, 3, 41, 31] and len(pts) == 1 and pts[0][2] == 1
+
+
+def test_decode_slice_unites_its_prompts():
+    """Two boxes decoded in one batch: the mask is the union of each box's own mask (the highest
+    logit per pixel), each box keeping its own square only."""
+    s = np.zeros((N, H, W), np.uint8)
+    rect(s, [3], 4, 14, 4, 14)
+    rect(s, [3], 26, 32, 36, 42)
+    sam = BrightInBox()
+    emb, geom = volume.SliceEncoder(sam, to_volume(s), "z")(3)
+    a, b = [2, 2, 16, 16], [34, 24, 44, 34]
+    la, _, _ = volume.decode_slice(sam, emb, geom, [(a, [])])
+    lb, _, _ = volume.decode_slice(sam, emb, geom, [(b, [])])
+    both, low, _ = volume.decode_slice(sam, emb, geom, [(a, []), (b, [])])
+    assert (la > 0).any() and (lb > 0).any() and not ((la > 0) & (lb > 0)).any()
+    assert not (la > 0)[:, 20:].any() and not (lb > 0)[:, :20].any()
+    assert np.array_equal(both, np.maximum(la, lb))
+    assert low.shape == (1, 1, sam.cfg.low_res_size, sam.cfg.low_res_size)
+
+
+def test_per_component_boxes_keep_out_what_lies_between_the_parts():
+    """Two bars with a bright blob appearing between them from slice 12 on: the one box around
+    both bars takes the blob in (the bright-in-box model fills its box); a box per component
+    does not, to the end of the bars."""
+    s = np.zeros((N, H, W), np.uint8)
+    rect(s, range(4, 20), 8, 32, 4, 12)  # left bar
+    rect(s, range(4, 20), 8, 32, 36, 44)  # right bar
+    truth = to_volume(s) > 0
+    rect(s, range(12, 20), 12, 28, 18, 30)  # the blob between them
+    vol, box = to_volume(s), [4, 8, 44, 32]
+    _, hull = run(vol, [Structure(box, key=6)])
+    for fill in (None, 0.9):  # the bars' boxes fill half their hull: split either way
+        _, split = run(vol, [Structure(box, key=6)], per_component=True, split_fill=fill)
+        assert (split.records[0]["first"], split.records[0]["last"]) == (4, 19)
+        assert dice(split.masks[0], truth) > 0.98 and not split.masks[0][20:28, 16:24].any()
+    assert dice(hull.masks[0], truth) < 0.92 and hull.masks[0][20:28, 16:24, 12:20].all()
+
+
 # ------------------------------------------------------------------------------------------------
 # Several structures: one encoder pass per slice
 # ------------------------------------------------------------------------------------------------
@@ -482,6 +589,21 @@ def test_cli_propagate_writes_the_input_voxel_order(nifti, tmp_path, monkeypatch
     assert s["ends"]["up"]["reason"] == "vanished" and s["ends"]["up"]["slice"] == 13
     assert rec["timings_s"]["encoder_passes"] == 10  # slices 4..13
     assert rec["propagation"]["margin"] == PropagateConfig().margin
+
+
+def test_cli_propagate_prompt_options(nifti, tmp_path, monkeypatch):
+    """The prompt options reach PropagateConfig from their flags and run end to end."""
+    path, gt, _ = nifti
+    monkeypatch.setattr(infer, "load_model", lambda cfg: BrightInBox())
+    out = tmp_path / "mask.nii.gz"
+    args = [str(path), "--slice", "8", "--box", *_key_box(path), "--propagate", "--out", str(out),
+            "--per-component", "--parts", "2", "--split-fill", "0.5", "--clicks", "2",
+            "--negative", "1", "--track"]  # fmt: skip
+    assert infer_cli.main(infer_cli.parse_args(args)) == 0
+    assert dice(np.asarray(nib.load(str(out)).dataobj) == 1, gt) > 0.95
+    rec = json.loads(out.with_name("mask.json").read_text())["propagation"]
+    assert rec["per_component"] and rec["track"] and not rec["click_spread"]
+    assert (rec["parts"], rec["split_fill"], rec["clicks"], rec["negative"]) == (2, 0.5, 2, 1)
 
 
 def test_cli_propagate_from_box3d(nifti, tmp_path, monkeypatch):
