@@ -52,7 +52,8 @@ PRECISIONS = ("float32", FAST, *CAST)
 KEEP_FP32 = ("patch_embed",)  # encoder parts that stay fp32 on the fast path (see above)
 WEIGHTED = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)  # the layers whose weights go to bf16
 # What fast_encoder does beside autocast (docs/precision.md measures each): weights cast to bf16
-# once, TinyViT's maps channels-last, and tinyvit.fuse_for_inference's steps
+# once, TinyViT's maps channels-last, the ViT adapters' deconv and conv tap-major, the matmul
+# weights packed for oneDNN (with the GELUs fused), and tinyvit.fuse_for_inference's steps
 STEPS = ("bf16_weights", "channels_last", "deconv_taps", "conv_taps", "onednn_packed",
          *tinyvit.FUSIONS)  # fmt: skip
 
@@ -160,10 +161,10 @@ def _pack(fast: nn.Module) -> None:
                 m.forward = _conv_gelu_fused(m)
         elif isinstance(m, model.Adapter) and not isinstance(fast, tinyvit.TinyViT):
             conv, deconv = m.spatial[0].weight, m.spatial[2].weight  # (C', C, 3, 3), (C, C', 4, 4)
-            cl = torch.channels_last
-            if conv.dtype == torch.bfloat16 and conv.is_contiguous(memory_format=cl):
+            tap_major = lambda w: w.is_contiguous(memory_format=torch.channels_last)  # noqa: E731
+            if conv.dtype == torch.bfloat16 and tap_major(conv):  # rows: vit_b's 8x8 at 256 px
                 onednn.pack(conv, conv.permute(0, 2, 3, 1).reshape(conv.shape[0], -1), rows=64)
-            if deconv.dtype == torch.bfloat16 and deconv.is_contiguous(memory_format=cl):
+            if deconv.dtype == torch.bfloat16 and tap_major(deconv):
                 C = deconv.shape[0]
                 onednn.pack(deconv, deconv.permute(0, 2, 3, 1).reshape(C, -1).T, rows=64)
 
