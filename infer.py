@@ -69,7 +69,7 @@ class InferConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # precision.PRECISIONS or auto: the bf16 fast path on a CPU with native
     # bf16, else float32; load_model sets it to the precision that runs (recorded in the outputs)
-    multimask: bool = True  # 3 candidates per prompt, keep the best by predicted IoU (official)
+    multimask: bool | None = None  # best of 3 by predicted IoU (official); None: as trained
     adapter: bool | None = None  # None: as the checkpoint has it; False: drop the adapters
     force: bool = False  # overwrite existing outputs
     threads: int = 0  # CPU threads for torch; 0: the cores the load average leaves idle (>= 1)
@@ -205,7 +205,7 @@ def _model_io(sam) -> tuple:
 
 
 @torch.inference_mode()
-def segment(sam, image, prompts=None, boxes=None, points=None, multimask=True):
+def segment(sam, image, prompts=None, boxes=None, points=None, multimask=None):
     """Segment one (H, W, 3) uint8 RGB image -> `Segmentation`, one mask per object: each of
     `prompts` (a list of `Prompt`), then each of `boxes` ([[x0, y0, x1, y1], ...]), then `points`
     ((xy [[x, y], ...], labels [1|0, ...]): one object) if given."""
@@ -231,9 +231,11 @@ def encode_image(sam, image: np.ndarray) -> tuple:
     return sam.encode(x.to(device, dtype)), geom  # (1, D, S/16, S/16)
 
 
-def _decode_best(sam, emb, points=None, boxes=None, mask_input=None, multimask=True) -> tuple:
+def _decode_best(sam, emb, points=None, boxes=None, mask_input=None, multimask=None) -> tuple:
     """Model-space prompts (on any device) -> low-res logits (P, 1, S/4, S/4) and predicted IoU
-    (P,) of the chosen masks: the best of three by predicted IoU, or the single-mask output."""
+    (P,) of the chosen masks: the best of three by predicted IoU, or the single-mask output
+    (multimask None: the one the model was trained on, SamConfig.single_mask)."""
+    multimask = not sam.cfg.single_mask if multimask is None else multimask
     device, dtype = _model_io(sam)
     if points is not None:
         points = (points[0].to(device, dtype), points[1].to(device))
@@ -244,7 +246,7 @@ def _decode_best(sam, emb, points=None, boxes=None, mask_input=None, multimask=T
 
 
 @torch.inference_mode()
-def decode_prompts(sam, emb, geom, prompts: list, multimask: bool = True) -> "Segmentation":
+def decode_prompts(sam, emb, geom, prompts: list, multimask=None) -> "Segmentation":
     """Checked prompts in original pixels -> a Segmentation (low-res logits, predicted IoU): one
     decoder call per kind of prompt and DECODE_BATCH prompts. Non-finite logits (broken weights,
     float16 overflow) are an error, never a silently empty mask."""
@@ -271,7 +273,8 @@ def load_model(cfg: InferConfig):
     weights (default_checkpoint); cfg.checkpoint is then set to that file and cfg.dtype to the
     precision that runs ("auto" resolved), so outputs record both. `adapter=True` on a file
     without adapters is refused: its adapters would be freshly initialised, untrained weights
-    (training may add them; inference never uses them)."""
+    (training may add them; inference never uses them). cfg.multimask None becomes the output the
+    checkpoint was trained on (multimask, unless train.py --no-multimask made it)."""
     if cfg.checkpoint is None:
         cfg.checkpoint = str(default_checkpoint())
     path = resolve_checkpoint(cfg.checkpoint)
@@ -285,6 +288,8 @@ def load_model(cfg: InferConfig):
             f"{path}: --adapter asks for adapters this checkpoint does not have; they would be "
             "untrained random weights. Fine-tune them with train.py first, or leave out --adapter"
         )
+    if cfg.multimask is None:
+        cfg.multimask = not sam.cfg.single_mask
     return precision.apply(sam, cfg.dtype).eval()
 
 
@@ -427,7 +432,7 @@ def _evaluate_image(sam, image, gt, keys, gen, cfg: InferConfig, replayed, save_
 @torch.inference_mode()
 def evaluate(sam, dataset, prompt_modes=InferConfig.prompt_modes, seed=0,
              protocol=InferConfig.protocol, no_error_click=InferConfig.no_error_click,
-             multimask=True, replay=None, limit=None, progress=False, save_dir=None,
+             multimask=None, replay=None, limit=None, progress=False, save_dir=None,
              split="test") -> dict:  # fmt: skip
     """The SAM-Med2D test protocol over `dataset`: a directory (its `split` manifest) or a
     data.TestDataset; train.py's validation calls this with split="val", so the defaults (the
@@ -437,6 +442,7 @@ def evaluate(sam, dataset, prompt_modes=InferConfig.prompt_modes, seed=0,
     used, in model space, replayable via `replay=`}; modes are "box", "1pt", "3pt", "3shot"...
     Scores are at the original resolution, averaged per mask. `save_dir`: also write each scored
     prediction as save_dir/<mode>/<mask file name> (0/255 PNG)."""
+    multimask = not sam.cfg.single_mask if multimask is None else multimask  # None: as trained
     cfg = InferConfig(seed=seed, protocol=protocol, no_error_click=no_error_click,
                       multimask=multimask, prompt_modes=tuple(prompt_modes))  # fmt: skip
     _check_eval_args(sam, cfg, replay)

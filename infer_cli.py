@@ -100,7 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         protocol=dict(choices=("official", "tight")),
         no_error_click=dict(choices=("pad", "confirm")),
     )  # fmt: skip
-    add("--single-mask", dest="multimask", action="store_false", help="the single-mask output")
+    add("--single-mask", dest="multimask", action="store_false",
+        help="the single-mask output (default: as the checkpoint was trained)")  # fmt: skip
     add(
         "--modes",
         nargs="+",

@@ -98,6 +98,7 @@ class SamConfig:
     decoder_heads: int = 8
     decoder_mlp_dim: int = 2048
     num_multimask: int = 3  # masks predicted besides the single-mask output
+    single_mask: bool = False  # trained on the single-mask output (train.py --no-multimask)
     pixel_mean: tuple = (123.675, 116.28, 103.53)  # SAM's RGB statistics on 0-255 pixels
     pixel_std: tuple = (58.395, 57.12, 57.375)
     channel_order: str = "RGB"  # order the weights expect; SAM-Med2D's were trained on BGR (OpenCV)

@@ -532,6 +532,7 @@ def make_trainer(sam: model.Sam, cfg: TrainConfig, device, rank=0, world=1, verb
     """The trainable set (decided once, before the optimizer), the forward (DDP-wrapped across
     processes), Adam, the fp16 GradScaler and the step-level generator."""
     params = select_trainable(sam, verbose and rank == 0, cfg.freeze_point_embeddings)
+    sam.cfg.single_mask = not cfg.multimask  # saved with the weights: infer.py's default output
     fwd = Forward(sam, cfg.multimask)
     if cfg.compile:  # the encoder only: the decoder's prompt shapes change every iteration
         sam.image_encoder.compile()

@@ -290,7 +290,7 @@ def slice_prompts(mask: np.ndarray, cfg: PropagateConfig, seed_box, prev_box) ->
     return list(zip(boxes, points, strict=True))
 
 
-def decode_slice(sam, emb, geom, prompts: list, mask_prob=None, multimask=True) -> tuple:
+def decode_slice(sam, emb, geom, prompts: list, mask_prob=None, multimask=None) -> tuple:
     """Prompts [(box, [[x, y, label], ...]), ...] on one slice (label 1 foreground, 0
     background; optionally with the previous slice's probabilities (1, 1, S/4, S/4)), decoded
     in one batch and united (the highest logit per pixel) -> logits (H, W) at the slice's
@@ -354,7 +354,7 @@ class _Track:
 
 @torch.inference_mode()
 def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
-                   cfg: PropagateConfig | None = None, multimask: bool = True,
+                   cfg: PropagateConfig | None = None, multimask: bool | None = None,
                    progress: bool = False, encoder: SliceEncoder | None = None
                    ) -> VolumeSegmentation:  # fmt: skip
     """Follow each `Structure` from its key slice through the (X, Y, Z) uint8 `volume` (canonical
@@ -498,7 +498,7 @@ def job_structures(job) -> list:
     return [Structure(list(p.box), job.slice, dict(anchors)) for p in job.prompts]
 
 
-def propagate_job(sam, job, u8: np.ndarray, multimask: bool = True) -> tuple:
+def propagate_job(sam, job, u8: np.ndarray, multimask: bool | None = None) -> tuple:
     """outputs.py's --propagate on the canonical uint8 volume `u8` -> (label volume (X, Y, Z),
     record, the key slice's image (H, W, 3) and label ids (H, W) for the overlay, its prompts)."""
     cfg = job.propagate

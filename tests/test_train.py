@@ -450,6 +450,36 @@ def test_step_one_trains_adapters_then_iterations_train_the_decoder_alone():
     assert all(g == {"mask_decoder"} for g in with_grad[1:])
 
 
+def test_the_trained_output_is_saved_for_inference(tmp_path):
+    """A --no-multimask run's checkpoints say so (SamConfig.single_mask), and infer.py then uses
+    the single-mask output unless told otherwise; a multimask run's checkpoints (also a multimask
+    fine-tune of a single-mask one) keep the official best-of-3."""
+    start = tmp_path / "single.safetensors"
+    for multimask, name in ((False, "single"), (True, "multi")):
+        tr = tiny_trainer(multimask=multimask)
+        if multimask:  # a fine-tune that starts from the single-mask checkpoint saved below
+            sam = model.load_checkpoint(start, verbose=False).train()
+            assert sam.cfg.single_mask
+            tr = train.cpu_trainer(sam, tr.cfg)
+        path = tmp_path / f"{name}.safetensors"
+        model.save_checkpoint(tr.sam, path)
+        assert model.load_checkpoint(path, verbose=False).cfg.single_mask is not multimask
+        cfg = infer.InferConfig(checkpoint=str(path), dtype="float32")
+        infer.load_model(cfg)
+        assert cfg.multimask is multimask
+        for forced in (True, False):
+            cfg = infer.InferConfig(checkpoint=str(path), dtype="float32", multimask=forced)
+            infer.load_model(cfg)
+            assert cfg.multimask is forced
+    sam = model.load_checkpoint(start, verbose=False)  # the Python API follows it too
+    box = torch.tensor([[8.0, 6.0, 40.0, 50.0]])
+    with torch.no_grad():
+        emb = sam.encode(torch.randn(1, 3, 64, 64))
+        got = infer._decode_best(sam, emb, boxes=box)[0]
+        assert torch.equal(got, infer._decode_best(sam, emb, boxes=box, multimask=False)[0])
+        assert not torch.equal(got, infer._decode_best(sam, emb, boxes=box, multimask=True)[0])
+
+
 def test_single_mask_option_trains_and_validates_token_0(dataset):
     """--no-multimask (MedSAM/LiteMedSAM's training): the loss sees the single-mask output, so
     only token 0's hypernetwork gets a non-zero gradient; the official default never trains it.
