@@ -344,7 +344,7 @@ def triton_supported(dtype: torch.dtype, head_size: int, window: int) -> bool:
     return dtype in (torch.float32, torch.float16, torch.bfloat16) and fits
 
 
-def launch_config(dtype: torch.dtype, hs: int, kh: int, kw: int) -> dict:
+def launch_config(dtype: torch.dtype, hs: int, kh: int, kw: int, capability: int = 90) -> dict:
     """Block sizes, dot precision, warps and stages of each kernel ("forward", "dkdv", "dq") for
     one shape: the only place they are chosen, read by the launches below and by
     `python kernels/bench.py --aot`, which compiles every configuration this can return for the
@@ -359,7 +359,12 @@ def launch_config(dtype: torch.dtype, hs: int, kh: int, kw: int) -> dict:
     fp32 is for parity checks only (the dispatcher's "auto" sends fp32 to PyTorch's SDPA): its dots
     run as "tf32x3" (three tf32 products per fp32 one, fp32 accuracy on the tensor cores) with
     16-query blocks; it still spills a little at head size 80 (docs/kernels.md). Full "ieee" fp32
-    dots run on the FMA units and spill far more at any useful tile size."""
+    dots run on the FMA units and spill far more at any useful tile size.
+
+    capability: the GPU's (80 for the A100, 90 for the H100/H200; `capability_of`). Before sm_90
+    the dots are mma.sync, each warp holding its share of the accumulators, so the bf16/fp16
+    tiles above spill on sm_8x; there the forward runs on 8 warps, dk/dv on 16-query blocks and
+    dq on 32-query blocks of 4 warps (the sm_80 sweep's largest tiles without spills)."""
     bd, bkw = max(16, triton.next_power_of_2(hs)), triton.next_power_of_2(kw)
     fp32, wide = dtype == torch.float32, bd > 64
     rows = max(1, min(64 // bkw, triton.next_power_of_2(kh)), triton.cdiv(16, bkw))
@@ -367,7 +372,19 @@ def launch_config(dtype: torch.dtype, hs: int, kh: int, kw: int) -> dict:
     forward = dict(common, BLOCK_M=16 if fp32 else 64, num_warps=4, num_stages=2)
     dkdv = dict(common, BLOCK_M=16 if fp32 else 32, num_warps=8 if wide else 4, num_stages=2)
     dq = dict(forward, num_warps=8 if wide and not fp32 else 4)
+    if capability < 90 and not fp32:  # mma.sync: smaller tiles per warp (docs/kernels.md)
+        forward, dkdv = dict(forward, num_warps=8), dict(dkdv, BLOCK_M=16)
+        dq = dict(dq, BLOCK_M=32, num_warps=4)
     return dict(forward=forward, dkdv=dkdv, dq=dq)
+
+
+def capability_of(t: torch.Tensor) -> int:
+    """launch_config's capability for the device of t: major * 10 + minor on CUDA; 90 elsewhere
+    (the interpreter runs any configuration)."""
+    if not t.is_cuda:
+        return 90
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
 
 
 def _check(q, k, v, rel_h, rel_w):
@@ -391,7 +408,7 @@ def _rel_pos_attention_op(
     o = torch.empty_like(q)  # inputs are contiguous (attention_triton), so o is too
     lse = torch.empty((Z, nh, N), device=q.device, dtype=torch.float32)
     launches["forward"] += 1
-    c = launch_config(q.dtype, hs, kh, kw)["forward"]
+    c = launch_config(q.dtype, hs, kh, kw, capability_of(q))["forward"]
     grid = (Z * nh, triton.cdiv(N, c["BLOCK_M"]))
     _fwd_kernel[grid](q, k, v, rel_h, rel_w, o, lse, N, hs, kh, kw, scale, **c)
     return o, lse
@@ -411,7 +428,7 @@ def _rel_pos_attention_bwd_op(
     kh, kw = rel_h.shape[-1], rel_w.shape[-1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     drh, drw = torch.empty_like(rel_h), torch.empty_like(rel_w)
-    c = launch_config(q.dtype, hs, kh, kw)
+    c = launch_config(q.dtype, hs, kh, kw, capability_of(q))
     launches["backward"] += 1
     args = (q, k, v, rel_h, rel_w, do, lse, delta)
     dkdv, dq_c = c["dkdv"], c["dq"]

@@ -165,7 +165,7 @@ ADAPTER_WIDTHS = (768, 1024, 1280)  # vit_b, vit_l, vit_h
 QUICK = dict(dtypes=("bfloat16",), grids=[(14, 14), (16, 16), (64, 64)], hs=(64,), widths=(768,))
 
 
-def aot_cases(quick: bool):
+def aot_cases(quick: bool, capability: int = 90):
     """(kernel name, dtype, shape label, JIT function, positional args, launch kwargs) for every
     launch the dispatcher can make in the sweep: dtypes stand for tensors, ints are the shape's."""
     from kernels import adapter as ad  # noqa: PLC0415  (after the caller fixed TRITON_INTERPRET)
@@ -177,7 +177,8 @@ def aot_cases(quick: bool):
         dt = getattr(torch, name)
         for hs in QUICK["hs"] if quick else HEAD_SIZES:
             for kh, kw in QUICK["grids"] if quick else ATTN_GRIDS:
-                c, n, label = at.launch_config(dt, hs, kh, kw), kh * kw, f"hs{hs},{kh}x{kw}"
+                c = at.launch_config(dt, hs, kh, kw, capability)
+                n, label = kh * kw, f"hs{hs},{kh}x{kw}"
                 shape = (n, hs, kh, kw, hs**-0.5)
                 yield (
                     "attn_fwd",
@@ -261,7 +262,7 @@ def aot(arch: str, quick: bool = False) -> int:
 
     capability, smem_limit = ARCHS[arch]
     seen, failures = {}, 0
-    for name, dtype, label, fn, args, kwargs in aot_cases(quick):
+    for name, dtype, label, fn, args, kwargs in aot_cases(quick, capability):
         src, options, target, key = aot_source(fn, args, kwargs, capability)
         if key in seen:  # another shape with the same compiled kernel: say so on its line
             seen[key][0].append(label)

@@ -509,7 +509,7 @@ def autotune(r: Report, device: str, dry: bool):
         rel_h = torch.randn(Z, nh, N, kh, generator=g).to(device, dtype)
         rel_w = torch.randn(Z, nh, N, kw, generator=g).to(device, dtype)
         expected, _ = at.attention_triton(q, k, v, rel_h, rel_w, hs**-0.5)
-        base = at.launch_config(dtype, hs, kh, kw)["forward"]
+        base = at.launch_config(dtype, hs, kh, kw, at.capability_of(q))["forward"]
         for opt in options:
             bkw = base["BLOCK_KW"]
             rows = max(1, opt["keys"] // bkw, triton.cdiv(16, bkw))
