@@ -242,7 +242,7 @@ def _decode_best(sam, emb, points=None, boxes=None, mask_input=None, multimask=N
     boxes = None if boxes is None else boxes.to(device, dtype)
     mask_input = None if mask_input is None else mask_input.to(device, dtype)
     low, iou = sam.decode(emb, points, boxes, mask_input, multimask=multimask)
-    return model.select_best(low, iou) if multimask else (low, iou[:, 0])
+    return model.select_best(low, iou, multimask)
 
 
 @torch.inference_mode()
@@ -442,7 +442,6 @@ def evaluate(sam, dataset, prompt_modes=InferConfig.prompt_modes, seed=0,
     used, in model space, replayable via `replay=`}; modes are "box", "1pt", "3pt", "3shot"...
     Scores are at the original resolution, averaged per mask. `save_dir`: also write each scored
     prediction as save_dir/<mode>/<mask file name> (0/255 PNG)."""
-    multimask = not sam.cfg.single_mask if multimask is None else multimask  # None: as trained
     cfg = InferConfig(seed=seed, protocol=protocol, no_error_click=no_error_click,
                       multimask=multimask, prompt_modes=tuple(prompt_modes))  # fmt: skip
     _check_eval_args(sam, cfg, replay)

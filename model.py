@@ -577,8 +577,11 @@ class Sam(nn.Module):
         return self.mask_decoder(image, pe, sparse, dense, multimask)
 
 
-def select_best(logits, iou):
-    """The mask with the highest predicted IoU: (P, K, h, w), (P, K) -> (P, 1, h, w), (P,)."""
+def select_best(logits, iou, multimask: bool = True):
+    """The mask with the highest predicted IoU: (P, K, h, w), (P, K) -> (P, 1, h, w), (P,); with
+    multimask False the decoder's single-mask output (K = 1), as it is."""
+    if not multimask:
+        return logits, iou[:, 0]
     best = iou.argmax(dim=1)  # (P,)
     rows = torch.arange(iou.shape[0], device=iou.device)
     return logits[rows, best][:, None], iou[rows, best]

@@ -153,9 +153,9 @@ def _pack(fast: nn.Module) -> None:
             m.forward = onednn.packed_forward(m)
         elif isinstance(m, model.MLPBlock) and isinstance(m.act, nn.GELU):
             if m.act.approximate == "none" and m.lin1.weight.dtype == torch.bfloat16:
-                m.forward = _gelu_fused(m)
+                m.forward = _gelu_fused(m.lin1, m.lin2)
         elif isinstance(m, tinyvit.TinyMLP) and m.fc1.weight.dtype == torch.bfloat16:
-            m.forward = _gelu_fused_tiny(m)
+            m.forward = _gelu_fused(m.fc1, m.fc2, m.norm)
         elif isinstance(m, (tinyvit.MBConv, tinyvit.PatchMerging)) and m.inplace:
             if isinstance(m.conv1.bn, nn.Identity) and m.conv1.c.weight.dtype == torch.bfloat16:
                 m.forward = _conv_gelu_fused(m)
@@ -169,28 +169,27 @@ def _pack(fast: nn.Module) -> None:
                 onednn.pack(deconv, deconv.permute(0, 2, 3, 1).reshape(C, -1).T, rows=64)
 
 
-def _gelu_fused(mlp):
-    """model.MLPBlock's forward with its GELU fused into lin1's packed matmul."""
-    return lambda x: mlp.lin2(onednn.linear(x, mlp.lin1.weight, mlp.lin1.bias, act="gelu"))
+def _gelu_fused(first: nn.Linear, second: nn.Linear, norm=None):
+    """An MLP's forward, [norm ->] first -> GELU -> second (model.MLPBlock, tinyvit.TinyMLP),
+    with the GELU fused into first's packed matmul."""
+
+    def forward(x):
+        x = x if norm is None else norm(x)
+        return second(onednn.linear(x, first.weight, first.bias, act="gelu"))
+
+    return forward
 
 
 def _conv_gelu_fused(block):
     """tinyvit.MBConv's or PatchMerging's forward (BatchNorms folded, in place) with the GELUs
     after its first two convs fused into those convs (kernels/onednn.conv2d)."""
-    c1, c2 = block.conv1.c, block.conv2.c
+    c1, c2, residual = block.conv1.c, block.conv2.c, isinstance(block, tinyvit.MBConv)
 
     def forward(x):
         y = onednn.conv2d(onednn.conv2d(x, c1, "gelu"), c2, "gelu")
-        if isinstance(block, tinyvit.MBConv):
-            return tinyvit.gelu_(block.conv3(y).add_(x))
-        return block.conv3(y)
+        return tinyvit.gelu_(block.conv3(y).add_(x)) if residual else block.conv3(y)
 
     return forward
-
-
-def _gelu_fused_tiny(mlp):
-    """tinyvit.TinyMLP's forward (LayerNorm first) with its GELU fused into fc1's packed matmul."""
-    return lambda x: mlp.fc2(onednn.linear(mlp.norm(x), mlp.fc1.weight, mlp.fc1.bias, act="gelu"))
 
 
 def _run_fast(fast: nn.Module, device_type: str, channels_last: bool = True):

@@ -320,10 +320,8 @@ class Forward(nn.Module):
             with torch.set_grad_enabled(prompt_grad and torch.is_grad_enabled()):
                 sparse, dense = self.sam.prompt_encoder(points, boxes, mask_input)
             low, iou = self.sam.mask_decoder(per_mask[rows], pe, sparse, dense, self.multimask)
-            if self.multimask:
-                low, iou = model.select_best(low, iou)  # (k, 1, S/4, S/4), (k,)
-            else:  # the single-mask output (token 0), what MedSAM/LiteMedSAM were trained with
-                iou = iou[:, 0]  # (k,)
+            # the best of 3, or the single-mask output (token 0: MedSAM/LiteMedSAM's training)
+            low, iou = model.select_best(low, iou, self.multimask)  # (k, 1, S/4, S/4), (k,)
             lows.append(low)
             ious.append(iou)
         order = torch.cat([rows for rows, *_ in groups]).argsort()  # back to image-major order

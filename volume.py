@@ -195,10 +195,24 @@ def interior_point(mask: np.ndarray) -> list:
     would leave nothing, then the remaining pixel nearest their centroid. Unlike the centroid,
     it lies inside a ring, a C or two blobs; deepest, so it is still inside the structure on the
     next slice when the edges have moved."""
+    return _deepest(_depth(mask))
+
+
+def _depth(mask: np.ndarray) -> np.ndarray:
+    """(H, W) number of 3 x 3 erosions (8-neighbourhood min) each pixel of `mask` survives, + 1."""
     m = torch.from_numpy(mask)[None, None].float()  # (1, 1, H, W)
-    while (eroded := -F.max_pool2d(-m, 3, stride=1, padding=1)).any():  # 8-neighbourhood min
-        m = eroded
-    ys, xs = np.nonzero(m[0, 0].numpy())
+    depth = torch.zeros_like(m)
+    while m.any():
+        depth += m
+        m = -F.max_pool2d(-m, 3, stride=1, padding=1)
+    return depth[0, 0].numpy()
+
+
+def _deepest(depth: np.ndarray) -> list:
+    """[x, y] of the deepest pixel nearest the centroid of the deepest pixels."""
+    if not depth.any():
+        raise ValueError("interior_point: an empty mask has no interior")
+    ys, xs = np.nonzero(depth == depth.max())
     i = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
     return [float(xs[i]), float(ys[i])]
 
@@ -208,14 +222,9 @@ def spread_points(mask: np.ndarray, count: int) -> list:
     (interior_point), then, one at a time, the pixel of depth >= half the deepest's farthest from
     the clicks so far, while it lies at least that depth away from them (depth: the number of
     3 x 3 erosions a pixel survives)."""
-    m = torch.from_numpy(mask)[None, None].float()  # (1, 1, H, W)
-    depth = torch.zeros_like(m)
-    while m.any():
-        depth += m
-        m = -F.max_pool2d(-m, 3, stride=1, padding=1)
-    depth = depth[0, 0].numpy()  # (H, W)
+    depth = _depth(mask)  # (H, W)
     ys, xs = np.nonzero(depth >= max(1.0, depth.max() / 2))
-    points = [interior_point(mask)]
+    points = [_deepest(depth)]
     gap = np.full(len(xs), np.inf)
     while len(points) < count:
         x, y = points[-1]
