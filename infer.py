@@ -231,10 +231,12 @@ def encode_image(sam, image: np.ndarray) -> tuple:
     return sam.encode(x.to(device, dtype)), geom  # (1, D, S/16, S/16)
 
 
-def _decode_best(sam, emb, points=None, boxes=None, mask_input=None, multimask=None) -> tuple:
+def _decode_best(sam, emb, points=None, boxes=None, mask_input=None, multimask=None,
+                 keep_all=False) -> tuple:  # fmt: skip
     """Model-space prompts (on any device) -> low-res logits (P, 1, S/4, S/4) and predicted IoU
     (P,) of the chosen masks: the best of three by predicted IoU, or the single-mask output
-    (multimask None: the one the model was trained on, SamConfig.single_mask)."""
+    (multimask None: the one the model was trained on, SamConfig.single_mask). keep_all: every
+    output, (P, K, S/4, S/4) and (P, K), for the caller to choose from."""
     multimask = not sam.cfg.single_mask if multimask is None else multimask
     device, dtype = _model_io(sam)
     if points is not None:
@@ -242,7 +244,7 @@ def _decode_best(sam, emb, points=None, boxes=None, mask_input=None, multimask=N
     boxes = None if boxes is None else boxes.to(device, dtype)
     mask_input = None if mask_input is None else mask_input.to(device, dtype)
     low, iou = sam.decode(emb, points, boxes, mask_input, multimask=multimask)
-    return model.select_best(low, iou, multimask)
+    return (low, iou) if keep_all else model.select_best(low, iou, multimask)
 
 
 @torch.inference_mode()

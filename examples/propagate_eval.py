@@ -1,5 +1,6 @@
 """Measure slice-to-slice propagation (volume.py) on the MNI152 template (examples/mni152.py's
-labels: white matter, grey matter, brain), axial slices, LiteMedSAM's weights by default.
+labels: white matter, grey matter, brain), axial slices (or --axis y, x), LiteMedSAM's weights by
+default.
 
     python examples/propagate_eval.py runs/prop                      # encodes every slice once
     python examples/propagate_eval.py runs/prop --embeddings E.pt    # reuse saved embeddings
@@ -8,14 +9,18 @@ Per structure, 3D Dice over the whole volume of:
   box3d   today's --box3d: the structure's 3D bounding box, every slice of its z range on its own
   oracle  the tight box of the structure on every slice where it is present
   prop    volume.segment_volume from ONE box (the tight one) on the structure's middle slice, for
-          each prompt setting (PropagateConfig fields); each stop rule is applied afterwards by
-          cutting the run at the first slice where it fires (the propagation up to that slice is
-          the same), so one run per setting measures every rule
+          each prompt setting (PropagateConfig fields), its stop rule live; then once more
+          without stop rules, where each rule of RULES is applied afterwards to the output masks
+          by cutting the run at the first slice where it fires (with mask_stream off the
+          propagation up to that slice is the same as the live run's; with it on the live run's
+          rule watches the prompt stream, not the output)
 and the slices where propagation stops against the structure's true extent, and each run's Dice
 cut at the true extent (a perfect stop rule: only the prompts differ). Every slice is
 encoded once (a keeping volume.SliceEncoder shared by all runs); times per slice are reported.
-With --step 2 the volume is every 2nd axial slice (2 mm apart): slice indices and stop errors
-are then in those slices (x2 for the template's own). Writes OUT/results.json and prints a table.
+With --step 2 the volume is every 2nd slice (2 mm apart): slice indices and stop errors are
+then in those slices (x2 for the template's own). Saved --embeddings are keyed by the slice's
+index along the axis, and must be of this model and axis. Writes OUT/results.json and prints a
+table.
 """
 
 import argparse
@@ -35,7 +40,15 @@ import files  # noqa: E402
 import infer  # noqa: E402
 import volume  # noqa: E402
 
-AXIS = "z"
+AXIS = "z"  # the slices along --axis are laid out as axial slices of the volume measured
+
+
+def along(vol: np.ndarray, axis: str, step: int) -> np.ndarray:
+    """Every step-th slice along `axis`, as data.volume_slice shows it, stacked as the z slices
+    of a volume: volume_slice(out, "z", i) == volume_slice(vol, axis, i * step)."""
+    n = vol.shape[data.AXES[axis]]
+    views = [data.slice_to_voxels(data.volume_slice(vol, axis, k)) for k in range(0, n, step)]
+    return np.stack(views, axis=2)
 
 
 def structures_gt() -> tuple:
@@ -145,10 +158,11 @@ def _tag(setting: dict) -> str:
     return f"prop {given or 'defaults'}"
 
 
-def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines=True) -> dict:
+def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines=True,
+        axis="z") -> dict:  # fmt: skip
     sam = infer.load_model(infer.InferConfig(checkpoint=checkpoint))
     u8, gt = structures_gt()
-    u8, gt = u8[:, :, ::step], {k: g[:, :, ::step] for k, g in gt.items()}  # every step-th slice
+    u8, gt = along(u8, axis, step), {k: along(g, axis, step) for k, g in gt.items()}
     enc = volume.SliceEncoder(sam, u8, AXIS, keep=True)
     if embeddings:  # {"emb": {original slice: (D, h, w)}, "encode_s": {slice: s}} of this model
         saved = torch.load(embeddings, weights_only=True)
@@ -160,7 +174,7 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
     load = open("/proc/loadavg").read().split()[:3]
     results = {
         "checkpoint": sam.cfg.name,
-        "axis": AXIS,
+        "axis": axis,
         "step": step,
         "loadavg": load,
         "structures": {},
@@ -187,18 +201,23 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
             )
         mm = res.get("oracle_multi", 1) >= res.get("oracle_single", 0)  # the better output
         for setting in settings:
-            # every stop rule is applied afterwards
-            cfg = volume.PropagateConfig(**{**setting, "stop_growth": None, "stop_shrink": None})
             st = volume.Structure(box, key)
-            seg = volume.segment_volume(sam, u8, [st], AXIS, cfg, mm, encoder=enc)
+            seg = volume.segment_volume(sam, u8, [st], AXIS, volume.PropagateConfig(**setting), mm,
+                                        encoder=enc)  # fmt: skip
             rec = seg.records[0]
             n_dec = len(seg.timings["decode_s"])
-            row = {
+            row = {  # the setting as it runs, its own stop rule live
+                "dice": dice(seg.masks[0], g),
+                "stop_error": [rec["first"] - z0, rec["last"] - z1],
                 "decode_s_per_slice": sum(seg.timings["decode_s"].values()) / max(1, n_dec),
                 "reached": [rec["first"], rec["last"]],
                 "ends": rec["ends"],
                 "rules": {},
             }
+            # again without stop rules: each rule is applied afterwards, to the output masks
+            cfg = volume.PropagateConfig(**{**setting, "stop_growth": None, "stop_shrink": None})
+            seg = volume.segment_volume(sam, u8, [st], AXIS, cfg, mm, encoder=enc)
+            rec = seg.records[0]
             m0 = seg.masks[0]
             row["slice_dice"] = {
                 k: round(dice(m0[:, :, k], g[:, :, k]), 3) for k in rec["predicted_iou"]
@@ -220,12 +239,11 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
             tag = _tag(setting) + (" multi" if mm else " single")
             res[tag] = row
             best = max(row["rules"].items(), key=lambda kv: kv[1]["dice"])
-            default = row["rules"]["change>2x"]
             print(
-                f"{name:12s} {tag:40s} vanished {row['rules']['vanished']['dice']:.4f} "
-                f"best {best[0]} {best[1]['dice']:.4f} stop {best[1]['stop_error']} "
-                f"default rule {default['dice']:.4f} {default['stop_error']} "
-                f"true extent {row['dice_true_extent']:.4f}",
+                f"{name:12s} {tag:40s} {row['dice']:.4f} stop {row['stop_error']} "
+                f"true extent {row['dice_true_extent']:.4f} | afterwards: vanished "
+                f"{row['rules']['vanished']['dice']:.4f} best {best[0]} {best[1]['dice']:.4f} "
+                f"stop {best[1]['stop_error']}",
                 flush=True,
             )
         if baselines:
@@ -261,8 +279,10 @@ if __name__ == "__main__":
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--structures", nargs="+", choices=["white matter", "grey matter", "brain"])
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared CPU)")
-    p.add_argument("--step", type=int, default=1, help="every step-th axial slice (CPU time)")
+    p.add_argument("--step", type=int, default=1, help="every step-th slice (CPU time)")
+    p.add_argument("--axis", choices=list(data.AXES), default="z", help="z: axial, y, x")
     a = p.parse_args()
     torch.set_grad_enabled(False)
     torch.set_num_threads(a.threads)
-    run(Path(a.out), a.embeddings, a.checkpoint, a.settings, a.step, a.structures, a.baselines)
+    run(Path(a.out), a.embeddings, a.checkpoint, a.settings, a.step, a.structures, a.baselines,
+        a.axis)  # fmt: skip

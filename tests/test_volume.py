@@ -67,6 +67,9 @@ def rect(slices, ks, y0, y1, x0, x1, value=220):
         slices[k, y0:y1, x0:x1] = value
 
 
+ONE = {"mask_stream": False}  # the tests of one prompt stream's options: its masks are the output
+
+
 def run(vol, structures, **cfg):
     """segment_volume with the bright-in-box segmenter; the cap and the growth and shrink rules
     are off unless a test sets them (each test exercises the rules it names)."""
@@ -178,8 +181,8 @@ def test_box_margin_follows_a_drifting_structure():
     for k in range(4, 16):
         rect(s, [k], 12, 24, 4 + 2 * (k - 4), 16 + 2 * (k - 4))
     vol = to_volume(s)
-    _, tight = run(vol, [Structure([4, 12, 16, 24], key=4)], margin=0.0, min_margin=0.0)
-    _, grown = run(vol, [Structure([4, 12, 16, 24], key=4)], margin=0.25)
+    _, tight = run(vol, [Structure([4, 12, 16, 24], key=4)], margin=0.0, min_margin=0.0, **ONE)
+    _, grown = run(vol, [Structure([4, 12, 16, 24], key=4)], margin=0.25, **ONE)
     assert grown.records[0]["last"] == 15 and dice(grown.masks[0], vol > 0) > 0.95
     assert dice(tight.masks[0], vol > 0) < dice(grown.masks[0], vol > 0) - 0.1
 
@@ -204,13 +207,13 @@ def test_box_cap_keeps_prompts_inside_the_seed_box():
 def test_mask_prompt_feeds_the_previous_probabilities():
     s = np.zeros((N, H, W), np.uint8)
     rect(s, range(6, 12), 10, 26, 12, 32)
-    sam, _ = run(to_volume(s), [Structure([12, 10, 32, 26], key=8)], mask_prompt=True)
+    sam, _ = run(to_volume(s), [Structure([12, 10, 32, 26], key=8)], mask_prompt=True, **ONE)
     fed = [m for m in sam.mask_inputs if m is not None]
     assert sam.mask_inputs[0] is None  # the key slice: the box alone
     assert len(fed) == len(sam.mask_inputs) - 1
     S4 = sam.cfg.low_res_size
     assert all(m.shape == (1, 1, S4, S4) and 0 <= m.min() and m.max() <= 1 for m in fed)
-    sam, _ = run(to_volume(s), [Structure([12, 10, 32, 26], key=8)])
+    sam, _ = run(to_volume(s), [Structure([12, 10, 32, 26], key=8)], **ONE)
     assert all(m is None for m in sam.mask_inputs)
 
 
@@ -254,7 +257,7 @@ def test_click_keeps_an_under_segmenting_model_on_the_structure():
     runs = {}
     for click in (False, True):
         sam = UnderSegments()
-        cfg = PropagateConfig(click=click, box_cap=None, stop_growth=None, stop_shrink=None)
+        cfg = PropagateConfig(click=click, box_cap=None, stop_growth=None, stop_shrink=None, **ONE)
         runs[click] = volume.segment_volume(sam, vol, [Structure(box, key=11)], "z", cfg)
     r = runs[True].records[0]
     assert (r["first"], r["last"]) == (2, 21)
@@ -277,7 +280,7 @@ def test_track_keeps_the_box_of_an_under_segmenting_model_and_never_grows_it():
     runs = {}
     for track in (False, True):
         cfg = PropagateConfig(margin=0.15, track=track, click=False, box_cap=None,
-                              stop_growth=None, stop_shrink=None)  # fmt: skip
+                              stop_growth=None, stop_shrink=None, **ONE)  # fmt: skip
         runs[track] = volume.segment_volume(
             UnderSegments(), vol, [Structure(box, key=11)], "z", cfg
         )
@@ -289,12 +292,92 @@ def test_track_keeps_the_box_of_an_under_segmenting_model_and_never_grows_it():
     s = np.zeros((N, H, W), np.uint8)
     for k in range(4, 14):
         rect(s, [k], 12, 24, 20 - 2 * (k - 4), 28 + 2 * (k - 4))
-    _, seg = run(to_volume(s), [Structure([20, 12, 28, 24], key=4)], margin=0.25, track=True)
+    _, seg = run(to_volume(s), [Structure([20, 12, 28, 24], key=4)], margin=0.25, track=True, **ONE)
     inside = np.zeros((N, H, W), bool)
     inside[:, :, 20:28] = True
     m = seg.masks[0]
     assert m.any() and not (m & ~to_volume(inside)).any()
     assert seg.records[0]["last"] == 13
+
+
+class LeftShy(BrightInBox):
+    """BrightInBox that leaves out the SHY pixel columns next to its box's left edge, click or no
+    click (LiteMedSAM leaves a side of the brain out this way on MNI152, docs/volume.md). Its
+    three outputs: that mask, the whole box, nothing; the first has the highest predicted IoU,
+    or with a click the whole box has."""
+
+    SHY = 4
+
+    def decode(self, emb, points=None, boxes=None, mask_input=None, multimask=True):
+        S = self.cfg.image_size
+        ys, xs = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
+        out = []
+        for x0, y0, x1, y1 in boxes.tolist():
+            inside = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)  # (S, S)
+            fg = inside & (emb[0, 0] > 0.5) & (xs >= x0 + self.SHY)
+            out.append(torch.stack([fg, inside, torch.zeros_like(fg)]).float() * 16 - 8)
+        low = F.avg_pool2d(torch.stack(out), 4)  # (P, 3, S/4, S/4)
+        iou = torch.tensor([[0.5, 0.9, 0.1] if points is not None else [0.9, 0.5, 0.1]])
+        iou = iou.repeat(len(out), 1)  # (P, 3)
+        return (low, iou) if multimask else (low[:, :1], iou[:, :1])
+
+
+def test_side_gaps_and_the_mask_stream_prompt():
+    mask = np.zeros((H, W), bool)
+    mask[10:20, 8:30] = True  # tight box [8, 10, 30, 20]
+    assert volume.side_gaps([4, 9, 33, 20], mask, 1.0) == [4.0, 1.0, 3.0, 1.0]
+    assert volume.side_gaps([4, 9, 33, 20], mask, 0.0) == [4.0, 1.0, 3.0, 0.0]
+    cfg = PropagateConfig(box_cap=None)
+    box, [click] = volume.mask_stream_prompt(mask, [4.0, 1.0, 3.0, 1.0], cfg, [4, 9, 33, 20])
+    assert box == [4.0, 9.0, 33.0, 21.0] and click[2] == 1
+    assert mask[int(click[1]), int(click[0])]  # at the deepest pixel: inside the mask
+    cfg = PropagateConfig(box_cap=0.0)  # inside the seed box [6, 9, 31, 20]
+    box, _ = volume.mask_stream_prompt(mask, [4.0, 1.0, 3.0, 1.0], cfg, [6, 9, 31, 20])
+    assert box == [6.0, 9.0, 31.0, 20.0]
+    box, _ = volume.mask_stream_prompt(mask, [30.0] * 4, cfg, [6, 9, 31, 20])
+    assert box == [6.0, 9.0, 31.0, 20.0]  # clipped to the slice and the seed box
+
+
+def test_decode_slice_picks_the_output_most_like_the_previous_mask():
+    s = np.zeros((N, H, W), np.uint8)
+    rect(s, [3], 10, 30, 10, 40)
+    sam = LeftShy()
+    emb, geom = volume.SliceEncoder(sam, to_volume(s), "z")(3)
+    box = [6, 6, 44, 34]
+    click = [(box, [[24, 20, 1]])]
+    whole, _, iou = volume.decode_slice(sam, emb, geom, click)  # the best predicted IoU
+    assert iou == pytest.approx(0.9) and (whole > 0)[8:32, 8:42].all()
+    prev = s[3] > 0  # the structure
+    shy, _, iou = volume.decode_slice(sam, emb, geom, click, like=prev)
+    assert iou == pytest.approx(0.5)
+    assert (shy > 0)[12:28, 12:38].all() and not (shy > 0)[:, :8].any()  # not the box's left
+    single, _, _ = volume.decode_slice(sam, emb, geom, click, multimask=False, like=prev)
+    assert np.array_equal(single > 0, shy > 0)  # one output: nothing to choose
+
+
+def test_mask_stream_keeps_a_side_the_model_leaves_out():
+    """LeftShy leaves out SHY columns at its box's left edge. The prompt stream (no click here)
+    loses SHY - 1 columns a slice (its box is the mask's + 1 px); it finds the structure's ends
+    (the mask vanishes). The mask stream measures the gaps on the key slice, where the box is the
+    structure's (SHY px on the left), gives every next box the same gaps and a click, and keeps
+    the output most like the last (not the whole box, which the click makes the best predicted
+    IoU): the same mask, the structure less SHY columns, on every slice to the ends."""
+    s = np.zeros((N, H, W), np.uint8)
+    rect(s, range(3, 21), 8, 32, 6, 42)  # 24 x 36 px on slices 3..20
+    vol, box = to_volume(s), [6, 8, 42, 32]
+    sam = LeftShy()
+    cfg = PropagateConfig(margin=0.0, box_cap=None, click=False)
+    seg = volume.segment_volume(sam, vol, [Structure(box, key=11)], "z", cfg)
+    r, m = seg.records[0], seg.masks[0]
+    expected = np.zeros((N, H, W), bool)
+    rect(expected, range(3, 21), 8, 32, 6 + LeftShy.SHY, 42, True)
+    assert (r["first"], r["last"]) == (3, 20)
+    assert all(np.array_equal(m[:, :, k], m[:, :, 11]) for k in range(3, 21))  # the same mask
+    assert dice(m, to_volume(expected)) > 0.98  # (the low-res logits round its corners)
+    cfg = PropagateConfig(margin=0.0, box_cap=None, click=False, **ONE)
+    one = volume.segment_volume(sam, vol, [Structure(box, key=11)], "z", cfg)
+    assert one.records[0]["first"] == 3 and one.records[0]["last"] == 20
+    assert dice(one.masks[0], vol > 0) < 0.8 < dice(m, vol > 0)
 
 
 def test_interior_point_is_the_deepest_pixel():
@@ -411,9 +494,9 @@ def test_per_component_boxes_keep_out_what_lies_between_the_parts():
     truth = to_volume(s) > 0
     rect(s, range(12, 20), 12, 28, 18, 30)  # the blob between them
     vol, box = to_volume(s), [4, 8, 44, 32]
-    _, hull = run(vol, [Structure(box, key=6)])
+    _, hull = run(vol, [Structure(box, key=6)], **ONE)
     for fill in (None, 0.9):  # the bars' boxes fill half their hull: split either way
-        _, split = run(vol, [Structure(box, key=6)], per_component=True, split_fill=fill)
+        _, split = run(vol, [Structure(box, key=6)], per_component=True, split_fill=fill, **ONE)
         assert (split.records[0]["first"], split.records[0]["last"]) == (4, 19)
         assert dice(split.masks[0], truth) > 0.98 and not split.masks[0][20:28, 16:24].any()
     assert dice(hull.masks[0], truth) < 0.92 and hull.masks[0][20:28, 16:24, 12:20].all()
@@ -642,8 +725,9 @@ def test_cli_propagate_bad_input_writes_nothing(nifti, tmp_path, monkeypatch, ex
 def test_real_mni152_brain_with_litemedsam():
     """The default model on real MRI: the brain propagated from its box on axial slice 95
     through slices 92..98 (limits), against the template's brain mask (examples/mni152.py's
-    label). Measured 3D Dice there: 0.837 with the defaults, 0.740 without the click, which the
-    threshold tells apart (docs/volume.md has the whole-volume figures)."""
+    label). Measured 3D Dice there (bfloat16-mixed): 0.803 with the defaults (the mask stream),
+    0.839 with --no-mask-stream, 0.742 with --no-mask-stream --no-click, which the threshold
+    tells apart (docs/volume.md has the whole-volume figures)."""
     import importlib.util
     from pathlib import Path
 
@@ -665,4 +749,4 @@ def test_real_mni152_brain_with_litemedsam():
     assert seg.records[0]["first"] == 92 and seg.records[0]["last"] == 98
     assert sorted(enc.calls) == list(range(92, 99)) and set(enc.calls.values()) == {1}
     d = dice(seg.masks[0][:, :, 92:99], brain[:, :, 92:99])
-    assert d > 0.79, d
+    assert d > 0.78, d
