@@ -44,7 +44,7 @@ from torch import nn
 
 import model
 import tinyvit
-from kernels import onednn
+from kernels import adapter, onednn
 
 FAST = "bfloat16-mixed"
 CAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # the whole model cast
@@ -132,7 +132,7 @@ def fast_encoder(enc: nn.Module, steps=STEPS) -> nn.Module:
     if is_tinyvit and "channels_last" in steps:
         fast.to(memory_format=channels_last)
     for m in fast.modules():  # the ViT's adapters' convs tap-major: kernels/adapter's layouts
-        if isinstance(m, model.Adapter) and not is_tinyvit:
+        if isinstance(m, model.Adapter):
             for conv, step in ((m.spatial[0], "conv_taps"), (m.spatial[2], "deconv_taps")):
                 if step in steps:
                     conv.weight.data = conv.weight.data.contiguous(memory_format=channels_last)
@@ -159,14 +159,12 @@ def _pack(fast: nn.Module) -> None:
         elif isinstance(m, (tinyvit.MBConv, tinyvit.PatchMerging)) and m.inplace:
             if isinstance(m.conv1.bn, nn.Identity) and m.conv1.c.weight.dtype == torch.bfloat16:
                 m.forward = _conv_gelu_fused(m)
-        elif isinstance(m, model.Adapter) and not isinstance(fast, tinyvit.TinyViT):
-            conv, deconv = m.spatial[0].weight, m.spatial[2].weight  # (C', C, 3, 3), (C, C', 4, 4)
-            tap_major = lambda w: w.is_contiguous(memory_format=torch.channels_last)  # noqa: E731
-            if conv.dtype == torch.bfloat16 and tap_major(conv):  # rows: vit_b's 8x8 at 256 px
-                onednn.pack(conv, conv.permute(0, 2, 3, 1).reshape(conv.shape[0], -1), rows=64)
-            if deconv.dtype == torch.bfloat16 and tap_major(deconv):
-                C = deconv.shape[0]
-                onednn.pack(deconv, deconv.permute(0, 2, 3, 1).reshape(C, -1).T, rows=64)
+        elif isinstance(m, model.Adapter):  # rows: vit_b's 8x8 map at 256 px
+            for w, matrix in ((m.spatial[0].weight, adapter.conv_matrix),
+                              (m.spatial[2].weight, adapter.deconv_matrix)):  # fmt: skip
+                tap_major = w.is_contiguous(memory_format=torch.channels_last)
+                if w.dtype == torch.bfloat16 and tap_major:
+                    onednn.pack(w, matrix(w), rows=64)
 
 
 def _gelu_fused(first: nn.Linear, second: nn.Linear, norm=None):

@@ -193,8 +193,7 @@ def _clip(box, shape: tuple, limits: list) -> list:
 
 def _tight(mask: np.ndarray) -> list:
     """The tight box of a non-empty (H, W) mask, x1 and y1 one past its last pixel."""
-    ys, xs = np.nonzero(mask)
-    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+    return data.boxes_from_masks(torch.from_numpy(mask)[None])[0].tolist()
 
 
 def side_gaps(box, mask: np.ndarray, at_least: float) -> list:
@@ -497,8 +496,9 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
             else:
                 prompt, like = mask_stream_prompt(t.out, t.gaps, cfg, t.seed_box), t.out
             logits2, _, iou2 = decode_slice(sam, emb, geom, [prompt], None, multimask, like)
-            if (logits2 > sam.cfg.mask_threshold).any():  # else this slice's output: the mask
-                out, out_logits, out_iou = logits2 > sam.cfg.mask_threshold, logits2, iou2
+            m2 = logits2 > sam.cfg.mask_threshold
+            if m2.any():  # else this slice's output: the prompt stream's mask
+                out, out_logits, out_iou = m2, logits2, iou2
             if k in t.seeds:
                 t.gaps = side_gaps(box, out, cfg.min_margin)
         if k in t.seeds:

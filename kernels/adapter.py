@@ -51,6 +51,18 @@ def adapter_reference(x, w_down, w_up, w_conv, w_deconv, ln_w, ln_b, eps: float 
 # The fast PyTorch path (CPU): the same math, convolutions rewritten as matmuls
 
 
+def conv_matrix(w):
+    """A channels-last (tap-major) conv weight (C', C, 3, 3) -> its (C', 9*C) matrix, a view:
+    the layout conv3x3_s2's tap-major columns meet (and precision.py packs)."""
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+
+def deconv_matrix(w):
+    """A channels-last (tap-major) deconv weight (C, C', 4, 4) -> its (16*C', C) matrix in
+    F.linear's layout, a view: deconv4x4_s2's taps (and what precision.py packs)."""
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).T
+
+
 def conv3x3_s2(x, w, act: str = "none"):
     """act(conv2d(x, w, stride=2, padding=1)) for channels-last x (B, H, W, C) -> rows (B*h*w, C').
 
@@ -66,8 +78,7 @@ def conv3x3_s2(x, w, act: str = "none"):
     xp = F.pad(x.to(w.dtype), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C); cast once, not 9 times
     taps = [xp[:, ky : ky + H : 2, kx : kx + W : 2] for ky in range(3) for kx in range(3)]
     rows = torch.cat(taps, dim=-1).view(-1, 9 * C)  # (B*h*w, 9*C), tap-major
-    matrix = w.permute(0, 2, 3, 1).reshape(w.shape[0], 9 * C)  # (C', 9*C), a view
-    return onednn.linear(rows, matrix, act=act, packed=getattr(w, "onednn", None))
+    return onednn.linear(rows, conv_matrix(w), act=act, packed=getattr(w, "onednn", None))
 
 
 def deconv4x4_s2(rows, w, batch: int, out_hw):
@@ -85,8 +96,7 @@ def deconv4x4_s2(rows, w, batch: int, out_hw):
     if not w.is_contiguous(memory_format=torch.channels_last):
         cols = (rows @ w.flatten(1)).view(batch, h, -1)  # (B, h*w, C'*16)
         return F.fold(cols.transpose(1, 2), out_hw, 4, padding=1, stride=2)  # (B, C', H, W)
-    matrix = w.permute(0, 2, 3, 1).reshape(C, 16 * C2).T  # (16*C', C): F.linear's layout
-    taps = onednn.linear(rows, matrix, packed=getattr(w, "onednn", None))
+    taps = onednn.linear(rows, deconv_matrix(w), packed=getattr(w, "onednn", None))
     taps = taps.view(batch, H // 2, W // 2, 4, 4, C2)  # (B, h, w, ky, kx, C')
     out = taps.new_zeros(batch, H + 2, W + 2, C2)  # channels-last, with the padding ring
     for ky in range(4):
