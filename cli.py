@@ -43,6 +43,21 @@ def _base_type(annotation):
     return typing.get_origin(annotation) or annotation
 
 
+def _optional(annotation) -> bool:
+    """Is None one of the annotation's types (`float | None`)?"""
+    return type(None) in typing.get_args(annotation)
+
+
+def _or_none(kind):
+    """An argparse type: "none" -> None, anything else -> kind(text)."""
+
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
 def _element_type(annotation, default):
     """The element type of a tuple field: from `tuple[int, ...]`, else from its default's items."""
     args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
@@ -68,6 +83,8 @@ def add_config_args(parser, cls, skip=(), suppress_defaults=False, **overrides) 
             kw = dict(action=argparse.BooleanOptionalAction)
         elif kind is tuple:
             kw = dict(type=_element_type(hints[f.name], default), nargs="+")
+        elif kind in (int, float) and _optional(hints[f.name]):  # a str keeps "none" as text
+            kw = dict(type=_or_none(kind), metavar=f"{kind.__name__.upper()}|none")
         else:
             kw = dict(type=kind)
         kw.update(overrides.get(f.name, {}))

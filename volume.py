@@ -1,7 +1,7 @@
 """Volumes: the 2D model through a 3D volume. One box on one slice -> the structure on every slice
 where it continues, each next slice prompted from the result on the slice before.
 
-    key slice K, box B     --encode K, decode B-->              mask M_K (the reference area)
+    key slice K, box B     --encode K, decode B-->              mask M_K (the reference)
     slice K+1              --box of M_K grown by `margin`-->    mask M_K+1   (and so on upward,
                              + a click at M_K's deepest           until the stop rule fires)
                              pixel (`click`); + sigmoid of
@@ -10,23 +10,27 @@ where it continues, each next slice prompted from the result on the slice before
     propagated prompt there and restarts a stopped direction from it.
 
 Two prompt streams per structure (`mask_stream`, the default): the stream above finds where the
-structure ends (when it does, LiteMedSAM takes the tissue around it in the grown box and the area
-jumps), and a second stream gives the output masks. The mask stream decodes the seed box again
-with a click at its mask's deepest pixel, measures how far inside the seed box that mask ends on
-each side (side_gaps: how much the model under-segments this structure, on each side), prompts
-each next slice with its previous mask's box grown by those gaps and a click, and keeps of the
-three outputs the one most like its previous mask (decode_slice's `like`), not the highest
-predicted IoU. On MNI152 that raised 3D Dice by 0.03-0.14 at the same stops (docs/volume.md).
+structure ends (the stop rule watches its masks), and a second stream gives the output masks.
+The mask stream decodes the seed box again with a click at its mask's deepest pixel, measures
+how far inside the seed box that mask ends on each side (side_gaps: how much the model
+under-segments this structure, on each side), prompts each next slice with its previous mask's
+box grown by those gaps and a click, and keeps of the three outputs the one most like its
+previous mask (decode_slice's `like`), not the highest predicted IoU. On MNI152 that raised 3D
+Dice by 0.03-0.14 at the same stops (docs/volume.md).
 
 Options measured against the defaults (slice_prompts): a box and click per piece of M_K where
 its pieces lie apart (`per_component`), a click per piece (`clicks`), clicks spread over it
 (`click_spread`), background clicks (`negative`).
 
 The stop rule ends a direction at the first slice whose mask has vanished (< `min_pixels`), or
-whose area fell below `stop_area` x the area on the last seed slice, or whose predicted IoU fell
-below `stop_iou`, or whose area grew over `stop_growth` or fell below `stop_shrink` x the
-previous slice's; that slice's mask is dropped. docs/volume.md has the measurements behind the
-defaults.
+holds other tissue than the seed's: the prompt stream's mask averaged over the image embedding
+(mask_feature: what the encoder sees inside it) has a cosine below `stop_similarity` to the seed
+mask's. When a structure ends, the model still finds a blob of about the same size in the box
+(so its area says little), but that blob is skull, scalp or CSF, which the encoder tells apart.
+Options: whose area fell below `stop_area` x the area on the last seed slice, or whose predicted
+IoU fell below `stop_iou`, or whose area grew over `stop_growth` or fell below `stop_shrink` x
+the previous slice's (the defaults before stop_similarity). That slice's mask is dropped.
+docs/volume.md has the measurements behind the defaults.
 
 The encoder runs at most once per slice: the structures of one call advance together, slice by
 slice, upward then downward, and decode against the same embedding (SliceEncoder counts the
@@ -61,8 +65,9 @@ class PropagateConfig:
     stop_area: float = 0.0  # stop below this fraction of the mask area on the last anchor slice
     stop_iou: float = 0.0  # stop where the predicted IoU falls below this
     min_pixels: int = 1  # a mask with fewer pixels has vanished: stop
-    stop_growth: float | None = 2.0  # stop where the area exceeds this x the previous slice's
-    stop_shrink: float | None = 0.5  # stop where the area falls below this x the previous slice's
+    stop_growth: float | None = None  # stop where the area exceeds this x the previous slice's
+    stop_shrink: float | None = None  # stop where the area falls below this x the previous slice's
+    stop_similarity: float | None = 0.65  # stop below this cosine to the seed mask's features
     box_cap: float | None = 0.05  # prompt boxes stay inside the seed's box grown by this fraction
     click: bool = True  # also a positive click at the previous mask's most interior pixel
     track: bool = False  # the box never grows: the previous box, cut to the mask's grown box
@@ -373,12 +378,32 @@ def decode_slice(sam, emb, geom, prompts: list, mask_prob=None, multimask=None, 
     return geom.logits_to_original(low)[0, 0].numpy(), low, float(iou.float().mean())  # (H, W)
 
 
-def _stop_reason(area: int, iou: float, ref_area: int, prev_area: int, cfg: PropagateConfig):
-    """Why propagation ends on this slice, or None. A structure that ends shows either as a mask
-    that vanishes or suddenly shrinks (`stop_shrink`), or, when the model latches onto the tissue
-    around it, as a mask that suddenly grows (`stop_growth`)."""
+def mask_feature(emb: torch.Tensor, geom, mask: np.ndarray) -> torch.Tensor:
+    """The mean image-embedding vector over an (H, W) mask -> (C,) float32: the mask placed in the
+    S x S model input as the image was (geom), its fraction in each embedding cell (average pool
+    S/g x S/g), the cells' (1, C, g, g) vectors averaged with those weights. What the encoder
+    sees inside the mask: a structure's own tissue keeps its direction from slice to slice."""
+    m = geom.mask_to_model(torch.from_numpy(mask)).float()[None, None]  # (1, 1, S, S)
+    w = F.adaptive_avg_pool2d(m, emb.shape[-2:])[0, 0]  # (g, g) the mask's share of each cell
+    e = emb[0].float().cpu()  # (C, g, g)
+    return (e * w).sum((1, 2)) / w.sum().clamp(min=1e-12)  # (C,)
+
+
+def similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two mask_feature vectors."""
+    return float(F.cosine_similarity(a, b, dim=0))
+
+
+def _stop_reason(area: int, iou: float, ref_area: int, prev_area: int, cfg: PropagateConfig,
+                 like: float | None = None):  # fmt: skip
+    """Why propagation ends on this slice, or None. A structure that ends shows as a mask of
+    other tissue (`stop_similarity`: its mask_feature's cosine `like` to the seed mask's), or
+    one that vanishes, shrinks (`stop_shrink`) or, when the model latches onto the tissue around
+    it, grows (`stop_growth`)."""
     if area < cfg.min_pixels:
         return "vanished"
+    if cfg.stop_similarity is not None and like is not None and like < cfg.stop_similarity:
+        return f"features unlike the seed's (cosine {like:.2f} < {cfg.stop_similarity:g})"
     if area < cfg.stop_area * ref_area:
         return f"area below {cfg.stop_area:g} of the seed slice's"
     if iou < cfg.stop_iou:
@@ -400,7 +425,7 @@ class _Track:
         self.seeds, self.step, self.end = {s.key: s.box, **s.anchors}, step, hi if step > 0 else lo
         self.mask = self.low = self.seed_box = self.box = None  # None until it passes a seed
         self.out = self.gaps = None  # the mask stream's last mask, the seed's side_gaps
-        self.ref_area, self.stopped = 0, False
+        self.ref_area, self.ref_feature, self.stopped = 0, None, False  # on the last seed
 
     def wants(self, k: int) -> bool:
         """Does this track decode slice k: a seed, or the next slice of a live propagation?"""
@@ -440,8 +465,9 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
     best = np.full(volume.shape, -np.inf, np.float32)  # (X, Y, Z): the winning logit so far
     labels = np.zeros(volume.shape, np.uint8 if P < 256 else np.uint16)  # (X, Y, Z)
     records = [{"key": s.key, "anchors": sorted(s.anchors), "first": s.key, "last": s.key,
-                "stops": [], "predicted_iou": {}} for s in structures]  # fmt: skip
-    seeded, decode_s = {}, {}  # (structure, seed slice) -> (mask, low) from the upward sweep
+                "stops": [], "predicted_iou": {}, "similarity": {}}
+               for s in structures]  # fmt: skip
+    seeded, decode_s = {}, {}  # (structure, seed slice) -> the upward sweep's masks etc.
 
     def put(i: int, k: int, logits: np.ndarray, iou: float) -> None:
         """Structure i's mask on slice k into masks/labels (the slice view back to voxels)."""
@@ -458,7 +484,7 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
     def advance(i: int, t: _Track, k: int, emb, geom) -> None:
         """Track t (structure i) onto slice k; the stop rule decides whether its mask is kept."""
         if k in t.seeds and (i, k) in seeded:  # the downward sweep: the seed's upward result
-            (t.mask, t.low, t.out, t.gaps), t.seed_box = seeded[i, k], t.seeds[k]
+            (t.mask, t.low, t.out, t.gaps, t.ref_feature), t.seed_box = seeded[i, k], t.seeds[k]
             t.box = t.seed_box
             t.ref_area, t.stopped = int(t.mask.sum()), False
             return
@@ -474,6 +500,11 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
         logits, low, iou = decode_slice(sam, emb, geom, prompts, prob, multimask)
         m = logits > sam.cfg.mask_threshold  # (H, W)
         area = int(m.sum())
+        feature = cosine = None  # the mask's mean embedding vector, its cosine to the seed's
+        if cfg.stop_similarity is not None and area >= max(1, cfg.min_pixels):
+            feature = mask_feature(emb, geom, m)
+            if k not in t.seeds and t.ref_feature is not None:
+                cosine = similarity(feature, t.ref_feature)
         if k in t.seeds:
             if area < max(1, cfg.min_pixels):
                 raise ValueError(
@@ -483,8 +514,8 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
             t.seed_box = box
             if t.stopped:  # an anchor restarts a stopped propagation
                 records[i]["stops"][-1]["restarted_at"] = k
-            t.ref_area, t.stopped = area, False
-        elif (reason := _stop_reason(area, iou, t.ref_area, int(t.mask.sum()), cfg)) is not None:
+            t.ref_area, t.ref_feature, t.stopped = area, feature, False
+        elif reason := _stop_reason(area, iou, t.ref_area, int(t.mask.sum()), cfg, cosine):
             direction = "up" if t.step > 0 else "down"
             records[i]["stops"].append({"direction": direction, "slice": k, "reason": reason})
             t.stopped = True
@@ -502,9 +533,11 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
             if k in t.seeds:
                 t.gaps = side_gaps(box, out, cfg.min_margin)
         if k in t.seeds:
-            seeded[i, k] = (m, low, out, t.gaps)
+            seeded[i, k] = (m, low, out, t.gaps, feature)
         t.mask, t.low, t.box, t.out = m, low, box, out
         put(i, k, out_logits, out_iou)
+        if cosine is not None:
+            records[i]["similarity"][k] = round(cosine, 4)
 
     lo_seed = min(min([s.key, *s.anchors]) for s in structures)
     hi_seed = max(max([s.key, *s.anchors]) for s in structures)
@@ -538,7 +571,8 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
         enc.drop(k)
     for r in records:
         r["slices"] = len(r["predicted_iou"])
-        r["predicted_iou"] = {k: r["predicted_iou"][k] for k in sorted(r["predicted_iou"])}
+        for field_ in ("predicted_iou", "similarity"):
+            r[field_] = dict(sorted(r[field_].items()))
         r["ends"] = {d: [s for s in r["stops"] if s["direction"] == d][-1] for d in ("up", "down")}
     timings = {"encode_s": dict(sorted(enc.encode_s.items())),
                "encoder_calls": dict(sorted(enc.calls.items())),

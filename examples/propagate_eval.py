@@ -215,13 +215,15 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
                 "rules": {},
             }
             # again without stop rules: each rule is applied afterwards, to the output masks
-            cfg = volume.PropagateConfig(**{**setting, "stop_growth": None, "stop_shrink": None})
+            off = {"stop_growth": None, "stop_shrink": None, "stop_similarity": None}
+            cfg = volume.PropagateConfig(**{**setting, **off})
             seg = volume.segment_volume(sam, u8, [st], AXIS, cfg, mm, encoder=enc)
             rec = seg.records[0]
             m0 = seg.masks[0]
             row["slice_dice"] = {
                 k: round(dice(m0[:, :, k], g[:, :, k]), 3) for k in rec["predicted_iou"]
             }
+            row["slice_similarity"] = rec["similarity"]  # cosine to the seed mask's features
             row["slice_area"] = {
                 k: [int(m0[:, :, k].sum()), int(g[:, :, k].sum())] for k in rec["predicted_iou"]
             }

@@ -71,10 +71,10 @@ ONE = {"mask_stream": False}  # the tests of one prompt stream's options: its ma
 
 
 def run(vol, structures, **cfg):
-    """segment_volume with the bright-in-box segmenter; the cap and the growth and shrink rules
-    are off unless a test sets them (each test exercises the rules it names)."""
+    """segment_volume with the bright-in-box segmenter; the cap and the similarity rule are off
+    unless a test sets them (each test exercises the rules it names)."""
     sam = BrightInBox()
-    cfg = PropagateConfig(**{"box_cap": None, "stop_growth": None, "stop_shrink": None, **cfg})
+    cfg = PropagateConfig(**{"box_cap": None, "stop_similarity": None, **cfg})
     return sam, volume.segment_volume(sam, vol, structures, "z", cfg)
 
 
@@ -123,7 +123,7 @@ def test_structure_reaching_the_volume_edge_and_limits():
 def test_area_iou_and_shrink_stop_rules():
     """A structure that narrows on slice 15: kept by 'vanished', cut there by the area rule
     (64 px < 0.3 x 320 px), by the predicted-IoU rule (64 px fill little of the grown box) and
-    by the default shrink rule (64 px < 0.5 x the previous slice's 320)."""
+    by the shrink rule at 0.5, last round's default (64 px < 0.5 x the previous slice's 320)."""
     s = np.zeros((N, H, W), np.uint8)
     rect(s, range(8, 15), 10, 26, 12, 32)  # 16 x 20 = 320 px
     rect(s, range(15, 20), 14, 22, 18, 26)  # 8 x 8 = 64 px
@@ -138,7 +138,8 @@ def test_area_iou_and_shrink_stop_rules():
     _, seg = run(vol, [Structure(box, key=10)], stop_iou=0.5)
     r = seg.records[0]
     assert r["last"] == 14 and r["ends"]["up"]["reason"].startswith("predicted IoU below 0.5")
-    shrink = PropagateConfig().stop_shrink
+    assert PropagateConfig().stop_shrink is None  # off by default since the similarity rule
+    shrink = 0.5
     assert 64 < shrink * 320
     _, seg = run(vol, [Structure(box, key=10)], stop_shrink=shrink)
     r = seg.records[0]
@@ -148,30 +149,93 @@ def test_area_iou_and_shrink_stop_rules():
 
 def test_growth_stop_rule():
     """The structure ends on slice 14 inside a larger bright region (slices 15..19): the mask
-    jumps from 320 to 1440 px (4.5x); the default stop_growth (2) ends the propagation there.
-    A structure that widens from 20 to 34 px on slice 15 (the box, grown 30% a side, takes
-    1.6x the area) is followed by the default and cut by 1.5, last round's default, which
-    stopped LiteMedSAM's clicked masks 3-26 slices early (docs/volume.md)."""
-    default = PropagateConfig().stop_growth
-    assert 1.6 < default
+    jumps from 320 to 1440 px (4.5x); stop_growth 2 (an option; a default before the similarity
+    rule) ends the propagation there. A structure that widens from 20 to 34 px on slice 15 (the
+    box, grown 30% a side, takes 1.6x the area) is followed with 2 and cut by 1.5, which stopped
+    LiteMedSAM's clicked masks 3-26 slices early (docs/volume.md)."""
+    assert PropagateConfig().stop_growth is None
+    growth = 2.0
     s = np.zeros((N, H, W), np.uint8)
     rect(s, range(8, 15), 10, 26, 12, 32)  # 16 x 20 = 320 px
     rect(s, range(15, 20), 2, 38, 4, 44)  # 36 x 40 = 1440 px: fills any box grown from the above
     vol = to_volume(s)
     _, seg = run(vol, [Structure([12, 10, 32, 26], key=10)], margin=0.3)
     assert seg.records[0]["last"] == 19
-    _, seg = run(vol, [Structure([12, 10, 32, 26], key=10)], margin=0.3, stop_growth=default)
+    _, seg = run(vol, [Structure([12, 10, 32, 26], key=10)], margin=0.3, stop_growth=growth)
     r = seg.records[0]
     assert r["last"] == 14 and r["ends"]["up"]["slice"] == 15
-    assert r["ends"]["up"]["reason"].startswith(f"area grew over {default:g}")
+    assert r["ends"]["up"]["reason"].startswith(f"area grew over {growth:g}")
     s = np.zeros((N, H, W), np.uint8)
     rect(s, range(8, 15), 10, 26, 12, 32)  # 16 x 20 = 320 px
     rect(s, range(15, 20), 10, 26, 5, 39)  # 16 x 34 = 544 px
     vol = to_volume(s)
-    _, seg = run(vol, [Structure([12, 10, 32, 26], key=10)], margin=0.3, stop_growth=default)
+    _, seg = run(vol, [Structure([12, 10, 32, 26], key=10)], margin=0.3, stop_growth=growth)
     assert seg.records[0]["last"] == 19 and dice(seg.masks[0], vol > 0) > 0.9
     _, seg = run(vol, [Structure([12, 10, 32, 26], key=10)], margin=0.3, stop_growth=1.5)
     assert seg.records[0]["last"] == 14
+
+
+class Tissue(BrightInBox):
+    """BrightInBox whose embedding has two channels, the normalised brightness x (what decode
+    segments, > 0.5) and x - 1.2: two tissues of the same use to decode, 220 and 160 grey,
+    point in directions whose cosine is about 0.53."""
+
+    def encode(self, x):
+        self.encoded += 1
+        return torch.cat([x[:, :1], x[:, :1] - 1.2], 1)  # (1, 2, S, S)
+
+
+def _tissue_cosine(cfg, a: float, b: float) -> float:
+    """The cosine of Tissue's features of two grey values, by hand."""
+    fa, fb = [(v - cfg.pixel_mean[0]) / cfg.pixel_std[0] for v in (a, b)]
+    dot = fa * fb + (fa - 1.2) * (fb - 1.2)
+    return dot / (np.hypot(fa, fa - 1.2) * np.hypot(fb, fb - 1.2))
+
+
+def test_mask_feature_is_the_masks_mean_embedding():
+    """Hand-computed: the mask's share of each embedding cell weighs the cell's vector, in the
+    model input's frame (the image's placement: here a 16 x 8 image in a 16 x 16 input, its
+    top half, the bottom padded)."""
+    emb = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)  # cells of 4 x 4 px
+    geom = data.geometry(8, 16, 16, "longest")  # (H, W) = (8, 16): content rows 0..7
+    mask = np.zeros((8, 16), bool)
+    mask[0:8, 0:4] = True  # cells (0, 0) and (1, 0), whole
+    mask[0:2, 4:8] = True  # half of cell (0, 1)
+    e = emb[0]
+    want = (e[:, 0, 0] + e[:, 1, 0] + 0.5 * e[:, 0, 1]) / 2.5
+    assert torch.allclose(volume.mask_feature(emb, geom, mask), want)
+    assert volume.similarity(want, 3 * want) == pytest.approx(1.0)
+    assert volume.similarity(torch.tensor([1.0, 0]), torch.tensor([0, 2.0])) == pytest.approx(0)
+
+
+def test_similarity_stop_rule_ends_where_the_tissue_changes():
+    """A bright structure continues into another tissue on slice 15, as bright to the decoder
+    (the area does not change): the default rule stops there, where its features' cosine to the
+    seed's (hand-computed from the two grey values) falls below stop_similarity; each kept
+    slice's cosine (1 inside one tissue) is in the record. With the rule off it runs on to 19."""
+    s = np.zeros((N, H, W), np.uint8)
+    rect(s, range(6, 15), 10, 26, 12, 32, value=220)
+    rect(s, range(15, 20), 10, 26, 12, 32, value=160)
+    vol, box = to_volume(s), [12, 10, 32, 26]
+    sam = Tissue()
+    cos = _tissue_cosine(sam.cfg, 220, 160)
+    assert 0.5 < cos < PropagateConfig().stop_similarity
+    seg = volume.segment_volume(sam, vol, [Structure(box, key=10)], "z", PropagateConfig())
+    r = seg.records[0]
+    assert (r["first"], r["last"]) == (6, 14)
+    assert r["ends"]["up"]["slice"] == 15
+    assert r["ends"]["up"]["reason"] == f"features unlike the seed's (cosine {cos:.2f} < 0.65)"
+    assert r["ends"]["down"]["reason"] == "vanished"
+    assert sorted(r["similarity"]) == [6, 7, 8, 9, 11, 12, 13, 14]  # not the key slice
+    assert all(v == pytest.approx(1.0, abs=1e-4) for v in r["similarity"].values())
+    seg = volume.segment_volume(Tissue(), vol, [Structure(box, key=10)], "z",
+                                PropagateConfig(stop_similarity=None))  # fmt: skip
+    assert seg.records[0]["last"] == 19 and seg.records[0]["similarity"] == {}
+    # an anchor in the other tissue takes its features as the reference from there on
+    st = Structure(box, key=10, anchors={17: box})
+    seg = volume.segment_volume(Tissue(), vol, [st], "z", PropagateConfig())
+    r = seg.records[0]
+    assert (r["first"], r["last"]) == (6, 19) and r["stops"][0]["restarted_at"] == 17
 
 
 def test_box_margin_follows_a_drifting_structure():
@@ -257,7 +321,7 @@ def test_click_keeps_an_under_segmenting_model_on_the_structure():
     runs = {}
     for click in (False, True):
         sam = UnderSegments()
-        cfg = PropagateConfig(click=click, box_cap=None, stop_growth=None, stop_shrink=None, **ONE)
+        cfg = PropagateConfig(click=click, box_cap=None, stop_similarity=None, **ONE)
         runs[click] = volume.segment_volume(sam, vol, [Structure(box, key=11)], "z", cfg)
     r = runs[True].records[0]
     assert (r["first"], r["last"]) == (2, 21)
@@ -280,7 +344,7 @@ def test_track_keeps_the_box_of_an_under_segmenting_model_and_never_grows_it():
     runs = {}
     for track in (False, True):
         cfg = PropagateConfig(margin=0.15, track=track, click=False, box_cap=None,
-                              stop_growth=None, stop_shrink=None, **ONE)  # fmt: skip
+                              stop_similarity=None, **ONE)  # fmt: skip
         runs[track] = volume.segment_volume(
             UnderSegments(), vol, [Structure(box, key=11)], "z", cfg
         )
@@ -681,12 +745,14 @@ def test_cli_propagate_prompt_options(nifti, tmp_path, monkeypatch):
     out = tmp_path / "mask.nii.gz"
     args = [str(path), "--slice", "8", "--box", *_key_box(path), "--propagate", "--out", str(out),
             "--per-component", "--parts", "2", "--split-fill", "0.5", "--clicks", "2",
-            "--negative", "1", "--track"]  # fmt: skip
+            "--negative", "1", "--track", "--stop-similarity", "none",
+            "--stop-growth", "2"]  # fmt: skip
     assert infer_cli.main(infer_cli.parse_args(args)) == 0
     assert dice(np.asarray(nib.load(str(out)).dataobj) == 1, gt) > 0.95
     rec = json.loads(out.with_name("mask.json").read_text())["propagation"]
     assert rec["per_component"] and rec["track"] and not rec["click_spread"]
     assert (rec["parts"], rec["split_fill"], rec["clicks"], rec["negative"]) == (2, 0.5, 2, 1)
+    assert rec["stop_similarity"] is None and rec["stop_growth"] == 2.0  # "none" turns a rule off
 
 
 def test_cli_propagate_from_box3d(nifti, tmp_path, monkeypatch):
