@@ -8,12 +8,12 @@ default.
 Per structure, 3D Dice over the whole volume of:
   box3d   today's --box3d: the structure's 3D bounding box, every slice of its z range on its own
   oracle  the tight box of the structure on every slice where it is present
-  prop    volume.segment_volume from ONE box (the tight one) on the structure's middle slice, for
-          each prompt setting (PropagateConfig fields), its stop rule live; then once more
-          without stop rules, where each rule of RULES is applied afterwards to the output masks
-          by cutting the run at the first slice where it fires (with mask_stream off the
-          propagation up to that slice is the same as the live run's; with it on the live run's
-          rule watches the prompt stream, not the output)
+  prop    volume.segment_volume from ONE box (the tight one) on the structure's middle slice
+          (or at --key-at of its extent), for each prompt setting (PropagateConfig fields),
+          its stop rule live; then once more without stop rules, where each rule of RULES is
+          applied afterwards to the output masks by cutting the run at the first slice where it
+          fires (with mask_stream off the propagation up to that slice is the same as the live
+          run's; with it on the live run's rule watches the prompt stream, not the output)
 and the slices where propagation stops against the structure's true extent, and each run's Dice
 cut at the true extent (a perfect stop rule: only the prompts differ). Every slice is
 encoded once (a keeping volume.SliceEncoder shared by all runs); times per slice are reported.
@@ -51,8 +51,13 @@ def along(vol: np.ndarray, axis: str, step: int) -> np.ndarray:
     return np.stack(views, axis=2)
 
 
+README_LABELS = ("white matter", "grey matter", "brain")  # measured unless --structures says
+
+
 def structures_gt() -> tuple:
-    """The T1 (canonical, uint8 as the CLI scales it) and {name: (X, Y, Z) bool} labels."""
+    """The T1 (canonical, uint8 as the CLI scales it) and {name: (X, Y, Z) bool} labels: the
+    README's three and, as a held-out check, the left hemisphere (brain voxels left of the
+    volume's middle; canonical x runs to the right)."""
     read = lambda k: data.read_volume(mni152.template_dir() / mni152.FILES.format(k)).data  # noqa: E731
     t1, gm, wm = read("t1"), read("gm"), read("wm")
     gt = {
@@ -60,6 +65,8 @@ def structures_gt() -> tuple:
         "grey matter": (wm < 128) & (gm >= 128),
         "brain": gm + wm >= 128,
     }
+    gt["left hemisphere"] = gt["brain"].copy()
+    gt["left hemisphere"][gt["brain"].shape[0] // 2 :] = False
     return data.normalize_intensity(t1), gt
 
 
@@ -159,7 +166,7 @@ def _tag(setting: dict) -> str:
 
 
 def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines=True,
-        axis="z") -> dict:  # fmt: skip
+        axis="z", key_at=0.5) -> dict:  # fmt: skip
     sam = infer.load_model(infer.InferConfig(checkpoint=checkpoint))
     u8, gt = structures_gt()
     u8, gt = along(u8, axis, step), {k: along(g, axis, step) for k, g in gt.items()}
@@ -180,11 +187,11 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
         "structures": {},
     }
     for name, g in gt.items():
-        if structures and name not in structures:
+        if name not in (structures or README_LABELS):
             continue
         zs = np.nonzero(g.any((0, 1)))[0]
         z0, z1 = int(zs[0]), int(zs[-1])
-        key = (z0 + z1) // 2
+        key = z0 + (z1 - z0) // 2 if key_at == 0.5 else int(round(z0 + key_at * (z1 - z0)))
         slices = {k: data.volume_slice(g, AXIS, k) for k in range(z0, z1 + 1)}  # (H, W) views
         box = tight_box(slices[key])
         union = np.any(list(slices.values()), axis=0)
@@ -279,7 +286,10 @@ if __name__ == "__main__":
         "[,FIELD=VALUE...] (other PropagateConfig fields, y|n for booleans); default: defaults",
     )
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--structures", nargs="+", choices=["white matter", "grey matter", "brain"])
+    p.add_argument("--structures", nargs="+", choices=[*README_LABELS, "left hemisphere"],
+                   help="default: the README's three")  # fmt: skip
+    p.add_argument("--key-at", type=float, default=0.5,
+                   help="the key slice at this fraction of the extent (0.5: middle)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared CPU)")
     p.add_argument("--step", type=int, default=1, help="every step-th slice (CPU time)")
     p.add_argument("--axis", choices=list(data.AXES), default="z", help="z: axial, y, x")
@@ -287,4 +297,4 @@ if __name__ == "__main__":
     torch.set_grad_enabled(False)
     torch.set_num_threads(a.threads)
     run(Path(a.out), a.embeddings, a.checkpoint, a.settings, a.step, a.structures, a.baselines,
-        a.axis)  # fmt: skip
+        a.axis, a.key_at)  # fmt: skip

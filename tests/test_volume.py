@@ -787,13 +787,10 @@ def test_cli_propagate_bad_input_writes_nothing(nifti, tmp_path, monkeypatch, ex
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow  # 7 LiteMedSAM encoder passes: ~20-60 s on a shared CPU
-def test_real_mni152_brain_with_litemedsam():
-    """The default model on real MRI: the brain propagated from its box on axial slice 95
-    through slices 92..98 (limits), against the template's brain mask (examples/mni152.py's
-    label). Measured 3D Dice there (bfloat16-mixed): 0.803 with the defaults (the mask stream),
-    0.839 with --no-mask-stream, 0.742 with --no-mask-stream --no-click, which the threshold
-    tells apart (docs/volume.md has the whole-volume figures)."""
+@pytest.fixture(scope="module")
+def mni_brain():
+    """LiteMedSAM (the default model), the MNI152 T1 as the CLI scales it and the template's
+    brain mask (examples/mni152.py's label), (X, Y, Z)."""
     import importlib.util
     from pathlib import Path
 
@@ -805,14 +802,46 @@ def test_real_mni152_brain_with_litemedsam():
     root = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
     read = lambda k: data.read_volume(root / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz")  # noqa: E731
     t1, gm, wm = read("t1").data, read("gm").data, read("wm").data
-    brain = gm + wm >= 128  # (X, Y, Z)
     sam = infer.load_model(infer.InferConfig(checkpoint=str(checkpoints.default_checkpoint())))
-    ys, xs = np.nonzero(data.volume_slice(brain, "z", 95))
-    box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-    u8 = data.normalize_intensity(t1)
+    return sam, data.normalize_intensity(t1), gm + wm >= 128
+
+
+def _brain_box(brain, k):
+    ys, xs = np.nonzero(data.volume_slice(brain, "z", k))
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+@pytest.mark.slow  # 7 LiteMedSAM encoder passes: ~20-60 s on a shared CPU
+def test_real_mni152_brain_with_litemedsam(mni_brain):
+    """The default model on real MRI: the brain propagated from its box on axial slice 95
+    through slices 92..98 (limits), against the template's brain mask (examples/mni152.py's
+    label). Measured 3D Dice there (bfloat16-mixed): 0.803 with the defaults (the mask stream),
+    0.839 with --no-mask-stream, 0.742 with --no-mask-stream --no-click, which the threshold
+    tells apart (docs/volume.md has the whole-volume figures)."""
+    sam, u8, brain = mni_brain
     enc = volume.SliceEncoder(sam, u8, "z")
-    seg = volume.segment_volume(sam, u8, [Structure(box, 95, limits=(92, 98))], encoder=enc)
+    seg = volume.segment_volume(sam, u8, [Structure(_brain_box(brain, 95), 95, limits=(92, 98))],
+                                encoder=enc)  # fmt: skip
     assert seg.records[0]["first"] == 92 and seg.records[0]["last"] == 98
     assert sorted(enc.calls) == list(range(92, 99)) and set(enc.calls.values()) == {1}
     d = dice(seg.masks[0][:, :, 92:99], brain[:, :, 92:99])
     assert d > 0.78, d
+
+
+@pytest.mark.slow  # 9 LiteMedSAM encoder passes
+def test_real_mni152_brain_stops_at_its_top_by_its_features(mni_brain):
+    """The brain's top (its last axial slice is 154) from its box on slice 146, up to slice 160
+    at most: the default rule stops on 153 (measured, bfloat16-mixed: cosines 0.98..0.77 on
+    147..152, 0.36 on 153), within the issue's +-2 slices. Without it nothing stops the model,
+    which keeps finding a blob past the end, up to the limit."""
+    sam, u8, brain = mni_brain
+    assert np.nonzero(brain.any((0, 1)))[0][-1] == 154
+    enc = volume.SliceEncoder(sam, u8, "z", keep=True)
+    st = Structure(_brain_box(brain, 146), 146, limits=(146, 160))
+    r = volume.segment_volume(sam, u8, [st], encoder=enc).records[0]
+    assert 152 <= r["last"] <= 156, r["ends"]["up"]
+    assert r["ends"]["up"]["reason"].startswith("features unlike the seed's")
+    assert min(r["similarity"].values()) >= PropagateConfig().stop_similarity
+    off = PropagateConfig(stop_similarity=None)
+    r = volume.segment_volume(sam, u8, [st], cfg=off, encoder=enc).records[0]
+    assert r["last"] == 160 and r["ends"]["up"]["reason"] == "reached the end of the limits"
