@@ -383,10 +383,10 @@ def mask_feature(emb: torch.Tensor, geom, mask: np.ndarray) -> torch.Tensor:
     S x S model input as the image was (geom), its fraction in each embedding cell (average pool
     S/g x S/g), the cells' (1, C, g, g) vectors averaged with those weights. What the encoder
     sees inside the mask: a structure's own tissue keeps its direction from slice to slice."""
-    m = geom.mask_to_model(torch.from_numpy(mask)).float()[None, None]  # (1, 1, S, S)
-    w = F.adaptive_avg_pool2d(m, emb.shape[-2:])[0, 0]  # (g, g) the mask's share of each cell
-    e = emb[0].float().cpu()  # (C, g, g)
-    return (e * w).sum((1, 2)) / w.sum().clamp(min=1e-12)  # (C,)
+    m = geom.mask_to_model(torch.from_numpy(mask)).to(emb.device, torch.float32)  # (S, S)
+    w = F.adaptive_avg_pool2d(m[None, None], emb.shape[-2:])[0, 0]  # (g, g) its share of a cell
+    f = (emb[0].float() * w).sum((1, 2)) / w.sum().clamp(min=1e-12)  # (C,)
+    return f.cpu()
 
 
 def similarity(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -395,15 +395,15 @@ def similarity(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _stop_reason(area: int, iou: float, ref_area: int, prev_area: int, cfg: PropagateConfig,
-                 like: float | None = None):  # fmt: skip
+                 cosine: float | None = None):  # fmt: skip
     """Why propagation ends on this slice, or None. A structure that ends shows as a mask of
-    other tissue (`stop_similarity`: its mask_feature's cosine `like` to the seed mask's), or
+    other tissue (`stop_similarity`: its mask_feature's `cosine` to the seed mask's), or
     one that vanishes, shrinks (`stop_shrink`) or, when the model latches onto the tissue around
     it, grows (`stop_growth`)."""
     if area < cfg.min_pixels:
         return "vanished"
-    if cfg.stop_similarity is not None and like is not None and like < cfg.stop_similarity:
-        return f"features unlike the seed's (cosine {like:.2f} < {cfg.stop_similarity:g})"
+    if cfg.stop_similarity is not None and cosine is not None and cosine < cfg.stop_similarity:
+        return f"features unlike the seed's (cosine {cosine:.2f} < {cfg.stop_similarity:g})"
     if area < cfg.stop_area * ref_area:
         return f"area below {cfg.stop_area:g} of the seed slice's"
     if iou < cfg.stop_iou:
