@@ -367,15 +367,15 @@ def decode_slice(sam, emb, geom, prompts: list, mask_prob=None, multimask=None, 
     multimask = not sam.cfg.single_mask if multimask is None else multimask
     keep_all = like is not None and multimask
     low, iou = infer._decode_best(sam, emb, points, boxes, mask_prob, multimask, keep_all)
+    low, iou = low.float().cpu(), iou.float().cpu()
     if keep_all:  # (P, K, h, w), (P, K): each prompt's output most like the previous mask
-        low, iou = low.float().cpu(), iou.float().cpu()
         masks = geom.logits_to_original(low) > sam.cfg.mask_threshold  # (P, K, H, W)
         ref = torch.from_numpy(like)  # (H, W)
         dice = 2 * (masks & ref).flatten(2).sum(2) / (masks.flatten(2).sum(2) + ref.sum())
         rows, pick = torch.arange(len(iou)), dice.argmax(1)  # (P,): the most like it
         low, iou = low[rows, pick][:, None], iou[rows, pick]
-    low = low.float().cpu().amax(0, keepdim=True)  # (1, 1, h, w): the union
-    return geom.logits_to_original(low)[0, 0].numpy(), low, float(iou.float().mean())  # (H, W)
+    low = low.amax(0, keepdim=True)  # (1, 1, h, w): the union
+    return geom.logits_to_original(low)[0, 0].numpy(), low, float(iou.mean())  # (H, W)
 
 
 def mask_feature(emb: torch.Tensor, geom, mask: np.ndarray) -> torch.Tensor:
