@@ -80,6 +80,7 @@ class PropagateConfig:
     parts: int = 3  # ... for at most this many, the largest (>= click_min of the mask's area)
     split_fill: float | None = 0.9  # ... where their boxes cover < this x their hull (else one box)
     mask_stream: bool = True  # masks from a 2nd prompt stream: the seed's gaps, a click, most alike
+    stride: int = 1  # prompts carry on every stride-th slice from the seed; those between reuse them
 
 
 @dataclass
@@ -90,6 +91,12 @@ class Structure:
     key: int  # the slice index along the axis
     anchors: dict = field(default_factory=dict)  # {slice: [x0, y0, x1, y1]}: boxes that re-anchor
     limits: tuple | None = None  # (first, last) slices it may reach (inclusive); None: the volume
+
+    def __post_init__(self):  # numpy's integers (np.int64 from np.nonzero...) -> int
+        whole = lambda k: int(k) if isinstance(k, np.integer) else k  # noqa: E731
+        self.key, self.anchors = whole(self.key), {whole(k): b for k, b in self.anchors.items()}
+        if self.limits is not None:
+            self.limits = tuple(whole(k) for k in self.limits)
 
 
 @dataclass
@@ -145,7 +152,9 @@ def check_structures(structures: list, shape: tuple, axis: str) -> None:
         if not 0 <= lo <= hi < n:
             raise ValueError(f"structure {i}: limits {s.limits} are outside 0..{n - 1}")
         for k, box in {s.key: s.box, **s.anchors}.items():
-            if not (isinstance(k, int) and lo <= k <= hi):
+            if not isinstance(k, int) or isinstance(k, bool):
+                raise ValueError(f"structure {i}: slice {k!r} is not a whole number")
+            if not lo <= k <= hi:
                 raise ValueError(
                     f"structure {i}: slice {k} is outside the volume's 0..{n - 1} along {axis}"
                     + (f" or the limits {lo}..{hi}" if s.limits is not None else "")
@@ -426,6 +435,7 @@ class _Track:
         self.mask = self.low = self.seed_box = self.box = None  # None until it passes a seed
         self.out = self.gaps = None  # the mask stream's last mask, the seed's side_gaps
         self.ref_area, self.ref_feature, self.stopped = 0, None, False  # on the last seed
+        self.seed_k = None  # the last seed slice passed
 
     def wants(self, k: int) -> bool:
         """Does this track decode slice k: a seed, or the next slice of a live propagation?"""
@@ -485,7 +495,7 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
         """Track t (structure i) onto slice k; the stop rule decides whether its mask is kept."""
         if k in t.seeds and (i, k) in seeded:  # the downward sweep: the seed's upward result
             (t.mask, t.low, t.out, t.gaps, t.ref_feature), t.seed_box = seeded[i, k], t.seeds[k]
-            t.box = t.seed_box
+            t.box, t.seed_k = t.seed_box, k
             t.ref_area, t.stopped = int(t.mask.sum()), False
             return
         if k not in t.seeds and k in records[i]["predicted_iou"]:
@@ -511,7 +521,7 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
                     f"structure {i}: the box {box} on slice {k} gives an empty mask "
                     "(nothing to propagate from it)"
                 )
-            t.seed_box = box
+            t.seed_box, t.seed_k = box, k
             if t.stopped:  # an anchor restarts a stopped propagation
                 records[i]["stops"][-1]["restarted_at"] = k
             t.ref_area, t.ref_feature, t.stopped = area, feature, False
@@ -534,7 +544,8 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
                 t.gaps = side_gaps(box, out, cfg.min_margin)
         if k in t.seeds:
             seeded[i, k] = (m, low, out, t.gaps, feature)
-        t.mask, t.low, t.box, t.out = m, low, box, out
+        if (k - t.seed_k) % cfg.stride == 0:  # else the next slice reuses this slice's prompts
+            t.mask, t.low, t.box, t.out = m, low, box, out
         put(i, k, out_logits, out_iou)
         if cosine is not None:
             records[i]["similarity"][k] = round(cosine, 4)

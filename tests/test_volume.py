@@ -97,8 +97,10 @@ def test_propagates_both_ways_and_stops_where_the_structure_ends():
     s = np.zeros((N, H, W), np.uint8)
     rect(s, range(6, 18), 10, 26, 12, 32)  # present on slices 6..17
     vol = to_volume(s)
-    sam, seg = run(vol, [Structure([12, 10, 32, 26], key=11)])
+    key = np.nonzero(s.any((1, 2)))[0].mean().astype(np.int64)  # numpy's integers will do
+    sam, seg = run(vol, [Structure([12, 10, 32, 26], key=key)])
     r = seg.records[0]
+    assert type(r["key"]) is int and r["key"] == 11
     assert (r["first"], r["last"], r["slices"]) == (6, 17, 12)
     assert r["ends"]["up"] == {"direction": "up", "slice": 18, "reason": "vanished"}
     assert r["ends"]["down"] == {"direction": "down", "slice": 5, "reason": "vanished"}
@@ -266,6 +268,28 @@ def test_box_cap_keeps_prompts_inside_the_seed_box():
     m = capped.masks[0]
     assert m.any() and not (m & ~to_volume(inside)).any()
     assert capped.records[0]["last"] == 13
+
+
+def test_stride_reuses_each_carried_slices_prompts_on_the_slices_between():
+    """A structure that widens by 2 px a side per slice, boxes grown by 2 px: with stride 1 the
+    box follows it; with stride 2 the slices key+1 and key+2 are both prompted from the key's
+    mask (columns 20..27 -> the box 18..30), and key+2's mask is what carries on."""
+    s = np.zeros((N, H, W), np.uint8)
+    for k in range(4, 14):
+        rect(s, [k], 12, 24, 20 - 2 * (k - 4), 28 + 2 * (k - 4))
+    vol, st = to_volume(s), [Structure([20, 12, 28, 24], key=4)]
+    grow = {"margin": 0.0, "min_margin": 2.0, **ONE}
+    _, every = run(vol, st, **grow)
+    _, strided = run(vol, st, stride=2, **grow)
+    assert dice(every.masks[0], vol > 0) > 0.95
+    cols = {
+        k: np.nonzero(data.volume_slice(strided.masks[0], "z", k).any(0))[0] for k in range(4, 14)
+    }
+    span = {k: (int(c[0]), int(c[-1])) for k, c in cols.items()}
+    assert span[4] == (20, 27) and span[5] == (18, 29) and span[6] == (18, 29)  # by hand
+    assert span[7] == span[8] == (16, 31) and span[9] == span[10] == (14, 33)  # pairs
+    assert strided.records[0]["last"] == 13
+    assert dice(strided.masks[0], vol > 0) < dice(every.masks[0], vol > 0) - 0.1
 
 
 def test_mask_prompt_feeds_the_previous_probabilities():
@@ -655,6 +679,7 @@ def test_anchor_box_replaces_the_propagated_prompt():
     [
         (Structure([12, 10, 32, 26], key=N), f"slice {N} is outside the volume's 0..{N - 1}"),
         (Structure([12, 10, 32, 26], key=-1), "slice -1 is outside"),
+        (Structure([12, 10, 32, 26], key=8.5), "slice 8.5 is not a whole number"),
         (Structure([12, 10, 60, 26], key=8), "box 0 [12, 10, 60, 26] is not inside the 40x48"),
         (Structure([12, 10, 32, 26], key=8, anchors={30: [1, 1, 5, 5]}), "slice 30 is outside"),
         (Structure([12, 10, 32, 26], key=8, limits=(9, 12)), "slice 8 is outside"),
