@@ -80,7 +80,8 @@ class PropagateConfig:
     parts: int = 3  # ... for at most this many, the largest (>= click_min of the mask's area)
     split_fill: float | None = 0.9  # ... where their boxes cover < this x their hull (else one box)
     mask_stream: bool = True  # masks from a 2nd prompt stream: the seed's gaps, a click, most alike
-    stride: int = 1  # prompts carry on every stride-th slice from the seed; those between reuse them
+    stream_margin: float = 0.0  # the mask stream's box: each side at least this x the mask's size
+    stride: int = 1  # prompts carry on every stride-th slice from the seed; those between reuse it
 
 
 @dataclass
@@ -224,6 +225,8 @@ def mask_stream_prompt(mask: np.ndarray, gaps: list, cfg: PropagateConfig, seed_
     moved out by the seed's `gaps` on each side (side_gaps), clipped to the slice and to the
     seed's box grown by box_cap, and a click at the mask's deepest pixel -> (box, [[x, y, 1]])."""
     t = _tight(mask)
+    mx, my = (cfg.stream_margin * s for s in _size(t))
+    gaps = [max(gaps[0], mx), max(gaps[1], my), max(gaps[2], mx), max(gaps[3], my)]
     box = [t[0] - gaps[0], t[1] - gaps[1], t[2] + gaps[2], t[3] + gaps[3]]
     return _clip(box, mask.shape, [_cap(seed_box, cfg)]), [[*interior_point(mask), 1]]
 

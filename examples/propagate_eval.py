@@ -1,9 +1,11 @@
 """Measure slice-to-slice propagation (volume.py) on the MNI152 template (examples/mni152.py's
-labels: white matter, grey matter, brain), axial slices (or --axis y, x), LiteMedSAM's weights by
-default.
+labels: white matter, grey matter, brain), or on any NIfTI volume with a label map on its grid
+(--volume, --label), axial slices (or --axis y, x), LiteMedSAM's weights by default.
 
     python examples/propagate_eval.py runs/prop                      # encodes every slice once
-    python examples/propagate_eval.py runs/prop --embeddings E.pt    # reuse saved embeddings
+    python examples/propagate_eval.py runs/prop --embeddings E.pt    # reuse (or save) embeddings
+    python examples/propagate_eval.py runs/ct --volume ct.nii.gz seg.nii.gz \
+        --label liver=5 "right kidney=2" --window soft_tissue        # your own data
 
 Per structure, 3D Dice over the whole volume of:
   box3d   today's --box3d: the structure's 3D bounding box, every slice of its z range on its own
@@ -68,6 +70,28 @@ def structures_gt() -> tuple:
     gt["left hemisphere"] = gt["brain"].copy()
     gt["left hemisphere"][gt["brain"].shape[0] // 2 :] = False
     return data.normalize_intensity(t1), gt
+
+
+def labelled(image: str, labels: str, names: list, window) -> tuple:
+    """A volume (uint8 as the CLI scales it, with `window` for CT) and {name: label map == value}
+    for `names` [(name, value), ...]; the label map must lie on the volume's grid."""
+    vol, lab = data.read_volume(image), data.read_volume(labels)
+    if lab.data.shape != vol.data.shape or not np.allclose(lab.affine, vol.affine, atol=1e-3):
+        sys.exit(f"{labels}: not on the grid of {image} (shape {lab.data.shape} vs "
+                 f"{vol.data.shape}, or another affine)")  # fmt: skip
+    gt = {name: lab.data == value for name, value in names}
+    for name, g in gt.items():
+        if not g.any():
+            sys.exit(f"{labels}: no voxel has the value of {name!r}")
+    return data.normalize_intensity(vol.data, window), gt
+
+
+def _label(v: str) -> tuple:
+    """ "right kidney=2" -> ("right kidney", 2)"""
+    name, sep, value = v.rpartition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"a label is NAME=VALUE, not {v!r}")
+    return name, float(value)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -166,12 +190,15 @@ def _tag(setting: dict) -> str:
 
 
 def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines=True,
-        axis="z", key_at=0.5) -> dict:  # fmt: skip
+        axis="z", key_at=0.5, source=None) -> dict:  # fmt: skip
+    """`source`: (image, labels, [(name, value), ...], window) for labelled(); None: MNI152."""
     sam = infer.load_model(infer.InferConfig(checkpoint=checkpoint))
-    u8, gt = structures_gt()
+    u8, gt = structures_gt() if source is None else labelled(*source)
+    structures = structures or (README_LABELS if source is None else list(gt))
     u8, gt = along(u8, axis, step), {k: along(g, axis, step) for k, g in gt.items()}
     enc = volume.SliceEncoder(sam, u8, AXIS, keep=True)
-    if embeddings:  # {"emb": {original slice: (D, h, w)}, "encode_s": {slice: s}} of this model
+    if embeddings and Path(embeddings).is_file():  # {"emb": {original slice: (D, h, w)},
+        # "encode_s": {slice: s}} of this model
         saved = torch.load(embeddings, weights_only=True)
         H, W = data.volume_slice(u8, AXIS, 0).shape
         geom = data.geometry(H, W, sam.cfg.image_size, sam.cfg.resize_mode)
@@ -181,13 +208,14 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
     load = open("/proc/loadavg").read().split()[:3]
     results = {
         "checkpoint": sam.cfg.name,
+        "volume": "MNI152" if source is None else [str(source[0]), str(source[1])],
         "axis": axis,
         "step": step,
         "loadavg": load,
         "structures": {},
     }
     for name, g in gt.items():
-        if name not in (structures or README_LABELS):
+        if name not in structures:
             continue
         zs = np.nonzero(g.any((0, 1)))[0]
         z0, z1 = int(zs[0]), int(zs[-1])
@@ -222,7 +250,8 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
                 "rules": {},
             }
             # again without stop rules: each rule is applied afterwards, to the output masks
-            off = {"stop_growth": None, "stop_shrink": None, "stop_similarity": None}
+            # (the similarity rule at -1 never fires, but the cosines are still recorded)
+            off = {"stop_growth": None, "stop_shrink": None, "stop_similarity": -1.0}
             cfg = volume.PropagateConfig(**{**setting, **off})
             seg = volume.segment_volume(sam, u8, [st], AXIS, cfg, mm, encoder=enc)
             rec = seg.records[0]
@@ -269,13 +298,19 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
         "median": float(np.median(enc_s)),
     }
     files.write_json(out / "results.json", results)
+    if embeddings and not Path(embeddings).is_file():  # save what was encoded, for the next run
+        emb = {k * step: e[0].clone() for k, (e, _) in enc.cache.items()}
+        tmp = Path(f"{embeddings}.tmp")
+        torch.save({"emb": emb, "encode_s": {k * step: s for k, s in enc.encode_s.items()}}, tmp)
+        tmp.replace(embeddings)
     return results
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", help="folder for results.json")
-    p.add_argument("--embeddings", help="saved embeddings {'emb': (Z, D, h, w), 'encode_s': [...]}")
+    p.add_argument("--embeddings", help="saved embeddings {'emb': {slice: (D, h, w)}, 'encode_s': "
+                   "{slice: s}}; a file not there yet: saved there after the run")  # fmt: skip
     p.add_argument("--checkpoint", help="default: LiteMedSAM (checkpoints.default_checkpoint)")
     p.add_argument(
         "--settings",
@@ -287,14 +322,24 @@ if __name__ == "__main__":
     )
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--structures", nargs="+", choices=[*README_LABELS, "left hemisphere"],
-                   help="default: the README's three")  # fmt: skip
+                   help="MNI152's; default: the README's three")  # fmt: skip
+    p.add_argument("--volume", nargs=2, metavar=("IMAGE", "LABELS"),
+                   help="a NIfTI volume and a label map on its grid instead of MNI152")  # fmt: skip
+    p.add_argument("--label", nargs="+", type=_label, metavar="NAME=VALUE",
+                   help="with --volume: the structures, each a value of the label map")  # fmt: skip
+    p.add_argument("--window", nargs="+", help="with --volume: a CT window (data.WINDOWS name, "
+                   "or LEVEL WIDTH); default: the 0.5-99.5 percentiles")  # fmt: skip
     p.add_argument("--key-at", type=float, default=0.5,
                    help="the key slice at this fraction of the extent (0.5: middle)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared CPU)")
     p.add_argument("--step", type=int, default=1, help="every step-th slice (CPU time)")
     p.add_argument("--axis", choices=list(data.AXES), default="z", help="z: axial, y, x")
     a = p.parse_args()
+    if bool(a.volume) != bool(a.label):
+        p.error("--volume and --label go together")
+    window = None if a.window is None else a.window[0] if len(a.window) == 1 else a.window
+    source = None if a.volume is None else (*a.volume, a.label, window)
     torch.set_grad_enabled(False)
     torch.set_num_threads(a.threads)
     run(Path(a.out), a.embeddings, a.checkpoint, a.settings, a.step, a.structures, a.baselines,
-        a.axis, a.key_at)  # fmt: skip
+        a.axis, a.key_at, source)  # fmt: skip

@@ -870,3 +870,32 @@ def test_real_mni152_brain_stops_at_its_top_by_its_features(mni_brain):
     off = PropagateConfig(stop_similarity=None)
     r = volume.segment_volume(sam, u8, [st], cfg=off, encoder=enc).records[0]
     assert r["last"] == 160 and r["ends"]["up"]["reason"] == "reached the end of the limits"
+
+
+def test_propagate_eval_reads_a_labelled_volume(tmp_path):
+    """examples/propagate_eval.py --volume IMAGE LABELS --label NAME=VALUE: the label map's
+    values as structures, on the image's grid (another grid, or a value it lacks: an error that
+    names the file), the image scaled with the CT window."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import propagate_eval
+
+    ct = np.full((6, 5, 4), -1000.0, np.float32)
+    ct[1:4, 1:3, 1:3] = 40.0  # an organ at the soft-tissue window's level
+    lab = np.zeros((6, 5, 4), np.uint8)
+    lab[1:4, 1:3, 1:3] = 5
+    aff = np.diag([0.7, 0.7, 5.0, 1.0])
+    paths = {n: tmp_path / f"{n}.nii.gz" for n in ("ct", "seg", "other")}
+    nib.save(nib.Nifti1Image(ct, aff), paths["ct"])
+    nib.save(nib.Nifti1Image(lab, aff), paths["seg"])
+    nib.save(nib.Nifti1Image(lab, np.diag([0.7, 0.7, 2.5, 1.0])), paths["other"])
+    assert propagate_eval._label("right kidney=2") == ("right kidney", 2.0)
+    u8, gt = propagate_eval.labelled(paths["ct"], paths["seg"], [("liver", 5)], "soft_tissue")
+    assert np.array_equal(gt["liver"], lab == 5)
+    assert set(np.unique(u8)) == {0, 128}  # -1000 below the window, 40 HU its middle
+    with pytest.raises(SystemExit, match="other.nii.gz: not on the grid"):
+        propagate_eval.labelled(paths["ct"], paths["other"], [("liver", 5)], None)
+    with pytest.raises(SystemExit, match="seg.nii.gz: no voxel has the value of 'spleen'"):
+        propagate_eval.labelled(paths["ct"], paths["seg"], [("spleen", 1)], None)
