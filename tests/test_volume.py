@@ -6,6 +6,7 @@ the right answer is known slice by slice (where a structure ends, what each slic
 One test runs the real tiny model through the same code (shapes, mask prompt, encoder count).
 """
 
+import gzip
 import json
 
 import nibabel as nib
@@ -899,3 +900,76 @@ def test_propagate_eval_reads_a_labelled_volume(tmp_path):
         propagate_eval.labelled(paths["ct"], paths["other"], [("liver", 5)], None)
     with pytest.raises(SystemExit, match="seg.nii.gz: no voxel has the value of 'spleen'"):
         propagate_eval.labelled(paths["ct"], paths["seg"], [("spleen", 1)], None)
+
+
+def _nrrd(voxels: np.ndarray, encoding: str, space: str = "left-posterior-superior") -> bytes:
+    """A 3D NRRD file by hand: `voxels` (x, y, z) written x fastest, 0.5 x 0.5 x 2 mm voxels."""
+    body = np.ascontiguousarray(voxels.T).astype("<i2").tobytes()  # z slowest, x fastest
+    head = (f"NRRD0004\n# by hand\ntype: short\ndimension: 3\nspace: {space}\n"
+            f"sizes: {' '.join(map(str, voxels.shape))}\n"
+            "space directions: (0.5,0,0) (0,0.5,0) (0,0,2)\nkinds: domain domain domain\n"
+            f"endian: little\nencoding: {encoding}\nspace origin: (10,20,-30)\n\n")  # fmt: skip
+    return head.encode() + (gzip.compress(body) if encoding == "gzip" else body)
+
+
+def test_real_volumes_fetches_the_archives_and_converts_nrrd(tmp_path, monkeypatch):
+    """examples/real_volumes.py against a local HTTP server: the archive is downloaded once
+    (size and SHA-256 checked), a NIfTI member is written as it is, an NRRD member as NIfTI with
+    the same voxels and the RAS+ affine (LPS x and y negated, by hand)."""
+    import functools
+    import hashlib
+    import http.server
+    import io
+    import sys
+    import tarfile
+    import threading
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import real_volumes
+
+    vox = np.arange(4 * 3 * 2, dtype=np.int16).reshape(4, 3, 2)  # (x, y, z)
+    nifti_bytes = nib.Nifti1Image(vox.astype(np.float32), np.eye(4)).to_bytes()
+    served = tmp_path / "served"
+    served.mkdir()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, raw in (("pkg/a.nrrd", _nrrd(vox, "gzip")), ("pkg/b.nii", nifti_bytes)):
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    (served / "pkg.tar.gz").write_bytes(buf.getvalue())
+    requests_seen = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            requests_seen.append(args)
+
+    srv = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(served))
+    )
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/pkg.tar.gz"
+        sha = hashlib.sha256(buf.getvalue()).hexdigest()
+        monkeypatch.setattr(
+            real_volumes, "ARCHIVES", {"pkg.tar.gz": (url, len(buf.getvalue()), sha)}
+        )
+        cases = {"a.nii.gz": ("pkg.tar.gz", "pkg/a.nrrd"), "b.nii": ("pkg.tar.gz", "pkg/b.nii")}
+        monkeypatch.setattr(real_volumes, "CASES", cases)
+        out, cache = tmp_path / "out", tmp_path / "cache"
+        real_volumes.main(out, cache)
+        real_volumes.main(out, cache)  # the archive is kept: no second download
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert len(requests_seen) == 1
+    img = nib.load(out / "a.nii.gz")
+    assert np.array_equal(np.asanyarray(img.dataobj), vox)
+    expected = np.array([[-0.5, 0, 0, -10], [0, -0.5, 0, -20], [0, 0, 2, -30], [0, 0, 0, 1]])
+    assert np.allclose(img.affine, expected) and nib.aff2axcodes(img.affine) == ("L", "P", "S")
+    assert (out / "b.nii").read_bytes() == nifti_bytes
+    raw = real_volumes.nrrd_to_nifti(_nrrd(vox, "raw", "right-anterior-superior"))
+    assert np.array_equal(np.asanyarray(raw.dataobj), vox) and raw.affine[0, 0] == 0.5
+    with pytest.raises(ValueError, match="x.nrrd: not an NRRD file"):
+        real_volumes.nrrd_to_nifti(b"P5\n4 3\n255\n", "x.nrrd")
