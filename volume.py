@@ -59,7 +59,7 @@ from components import label_components
 
 @dataclass
 class PropagateConfig:
-    margin: float = 0.05  # the previous mask's box grows by this fraction of its size per side
+    margin: float = 0.075  # the previous mask's box grows by this fraction of its size per side
     min_margin: float = 1.0  # ... and by at least this many pixels per side
     mask_prompt: bool = False  # also prompt with sigmoid(previous slice's low-res logits)
     stop_area: float = 0.0  # stop below this fraction of the mask area on the last anchor slice
@@ -68,8 +68,8 @@ class PropagateConfig:
     stop_growth: float | None = None  # stop where the area exceeds this x the previous slice's
     stop_shrink: float | None = None  # stop where the area falls below this x the previous slice's
     stop_similarity: float | None = 0.65  # stop below this cosine to the seed mask's features
-    box_cap: float | None = 0.05  # prompt boxes stay inside the seed's box grown by this fraction
-    click: bool = True  # also a positive click at the previous mask's most interior pixel
+    box_cap: float | None = None  # prompt boxes stay inside the seed's box grown by this fraction
+    click: bool = False  # also a positive click at the previous mask's most interior pixel
     track: bool = False  # the box never grows: the previous box, cut to the mask's grown box
     clicks: int = 1  # with click: one at the deepest pixel of each of this many largest components
     click_min: float = 0.1  # ... of at least this fraction of the mask's area
@@ -79,9 +79,15 @@ class PropagateConfig:
     per_component: bool = False  # a box + click per component of the mask, decoded apart, united
     parts: int = 3  # ... for at most this many, the largest (>= click_min of the mask's area)
     split_fill: float | None = 0.9  # ... where their boxes cover < this x their hull (else one box)
-    mask_stream: bool = True  # masks from a 2nd prompt stream: the seed's gaps, a click, most alike
+    mask_stream: bool = False  # masks from a 2nd prompt stream: seed gaps, a click, most alike
     stream_margin: float = 0.0  # the mask stream's box: each side at least this x the mask's size
-    stride: int = 1  # prompts carry on every stride-th slice from the seed; those between reuse it
+    stride: int = 1  # prompts carry over every stride-th slice; the slices between reuse them
+
+
+# The defaults before this round, for structures a model under-segments from their box and whose
+# grown boxes it fills with the tissue around them (MNI152's tissue classes with LiteMedSAM):
+# PropagateConfig(**TISSUE), on the command line --mask-stream --click --margin 0.05 --box-cap 0.05
+TISSUE = {"mask_stream": True, "click": True, "margin": 0.05, "box_cap": 0.05}
 
 
 @dataclass

@@ -190,8 +190,10 @@ def _tag(setting: dict) -> str:
 
 
 def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines=True,
-        axis="z", key_at=0.5, source=None) -> dict:  # fmt: skip
-    """`source`: (image, labels, [(name, value), ...], window) for labelled(); None: MNI152."""
+        axis="z", key_at=0.5, source=None, output="auto") -> dict:  # fmt: skip
+    """`source`: (image, labels, [(name, value), ...], window) for labelled(); None: MNI152.
+    `output`: the decoder's output propagation uses, "multi" (the best of three by predicted IoU)
+    or "single"; "auto": the one whose oracle scores higher (multi without baselines)."""
     sam = infer.load_model(infer.InferConfig(checkpoint=checkpoint))
     u8, gt = structures_gt() if source is None else labelled(*source)
     structures = structures or (README_LABELS if source is None else list(gt))
@@ -235,6 +237,7 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
                 2 * len(slices)
             )
         mm = res.get("oracle_multi", 1) >= res.get("oracle_single", 0)  # the better output
+        mm = mm if output == "auto" else output == "multi"
         for setting in settings:
             st = volume.Structure(box, key)
             seg = volume.segment_volume(sam, u8, [st], AXIS, volume.PropagateConfig(**setting), mm,
@@ -331,6 +334,8 @@ if __name__ == "__main__":
                    "or LEVEL WIDTH); default: the 0.5-99.5 percentiles")  # fmt: skip
     p.add_argument("--key-at", type=float, default=0.5,
                    help="the key slice at this fraction of the extent (0.5: middle)")  # fmt: skip
+    p.add_argument("--output", choices=("auto", "multi", "single"), default="auto",
+                   help="the decoder output propagated (auto: the better oracle's)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared CPU)")
     p.add_argument("--step", type=int, default=1, help="every step-th slice (CPU time)")
     p.add_argument("--axis", choices=list(data.AXES), default="z", help="z: axial, y, x")
@@ -342,4 +347,4 @@ if __name__ == "__main__":
     torch.set_grad_enabled(False)
     torch.set_num_threads(a.threads)
     run(Path(a.out), a.embeddings, a.checkpoint, a.settings, a.step, a.structures, a.baselines,
-        a.axis, a.key_at, source)  # fmt: skip
+        a.axis, a.key_at, source, a.output)  # fmt: skip

@@ -126,18 +126,27 @@ def extract(archive: Path, members: dict) -> dict:
     return out
 
 
-def main(out: Path, cache: Path) -> None:
+def main(out: Path, cache: Path, names=None) -> list:
+    """Write the files `names` (CASES' keys; None: all) into `out`, downloading each archive
+    they come from into `cache` once -> their paths."""
+    names = list(CASES) if names is None else list(names)
+    unknown = sorted(set(names) - set(CASES))
+    if unknown:
+        raise ValueError(f"no such file here: {', '.join(unknown)} (there are: {', '.join(CASES)})")
     out.mkdir(parents=True, exist_ok=True)
     for archive, (url, size, sha256) in ARCHIVES.items():
+        wanted = {n: m for n, (a, m) in CASES.items() if a == archive and n in names}
+        if not wanted:
+            continue
         path = cache / archive
         if not path.is_file():
             checkpoints.download(url, path, size=size, sha256=sha256)
-        wanted = {n: m for n, (a, m) in CASES.items() if a == archive}
         for name, raw in extract(path, wanted).items():
             if wanted[name].endswith(".nrrd"):
                 raw = gzip.compress(nrrd_to_nifti(raw, wanted[name]).to_bytes())
             files.atomic_write(out / name, lambda tmp, raw=raw: Path(tmp).write_bytes(raw))
             print(out / name)
+    return [out / n for n in names]
 
 
 if __name__ == "__main__":
@@ -145,5 +154,6 @@ if __name__ == "__main__":
     p.add_argument("out", type=Path, help="folder for the NIfTI files")
     p.add_argument("--cache", type=Path, default=checkpoints.cache_dir(),
                    help="the archives' folder (default: the checkpoints' cache)")  # fmt: skip
+    p.add_argument("--files", nargs="+", choices=list(CASES), help="only these (default: all)")
     a = p.parse_args()
-    main(a.out, a.cache)
+    main(a.out, a.cache, a.files)
