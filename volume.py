@@ -235,8 +235,9 @@ def side_gaps(box, mask: np.ndarray, at_least: float) -> list:
 
 def mask_stream_prompt(mask: np.ndarray, gaps: list, cfg: PropagateConfig, seed_box) -> tuple:
     """The mask stream's prompt for the next slice from its previous mask: the mask's tight box
-    moved out by the seed's `gaps` on each side (side_gaps), clipped to the slice and to the
-    seed's box grown by box_cap, and a click at the mask's deepest pixel -> (box, [[x, y, 1]])."""
+    moved out by the seed's `gaps` on each side (side_gaps; at least stream_margin x the box's
+    width/height), clipped to the slice and to the seed's box grown by box_cap, and a click at
+    the mask's deepest pixel -> (box, [[x, y, 1]])."""
     t = _tight(mask)
     mx, my = (cfg.stream_margin * s for s in _size(t))
     gaps = [max(gaps[0], mx), max(gaps[1], my), max(gaps[2], mx), max(gaps[3], my)]
@@ -483,6 +484,8 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
     and for a seed box whose mask is empty (before any output exists). `encoder`: a SliceEncoder
     to share, e.g. to run several settings on the same volume with one encoding."""
     cfg = cfg or PropagateConfig()
+    if not (isinstance(cfg.stride, int) and cfg.stride >= 1):
+        raise ValueError(f"stride must be a whole number >= 1, not {cfg.stride!r}")
     check_structures(structures, volume.shape, axis)
     t_start = time.perf_counter()
     n, P = volume.shape[data.AXES[axis]], len(structures)
@@ -560,7 +563,7 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
                 t.gaps = side_gaps(box, out, cfg.min_margin)
         if k in t.seeds:
             seeded[i, k] = (m, low, out, t.gaps, feature)
-        if (k - t.seed_k) % cfg.stride == 0:  # else the next slice reuses this slice's prompts
+        if (k - t.seed_k) % cfg.stride == 0:  # else the next slice reuses the last carried ones
             t.mask, t.low, t.box, t.out = m, low, box, out
         put(i, k, out_logits, out_iou)
         if cosine is not None:

@@ -425,6 +425,9 @@ def test_side_gaps_and_the_mask_stream_prompt():
     assert box == [6.0, 9.0, 31.0, 20.0]
     box, _ = volume.mask_stream_prompt(mask, [30.0] * 4, cfg, [6, 9, 31, 20])
     assert box == [6.0, 9.0, 31.0, 20.0]  # clipped to the slice and the seed box
+    wide = PropagateConfig(box_cap=None, stream_margin=0.25)  # the mask's box is 22 x 10 px
+    box, _ = volume.mask_stream_prompt(mask, [4.0, 1.0, 3.0, 1.0], wide, [4, 9, 33, 20])
+    assert box == [8 - 5.5, 10 - 2.5, 30 + 5.5, 20 + 2.5]  # each gap at least 25% of the box
 
 
 def test_decode_slice_picks_the_output_most_like_the_previous_mask():
@@ -694,6 +697,14 @@ def test_bad_input(structure, message):
     sam = BrightInBox()
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
         volume.segment_volume(sam, to_volume(s), [structure])
+
+
+def test_bad_stride():
+    s = np.zeros((N, H, W), np.uint8)
+    rect(s, range(6, 12), 10, 26, 12, 32)
+    for stride in (0, 1.5):
+        with pytest.raises(ValueError, match=f"stride must be a whole number >= 1, not {stride}"):
+            run(to_volume(s), [Structure([12, 10, 32, 26], key=8)], stride=stride)
 
 
 @pytest.mark.slow  # ~50 s on a loaded 2-core CPU (the Triton kernels run interpreted)
