@@ -88,6 +88,7 @@ class PropagateConfig:
     split_fill: float | None = 0.9  # ... where their boxes cover < this x their hull (else one box)
     mask_stream: bool = False  # masks from a 2nd prompt stream: seed gaps, a click, most alike
     stream_margin: float = 0.0  # the mask stream's box: each side at least this x the mask's size
+    edge_margin: float | None = None  # ... by this fraction instead on sides where it met its box
     stride: int = 1  # prompts carry over every stride-th slice; the slices between reuse them
 
 
@@ -186,7 +187,9 @@ def check_structures(structures: list, shape: tuple, axis: str) -> None:
 
 def grow_box(mask: np.ndarray, cfg: PropagateConfig, seed_box=None, prev_box=None) -> list:
     """The tight box of an (H, W) mask (x1, y1 one past the last pixel, as data.boxes_from_masks),
-    each side moved out by max(min_margin, margin x the box's size), clipped to the image and,
+    each side moved out by max(min_margin, margin x the box's size) (with edge_margin, by that
+    fraction instead on each side where the mask reached `prev_box`, the box that prompted it:
+    the structure may go on past it there), clipped to the image and,
     with cfg.box_cap, to `seed_box` grown by box_cap x its size (a mask that fills its box would
     otherwise grow by the margin on every slice). With cfg.track, also clipped to `prev_box`,
     the box that prompted the mask, with the margin taken from that box's size: an edge moves in
@@ -197,6 +200,16 @@ def grow_box(mask: np.ndarray, cfg: PropagateConfig, seed_box=None, prev_box=Non
         box = [tight[0] - fx, tight[1] - fy, tight[2] + fx, tight[3] + fy]
     else:
         box = _grown(tight, cfg.margin, cfg.min_margin)
+        if cfg.edge_margin is not None and prev_box is not None:  # the mask met its box there:
+            ex, ey = (max(cfg.min_margin, cfg.edge_margin * s) for s in _size(tight))
+            if tight[0] <= prev_box[0] + 1:
+                box[0] = tight[0] - ex
+            if tight[1] <= prev_box[1] + 1:
+                box[1] = tight[1] - ey
+            if tight[2] >= prev_box[2] - 1:
+                box[2] = tight[2] + ex
+            if tight[3] >= prev_box[3] - 1:
+                box[3] = tight[3] + ey
     return _clip(box, mask.shape, [_cap(seed_box, cfg), prev_box if cfg.track else None])
 
 

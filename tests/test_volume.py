@@ -293,6 +293,26 @@ def test_stride_reuses_each_carried_slices_prompts_on_the_slices_between():
     assert dice(strided.masks[0], vol > 0) < dice(every.masks[0], vol > 0) - 0.1
 
 
+def test_edge_margin_grows_the_sides_where_the_mask_met_its_box():
+    """grow_box: a 10 x 10 mask that reaches its prompt box's left edge only gets edge_margin
+    (25% = 2.5 px) there and the plain margin (5% -> min_margin 1 px) elsewhere. Through a
+    volume: a structure widening 2 px a side per slice outgrows boxes grown by 1 px (each mask
+    meets its box), but not boxes grown by edge_margin where it met them."""
+    m = np.zeros((H, W), bool)
+    m[10:20, 10:20] = True
+    cfg = PropagateConfig(margin=0.05, edge_margin=0.25)
+    assert volume.grow_box(m, cfg, None, [10, 5, 30, 25]) == [7.5, 9.0, 21.0, 21.0]
+    assert volume.grow_box(m, PropagateConfig(margin=0.05), None, [10, 5, 30, 25]) == [9, 9, 21, 21]
+    s = np.zeros((N, H, W), np.uint8)
+    for k in range(4, 14):
+        rect(s, [k], 12, 24, 20 - 2 * (k - 4), 28 + 2 * (k - 4))
+    vol, st = to_volume(s), [Structure([20, 12, 28, 24], key=4)]
+    _, plain = run(vol, st, margin=0.0, **ONE)
+    _, edge = run(vol, st, margin=0.0, edge_margin=0.25, **ONE)
+    assert dice(edge.masks[0], vol > 0) > 0.95
+    assert dice(plain.masks[0], vol > 0) < dice(edge.masks[0], vol > 0) - 0.1
+
+
 def test_mask_prompt_feeds_the_previous_probabilities():
     s = np.zeros((N, H, W), np.uint8)
     rect(s, range(6, 12), 10, 26, 12, 32)
