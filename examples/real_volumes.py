@@ -116,13 +116,22 @@ def nrrd_to_nifti(raw: bytes, name: str = "NRRD") -> nib.Nifti1Image:
 
 def extract(archive: Path, members: dict) -> dict:
     """{output name: member} read from a .tar.gz -> {output name: bytes}."""
-    with tarfile.open(archive, "r:gz") as tar:
-        out = {}
-        for name, member in members.items():
-            f = tar.extractfile(member)
-            if f is None:
-                raise ValueError(f"{archive}: {member} is not a file")
-            out[name] = f.read()
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            out = {}
+            for name, member in members.items():
+                try:
+                    f = tar.extractfile(member)
+                except KeyError:
+                    f = None
+                if f is None:
+                    raise ValueError(f"{archive}: no file {member} in it")
+                out[name] = f.read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ValueError(
+            f"{archive}: not a readable .tar.gz ({type(e).__name__}: {e}); delete it to fetch "
+            "it again"
+        ) from e
     return out
 
 

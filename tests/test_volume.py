@@ -1043,6 +1043,9 @@ def test_real_volumes_fetches_the_archives_and_converts_nrrd(tmp_path, monkeypat
     expected = np.array([[-0.5, 0, 0, -10], [0, -0.5, 0, -20], [0, 0, 2, -30], [0, 0, 0, 1]])
     assert np.allclose(img.affine, expected) and nib.aff2axcodes(img.affine) == ("L", "P", "S")
     assert (out / "b.nii").read_bytes() == nifti_bytes
+    (cache / "pkg.tar.gz").write_bytes(b"not gzip")  # a damaged archive in the cache
+    with pytest.raises(ValueError, match="pkg.tar.gz: not a readable .tar.gz"):
+        real_volumes.main(out, cache)
     raw = real_volumes.nrrd_to_nifti(_nrrd(vox, "raw", "right-anterior-superior"))
     assert np.array_equal(np.asanyarray(raw.dataobj), vox) and raw.affine[0, 0] == 0.5
     with pytest.raises(ValueError, match="x.nrrd: not an NRRD file"):
