@@ -200,16 +200,11 @@ def grow_box(mask: np.ndarray, cfg: PropagateConfig, seed_box=None, prev_box=Non
         box = [tight[0] - fx, tight[1] - fy, tight[2] + fx, tight[3] + fy]
     else:
         box = _grown(tight, cfg.margin, cfg.min_margin)
-        if cfg.edge_margin is not None and prev_box is not None:  # the mask met its box there:
-            ex, ey = (max(cfg.min_margin, cfg.edge_margin * s) for s in _size(tight))
-            if tight[0] <= prev_box[0] + 1:
-                box[0] = tight[0] - ex
-            if tight[1] <= prev_box[1] + 1:
-                box[1] = tight[1] - ey
-            if tight[2] >= prev_box[2] - 1:
-                box[2] = tight[2] + ex
-            if tight[3] >= prev_box[3] - 1:
-                box[3] = tight[3] + ey
+        if cfg.edge_margin is not None and prev_box is not None:
+            met = [tight[0] <= prev_box[0] + 1, tight[1] <= prev_box[1] + 1,
+                   tight[2] >= prev_box[2] - 1, tight[3] >= prev_box[3] - 1]  # fmt: skip
+            edge = _grown(tight, cfg.edge_margin, cfg.min_margin)
+            box = [e if side else b for b, e, side in zip(box, edge, met, strict=True)]
     return _clip(box, mask.shape, [_cap(seed_box, cfg), prev_box if cfg.track else None])
 
 
@@ -253,7 +248,7 @@ def mask_stream_prompt(mask: np.ndarray, gaps: list, cfg: PropagateConfig, seed_
     the mask's deepest pixel -> (box, [[x, y, 1]])."""
     t = _tight(mask)
     mx, my = (cfg.stream_margin * s for s in _size(t))
-    gaps = [max(gaps[0], mx), max(gaps[1], my), max(gaps[2], mx), max(gaps[3], my)]
+    gaps = [max(g, m) for g, m in zip(gaps, (mx, my, mx, my), strict=True)]
     box = [t[0] - gaps[0], t[1] - gaps[1], t[2] + gaps[2], t[3] + gaps[3]]
     return _clip(box, mask.shape, [_cap(seed_box, cfg)]), [[*interior_point(mask), 1]]
 

