@@ -69,8 +69,8 @@ from components import label_components
 @dataclass
 class PropagateConfig:
     margin: float = 0.075  # the previous mask's box grows by this fraction of its size per side
-    extrapolate: float = 0.0  # ... and each side moves on by this x its last step (slice to slice)
     min_margin: float = 1.0  # ... and by at least this many pixels per side
+    extrapolate: float = 0.0  # then each side moves on by this x its last step (slice to slice)
     mask_prompt: bool = False  # also prompt with sigmoid(previous slice's low-res logits)
     stop_area: float = 0.0  # stop below this fraction of the mask area on the last anchor slice
     stop_iou: float = 0.0  # stop where the predicted IoU falls below this
