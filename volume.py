@@ -477,7 +477,7 @@ class _Track:
         self.out = self.gaps = None  # the mask stream's last mask, the seed's side_gaps
         self.ref_area, self.ref_feature, self.stopped = 0, None, False  # on the last seed
         self.seed_k = None  # the last seed slice passed
-        self.trend = None  # box_step of the last two masks carried on (None from a seed)
+        self.trend = None  # with extrapolate: box_step of the last two masks carried on
 
     def wants(self, k: int) -> bool:
         """Does this track decode slice k: a seed, or the next slice of a live propagation?"""
@@ -589,7 +589,7 @@ def segment_volume(sam, volume: np.ndarray, structures: list, axis: str = "z",
         if k in t.seeds:
             seeded[i, k] = (m, low, out, t.gaps, feature)
         if (k - t.seed_k) % cfg.stride == 0:  # else the next slice reuses the last carried ones
-            t.trend = None if k in t.seeds else box_step(t.mask, m)
+            t.trend = box_step(t.mask, m) if cfg.extrapolate and k not in t.seeds else None
             t.mask, t.low, t.box, t.out = m, low, box, out
         put(i, k, out_logits, out_iou)
         if cosine is not None:
